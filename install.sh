@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install modelctl into a virtual environment (.venv by default).
+#
+#   ./install.sh            install modelctl and the bundled sentence server
+#   ./install.sh --test     also install what the test suite needs
+#
+# Environment:
+#   MODELCTL_VENV    where the virtual environment lives (default: .venv beside this script)
+#   MODELCTL_TORCH   the torch requirement to install when the environment has no torch yet
+#                    (default: torch==2.13.0; e.g. "torch==2.13.0 --index-url
+#                    https://download.pytorch.org/whl/cu126" for a CUDA build).
+#                    A torch that is already installed is kept.
+#   PYTHON           the interpreter that creates the environment (default: python3)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${MODELCTL_VENV:-$here/.venv}"
+python="${PYTHON:-python3}"
+extras=""
+for arg in "$@"; do
+    case "$arg" in
+        --test) extras="[test]" ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "==> creating $venv"
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+if "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+    echo "==> keeping torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+else
+    torch_req="${MODELCTL_TORCH:-torch==2.13.0}"
+    echo "==> installing $torch_req"
+    # word splitting is wanted: the requirement may carry pip options (--index-url ...)
+    # shellcheck disable=SC2086
+    "${pip[@]}" install -q $torch_req
+fi
+
+echo "==> installing modelctl$extras"
+"${pip[@]}" install -q -e "$here$extras"
+echo "==> done: $venv/bin/modelctl"

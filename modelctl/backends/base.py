@@ -1,0 +1,65 @@
+"""What every server kind provides: its profile keys, how to launch it, how to probe it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from modelctl.profile import HealthSpec, Key, ServerSpec
+
+# A callback through which a long preparation (an Ollama pull) reports progress:
+# {"status": str, "completed": int | None, "total": int | None}
+ProgressReport = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The process to start: argv, extra environment, working directory."""
+
+    argv: list[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+class Backend:
+    """A server kind. Subclasses are stateless; the `ServerSpec` carries everything."""
+
+    kind = ""
+    keys: dict[str, Key] = {}
+    startup_timeout = 120.0
+
+    def default_health(self, options: Mapping[str, Any]) -> HealthSpec:
+        return HealthSpec(kind="http", path="/health")
+
+    def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:
+        """Checks across keys; raise ValueError('key: reason'). May fill derived options."""
+
+    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch | None:
+        """The process to run, or None when the server lives elsewhere (an external host)."""
+        raise NotImplementedError
+
+    def base_url(self, spec: ServerSpec, port: int | None) -> str:
+        """The URL clients (and the health probe) use."""
+        return f"http://{connect_host(spec.host)}:{port}"
+
+    def prepare(self, spec: ServerSpec, base_url: str, report: ProgressReport) -> dict[str, Any]:
+        """Work to do once the process answers its probe (load or pull a model). Returns facts for status."""
+        return {}
+
+    def is_ready(self, spec: ServerSpec, base_url: str) -> tuple[bool, str]:
+        """A check beyond the probe that must hold while ready (the model is still present)."""
+        return True, ""
+
+    def model_label(self, spec: ServerSpec) -> str:
+        return str(spec.options.get("model") or "")
+
+
+def connect_host(bind_host: str) -> str:
+    """The address a local client uses to reach a server bound to `bind_host`."""
+    if bind_host in ("0.0.0.0", "", "*"):
+        return "127.0.0.1"
+    if bind_host == "::":
+        return "[::1]"
+    if ":" in bind_host and not bind_host.startswith("["):
+        return f"[{bind_host}]"
+    return bind_host

@@ -1,0 +1,69 @@
+"""The `ollama` kind: a model made present in an Ollama server (managed or external)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from modelctl.backends.base import Backend, Launch
+from modelctl.profile import HealthSpec, Key, ServerSpec, check_bool, check_str, required
+
+
+def normalize_model_name(name: str) -> str:
+    """Ollama's own rule: a name without a tag means `:latest`."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+class OllamaBackend(Backend):
+    kind = "ollama"
+    startup_timeout = 600.0  # a pull can take a while
+    keys = {
+        "model": required(check_str, "model name, e.g. qwen2.5:0.5b"),
+        "model_path": Key(check_str, None, "a .gguf file or a Safetensors directory to import"),
+        "executable": Key(check_str, "ollama", "the ollama binary for a managed server"),
+        "models_dir": Key(check_str, None, "OLLAMA_MODELS of a managed server"),
+        "keep_alive": Key(lambda v: v if isinstance(v, (str, int)) and not isinstance(v, bool) else _bad_keep_alive(v), None, "how long the model stays loaded (5m, -1, 0)"),
+        "preload": Key(check_bool, False, "load the model into memory once ready"),
+    }
+
+    def default_health(self, options: Mapping[str, Any]) -> HealthSpec:
+        return HealthSpec(kind="http", path="/api/version")
+
+    def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:
+        host = common.get("host") or ""
+        options["external"] = "://" in host
+        if options["external"] and common.get("port") is not None:
+            raise ValueError("port: an external Ollama (host: URL) has its port in the URL")
+
+    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch | None:
+        if spec.options["external"]:
+            return None
+        o = spec.options
+        env = {"OLLAMA_HOST": f"{spec.host}:{port}"}
+        if o.get("models_dir"):
+            env["OLLAMA_MODELS"] = o["models_dir"]
+        if o.get("keep_alive") is not None:
+            env["OLLAMA_KEEP_ALIVE"] = str(o["keep_alive"])
+        return Launch(argv=[o["executable"], "serve"], env=env)
+
+    def base_url(self, spec: ServerSpec, port: int | None) -> str:
+        if spec.options["external"]:
+            return spec.host.rstrip("/")
+        return super().base_url(spec, port)
+
+    def prepare(self, spec, base_url, report):
+        from modelctl.ollama_models import ensure_model
+
+        return ensure_model(spec, base_url, report)
+
+    def is_ready(self, spec: ServerSpec, base_url: str) -> tuple[bool, str]:
+        from modelctl.ollama_models import model_present
+
+        return model_present(spec, base_url)
+
+    def model_label(self, spec: ServerSpec) -> str:
+        return normalize_model_name(spec.options["model"])
+
+
+def _bad_keep_alive(value: Any) -> Any:
+    raise ValueError(f"must be a duration like 5m or a number of seconds, got {value!r}")
