@@ -295,8 +295,8 @@ class Supervisor:
             if not result.ok:
                 rec.detail = f"warming up: {result.detail}"
                 return
-            if not slot.prepared:
-                backend = get_backend(spec.kind)
+            backend = get_backend(spec.kind)
+            if not slot.prepared and backend.has_prepare:
                 rec.detail = "preparing"
 
                 def report(progress: dict) -> None:

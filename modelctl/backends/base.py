@@ -42,6 +42,10 @@ class Backend:
         """The URL clients (and the health probe) use."""
         return f"http://{connect_host(spec.host)}:{port}"
 
+    @property
+    def has_prepare(self) -> bool:
+        return type(self).prepare is not Backend.prepare
+
     def prepare(self, spec: ServerSpec, base_url: str, report: ProgressReport) -> dict[str, Any]:
         """Work to do once the process answers its probe (load or pull a model). Returns facts for status."""
         return {}

@@ -1,0 +1,1 @@
+"""Model servers bundled with modelctl."""

@@ -1,0 +1,29 @@
+"""Every setting of the sentence server, from the command line to the app (uvicorn's Config idea)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_path: str
+    task: str = "embedding"  # embedding | rerank
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "model"
+    api_key: str | None = None
+    max_batch_tokens: int = 16384  # padded tokens in one model call
+    max_batch_size: int = 64  # rows in one model call
+    batch_wait_ms: float = 2.0  # wait this long for requests that are on their way to the batcher
+    max_inputs: int = 2048  # inputs (or documents) in one request
+    max_queue: int = 8192  # rows waiting for the model before 429
+    max_body_bytes: int = 8 * 1024 * 1024
+    truncate: bool = False  # truncate over-long inputs instead of 422
+    warmup: bool = True
+
+    @classmethod
+    def api_key_from_env(cls) -> str | None:
+        return os.environ.get("MODELCTL_API_KEY") or os.environ.get("SENTENCE_SERVER_API_KEY") or None
