@@ -283,7 +283,8 @@ class Controller:
             state = rec.state
             detail = rec.detail
             if state in (lc.STARTING, lc.READY, lc.UNHEALTHY) and ident is not None and not alive:
-                state, detail = lc.CRASHED, "process is gone; the supervisor will restart it"
+                # dead, or its pid now belongs to another process: either way not running
+                state, detail = lc.STOPPED, f"not running: recorded pid {rec.pid} is gone or is another process"
             rows.append(
                 {
                     "name": rec.name,

@@ -514,7 +514,12 @@ def start_supervisor(store: StateStore) -> int:
     store.ensure()
     argv = [sys.executable, "-m", "modelctl", "--state-dir", str(store.root), "supervise"]
     popen, ident = spawn_detached(argv, dict(os.environ), store.root / "supervisor.log")
-    return ident.pid
+    # wait until it holds the lock (or lost the race to another one), so callers that check
+    # right after this do not start yet another
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and popen.poll() is None and supervisor_pid(store) is None:
+        time.sleep(0.02)
+    return supervisor_pid(store) or ident.pid
 
 
 def ensure_supervisor(store: StateStore) -> int:

@@ -1,0 +1,168 @@
+"""Shared fixtures. Every process a test starts carries a tag in its environment, and the test's
+finalizer ends every process with that tag — servers, grandchildren, supervisors — even when the
+test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pytest
+import yaml
+
+from modelctl.control import Controller
+from modelctl.state import StateStore
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_SERVER = str(ROOT / "tests" / "servers" / "toy_server.py")
+TAG_VAR = "MODELCTL_TEST_TAG"
+_SESSION_TAGS: set[str] = set()
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(TAG_VAR) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every process carrying the tag; return the pids that were still alive."""
+    procs = tagged_processes(tag)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return [p.pid for p in procs]
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        body, status = e.read(), e.code
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode("utf-8", "replace")
+
+
+def http_post(url: str, payload: Any, timeout: float = 30.0, headers: dict | None = None, raw: bytes | None = None) -> tuple[int, Any, dict]:
+    data = raw if raw is not None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body, status, hdrs = resp.read(), resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as e:
+        body, status, hdrs = e.read(), e.code, dict(e.headers)
+    try:
+        return status, json.loads(body), hdrs
+    except ValueError:
+        return status, body.decode("utf-8", "replace"), hdrs
+
+
+class Harness:
+    """A state directory, a controller, the CLI, and profile writing, for one test."""
+
+    def __init__(self, tmp_path: Path, tag: str):
+        self.tmp = tmp_path
+        self.tag = tag
+        self.state_dir = tmp_path / "state"
+        self.store = StateStore(self.state_dir)
+        self.ctl = Controller(self.store)
+        self.env = {**os.environ, "MODELCTL_STATE_DIR": str(self.state_dir), TAG_VAR: tag, "COLUMNS": "200"}
+
+    def profile(self, servers: dict, name: str = "test", **top: Any) -> Path:
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"servers": servers, **top}, sort_keys=False))
+        return path
+
+    @staticmethod
+    def toy(*flags: str) -> list[str]:
+        return [sys.executable, TOY_SERVER, "--port", "{port}", "--host", "{host}", *flags]
+
+    def cli(self, *args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "modelctl", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+            cwd=self.tmp,
+        )
+
+    def row(self, name: str) -> dict:
+        rows = {r["name"]: r for r in self.ctl.status()}
+        return rows[name]
+
+    def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict:
+        return wait_for(lambda: (r := self.row(name))["state"] == state and r, timeout, what=f"{name} to be {state}")
+
+
+@pytest.fixture
+def mc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tag = uuid.uuid4().hex
+    _SESSION_TAGS.add(tag)
+    # processes started from this test process (supervisors, servers) inherit the tag too
+    monkeypatch.setenv(TAG_VAR, tag)
+    h = Harness(tmp_path, tag)
+    monkeypatch.setenv("MODELCTL_STATE_DIR", str(h.state_dir))
+    yield h
+    pid_file = h.state_dir / "supervisor.json"
+    if pid_file.exists():
+        try:
+            os.kill(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
+        except (ProcessLookupError, ValueError, KeyError, OSError):
+            pass
+    kill_tagged(tag)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_orphans_left():
+    """A last sweep: anything still carrying a test tag of this session's tests is ended."""
+    yield
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(TAG_VAR) in _SESSION_TAGS:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
