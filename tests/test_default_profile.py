@@ -1,0 +1,38 @@
+"""The README's first command: `modelctl up` on the embedded default profile, offline, on the CPU."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from .conftest import http_post
+from .test_cli import status_json, tagged_processes
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_profile_serves_embeddings_and_rerank_then_goes_away(mc):
+    env = {k: v for k, v in mc.env.items() if k != "MODELCTL_PROFILE"}
+    res = mc.cli("up", env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    urls = dict(re.findall(r"^(embed|rerank)\s+(http://\S+)", res.stdout, re.M))
+    assert set(urls) == {"embed", "rerank"}, res.stdout
+
+    status, body, _ = http_post(urls["embed"] + "/v1/embeddings", {"input": ["a real embedding", "another one"]})
+    assert status == 200
+    vectors = np.array([d["embedding"] for d in body["data"]])
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    docs = ["The stock market fell.", "Cats purr when they are happy.", "Rain is expected tomorrow."]
+    status, body, _ = http_post(urls["rerank"] + "/v1/rerank", {"query": "Why do cats purr?", "documents": docs})
+    assert status == 200 and body["results"][0]["index"] == 1  # cosine similarity on MiniLM
+
+    rows = status_json(mc)
+    assert {r["state"] for r in rows.values()} == {"ready"}
+    assert all(r["rss"] and r["rss"] > 50 * 2**20 for r in rows.values())  # a loaded model, measured per group
+
+    assert mc.cli("down").returncode == 0
+    assert tagged_processes(mc.tag) == []

@@ -1,0 +1,346 @@
+"""The bundled sentence server, as a real process on the real MiniLM model and a tiny cross-encoder."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT, TAG_VAR, http_get, http_post
+from .sentence_fixtures import build_tiny_cross_encoder, free_port, minilm_path, sentence_server
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SENTENCES = ["The cat sits on the mat.", "A dog barks at the mailman.", "Stock markets fell sharply today.", "Quantum computers use qubits."]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("sentence-logs")
+
+
+@pytest.fixture(scope="module")
+def embed_url(logs):
+    args = ["--task-type", "embedding", "--model-name", "minilm", "--api-key", KEY, "--max-inputs", "100", "--max-body-bytes", "200000", "--max-queue", "300"]
+    with sentence_server(logs, minilm_path(), *args) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_path(tmp_path_factory):
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce"))
+
+
+@pytest.fixture(scope="module")
+def rerank_url(logs, cross_encoder_path):
+    with sentence_server(logs, cross_encoder_path, "--task-type", "rerank", "--model-name", "tiny-ce", "--max-inputs", "50") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ce_model(cross_encoder_path):
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(cross_encoder_path, device="cpu")
+
+
+def post(url: str, path: str, payload, **kw):
+    return http_post(url + path, payload, headers=AUTH, **kw)
+
+
+def assert_openai_error(body, code: str | None = None):
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
+    if code is not None:
+        assert err["code"] == code, body
+
+
+# ------------------------------------------------------------------ health, models, auth
+def test_health_is_503_while_loading_then_200(tmp_path):
+    port = free_port()
+    env = {**os.environ, TAG_VAR: os.environ.get(TAG_VAR, "sentence-health"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servers.sentence", "--model-path", minilm_path(), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and 200 not in seen:
+            try:
+                status, body = http_get(f"http://127.0.0.1:{port}/health", timeout=2)
+                seen.append(status)
+                if status == 503:
+                    assert body["status"] == "loading"
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert seen[0] == 503 and seen[-1] == 200, seen
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_health_reports_model_task_device_and_queue(embed_url):
+    status, body = http_get(embed_url + "/health")  # open without the key
+    assert status == 200
+    assert body["status"] == "ok" and body["model"] == "minilm" and body["task"] == "embedding"
+    assert body["device"] == "cpu" and body["queue_depth"] == 0 and body["dimensions"] == 384
+
+
+def test_models_lists_the_served_name(embed_url):
+    status, body = http_get(embed_url + "/v1/models", headers=AUTH)
+    assert status == 200 and [m["id"] for m in body["data"]] == ["minilm"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_the_api_key_is_required_on_every_route_but_health(embed_url, headers):
+    status, body, _ = http_post(embed_url + "/v1/embeddings", {"input": "hi"}, headers=headers)
+    assert status == 401
+    assert_openai_error(body, "invalid_api_key")
+    assert http_get(embed_url + "/v1/models", headers=headers)[0] == 401
+
+
+# ------------------------------------------------------------------ embeddings
+def test_vectors_equal_in_process_encode(embed_url, st_model):
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES, "model": "minilm"})
+    assert status == 200 and body["object"] == "list" and body["model"] == "minilm"
+    got = np.array([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])])
+    want = st_model.encode(SENTENCES, normalize_embeddings=True)
+    assert got.shape == (4, 384)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_usage_counts_real_tokens(embed_url, st_model):
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES})
+    want = sum(len(ids) for ids in st_model.tokenizer(SENTENCES)["input_ids"])
+    assert body["usage"] == {"prompt_tokens": want, "total_tokens": want}
+
+
+def test_a_single_string_input(embed_url, st_model):
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": "hello world"})
+    assert status == 200 and len(body["data"]) == 1 and body["data"][0]["index"] == 0
+    np.testing.assert_allclose(body["data"][0]["embedding"], st_model.encode("hello world", normalize_embeddings=True), atol=1e-5)
+
+
+def test_token_id_input_equals_text_input(embed_url, st_model):
+    ids = st_model.tokenizer(SENTENCES[:2])["input_ids"]
+    _, by_text, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES[:2]})
+    _, by_ids, _ = post(embed_url, "/v1/embeddings", {"input": ids})
+    _, one, _ = post(embed_url, "/v1/embeddings", {"input": ids[0]})
+    np.testing.assert_allclose([d["embedding"] for d in by_ids["data"]], [d["embedding"] for d in by_text["data"]], atol=1e-6)
+    np.testing.assert_allclose(one["data"][0]["embedding"], by_text["data"][0]["embedding"], atol=1e-6)
+
+
+def test_base64_encoding_is_little_endian_float32(embed_url):
+    _, floats, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES})
+    _, b64, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES, "encoding_format": "base64"})
+    for f, b in zip(floats["data"], b64["data"]):
+        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        np.testing.assert_allclose(decoded, f["embedding"], atol=1e-7)
+
+
+def test_dimensions_keep_a_renormalised_prefix(embed_url):
+    _, full, _ = post(embed_url, "/v1/embeddings", {"input": "hello"})
+    _, short, _ = post(embed_url, "/v1/embeddings", {"input": "hello", "dimensions": 64})
+    vec = np.array(short["data"][0]["embedding"])
+    prefix = np.array(full["data"][0]["embedding"][:64])
+    assert vec.shape == (64,)
+    np.testing.assert_allclose(vec, prefix / np.linalg.norm(prefix), atol=1e-5)
+
+
+def test_the_openai_client_works_with_default_settings(embed_url, st_model):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=embed_url + "/v1", api_key=KEY, max_retries=0)
+    res = client.embeddings.create(model="minilm", input=SENTENCES)  # asks for base64 by default
+    got = np.array([d.embedding for d in res.data])
+    np.testing.assert_allclose(got, st_model.encode(SENTENCES, normalize_embeddings=True), atol=1e-5)
+    assert res.usage.prompt_tokens > 0
+
+
+def test_tei_embed_returns_bare_vectors(embed_url, st_model):
+    status, body, _ = post(embed_url, "/embed", {"inputs": SENTENCES[:2]})
+    assert status == 200 and isinstance(body, list) and len(body) == 2
+    np.testing.assert_allclose(body, st_model.encode(SENTENCES[:2], normalize_embeddings=True), atol=1e-5)
+    _, raw, _ = post(embed_url, "/embed", {"inputs": "hello", "normalize": False})
+    # MiniLM's own pipeline ends in a Normalize module, so "not normalised" means what encode gives
+    np.testing.assert_allclose(raw[0], st_model.encode("hello", normalize_embeddings=False), atol=1e-5)
+
+
+# ------------------------------------------------------------------ errors
+def test_malformed_json_is_400(embed_url):
+    status, body, _ = http_post(embed_url + "/v1/embeddings", None, headers=AUTH, raw=b'{"input": ')
+    assert status == 400
+    assert_openai_error(body, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "payload, status, param",
+    [
+        ({"input": 42}, 422, "input"),
+        ({"input": "x", "encoding_format": "hex"}, 422, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, 422, "dimensions"),
+        ({}, 422, "input"),
+        ({"input": ""}, 400, "input"),
+        ({"input": []}, 400, "input"),
+        ({"input": ["ok", " "]}, 400, "input"),
+        ({"input": [[1, 2], [999999999]]}, 400, "input"),
+        ({"input": "x", "dimensions": 999}, 400, "dimensions"),
+        ({"input": ["x"] * 101}, 422, "input"),
+    ],
+)
+def test_bad_requests_get_an_openai_error(embed_url, payload, status, param):
+    got, body, _ = post(embed_url, "/v1/embeddings", payload)
+    assert got == status, body
+    assert_openai_error(body)
+    assert body["error"]["param"] == param
+
+
+def test_too_long_input_is_422_unless_truncation_is_asked(embed_url, st_model):
+    long = "word " * 400
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
+    assert status == 422
+    assert_openai_error(body, "input_too_long")
+    assert "256" in body["error"]["message"]
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 256
+    np.testing.assert_allclose(body["data"][0]["embedding"], st_model.encode(long, normalize_embeddings=True), atol=1e-5)
+    status, body, _ = post(embed_url, "/embed", {"inputs": long, "truncate": True})
+    assert status == 200
+
+
+def test_a_body_over_the_limit_is_413(embed_url):
+    big = {"input": ["x" * 1000] * 300}
+    status, body, _ = post(embed_url, "/v1/embeddings", big)
+    assert status == 413
+    assert_openai_error(body, "body_too_large")
+
+
+def test_a_chunked_body_over_the_limit_is_413(embed_url):
+    parts = urlsplit(embed_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    chunk = json.dumps({"input": ["y" * 1000] * 300}).encode()
+    conn.request("POST", "/v1/embeddings", body=iter([chunk[i : i + 10000] for i in range(0, len(chunk), 10000)]), headers={**AUTH, "Content-Type": "application/json"}, encode_chunked=True)
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413
+    assert_openai_error(body, "body_too_large")
+
+
+def test_a_full_queue_is_429_with_retry_after(embed_url):
+    long_texts = ["many words in this sentence " * 40] * 100  # 100 rows of ~240 tokens: slow batches
+
+    def one(_):
+        return post(embed_url, "/v1/embeddings", {"input": long_texts}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    statuses = [r[0] for r in results]
+    assert 429 in statuses and 200 in statuses, statuses
+    refused = next(r for r in results if r[0] == 429)
+    assert_openai_error(refused[1], "queue_full")
+    assert refused[2].get("retry-after") == "1"
+
+
+def test_wrong_task_and_unknown_route_are_404(embed_url):
+    status, body, _ = post(embed_url, "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 404
+    assert_openai_error(body, "wrong_task")
+    status, body = http_get(embed_url + "/v2/nothing", headers=AUTH)
+    assert status == 404
+    assert_openai_error(body)
+
+
+def test_the_server_keeps_serving_after_bad_requests(embed_url):
+    for raw in (b"", b"[", b"null", b'{"input": {"a": 1}}', b"\xff\xfe"):
+        status, _, _ = http_post(embed_url + "/v1/embeddings", None, headers=AUTH, raw=raw)
+        assert 400 <= status < 500
+    assert http_get(embed_url + "/health")[0] == 200
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": "still here"})
+    assert status == 200 and len(body["data"][0]["embedding"]) == 384
+
+
+# ------------------------------------------------------------------ rerank (cross-encoder)
+DOCS = ["Paris is the capital of France.", "The mitochondria is the powerhouse of the cell.", "Berlin is in Germany.", "Bananas are yellow."]
+QUERY = "What is the capital of France?"
+
+
+def test_cohere_rerank_scores_equal_cross_encoder_predict(rerank_url, ce_model):
+    status, body, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": DOCS})
+    assert status == 200
+    want = ce_model.predict([(QUERY, d) for d in DOCS])
+    results = body["results"]
+    assert [r["index"] for r in results] == list(np.argsort(-want))
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(float(want[r["index"]]), abs=1e-5)
+        assert r["document"] == {"text": DOCS[r["index"]]}
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and len(set(np.round(scores, 4))) > 1
+
+
+def test_rerank_accepts_document_objects_top_n_and_no_documents(rerank_url):
+    docs = [{"text": d} for d in DOCS]
+    status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "documents": docs, "top_n": 2, "return_documents": False})
+    assert status == 200 and len(body["results"]) == 2
+    assert all(set(r) == {"index", "relevance_score"} for r in body["results"])
+    _, full, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": DOCS})
+    assert [r["index"] for r in body["results"]] == [r["index"] for r in full["results"][:2]]
+
+
+def test_tei_rerank_shape_gets_a_bare_list(rerank_url, ce_model):
+    status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": DOCS, "return_text": True})
+    assert status == 200 and isinstance(body, list) and len(body) == len(DOCS)
+    want = ce_model.predict([(QUERY, d) for d in DOCS])
+    for item in body:
+        assert set(item) == {"index", "score", "text"} and item["text"] == DOCS[item["index"]]
+        assert item["score"] == pytest.approx(float(want[item["index"]]), abs=1e-5)
+    import torch
+
+    raw = ce_model.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity())
+    _, logits, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
+    assert {i["index"]: i["score"] for i in logits} == pytest.approx({i: float(s) for i, s in enumerate(raw)}, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "payload, status",
+    [
+        ({"query": QUERY}, 422),
+        ({"query": QUERY, "documents": []}, 400),
+        ({"query": "", "documents": ["a"]}, 400),
+        ({"query": QUERY, "documents": [{"txt": "a"}]}, 422),
+        ({"query": QUERY, "documents": ["a"] * 51}, 422),
+        ({"query": QUERY, "documents": ["a"], "top_n": 0}, 422),
+    ],
+)
+def test_bad_rerank_requests(rerank_url, payload, status):
+    got, body, _ = http_post(rerank_url + "/v1/rerank", payload)
+    assert got == status, body
+    assert_openai_error(body)
+
+
+def test_embeddings_on_a_rerank_server_is_404(rerank_url):
+    status, body, _ = http_post(rerank_url + "/v1/embeddings", {"input": "x"})
+    assert status == 404
+    assert_openai_error(body, "wrong_task")
