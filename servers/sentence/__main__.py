@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 422")
     p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--model-workers", type=int, default=None, help="batches run at once (default: cores on CPU, 1 on GPU)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: cores / model workers on CPU)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true")
     a = p.parse_args(argv)
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         max_body_bytes=a.max_body_bytes,
         truncate=a.truncate,
         warmup=not a.no_warmup,
+        model_workers=a.model_workers,
+        torch_threads=a.torch_threads,
     ), a
 
 
@@ -54,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from servers.sentence.app import create_app
-    from servers.sentence.model import configure_threads
 
-    configure_threads()
     uvicorn.run(
         create_app(settings),
         host=settings.host,

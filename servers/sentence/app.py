@@ -24,7 +24,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servers.sentence.batching import Batcher, QueueFull
-from servers.sentence.model import EncoderModel, InputTooLong, normalize
+from servers.sentence.model import EncoderModel, InputTooLong, configure_threads, normalize
 from servers.sentence.schemas import EmbeddingRequest, RerankRequest, TeiEmbedRequest
 from servers.sentence.settings import ServerSettings
 
@@ -126,12 +126,14 @@ class ModelState:
         self.model: EncoderModel | None = None
         self.batcher: Batcher | None = None
         self.ready = False
+        self.workers = 1
         self.error: str | None = None
         self.tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     def load(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
+        self.workers = configure_threads(s.device, s.model_workers, s.torch_threads)
         model = self.model_factory(s.model_path, s.task, s.device, s.max_batch_tokens, s.max_batch_size)
         if s.warmup:
             model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
@@ -167,7 +169,7 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
 
         def start_batcher() -> None:
             assert state.model is not None
-            state.batcher = Batcher(state.model.run, settings.max_batch_size * 4, settings.batch_wait_ms / 1000, settings.max_queue)
+            state.batcher = Batcher(state.model.run, settings.max_batch_size * 4, settings.batch_wait_ms / 1000, settings.max_queue, state.workers)
             state.batcher.start()
             state.ready = True
 
@@ -271,6 +273,7 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             body["max_input_tokens"] = state.model.max_length
             body["dimensions"] = state.model.dimensions
             body["cross_encoder"] = state.model.cross_encoder
+            body["model_workers"] = state.workers
         if state.error:
             body["error"] = state.error
         return json_response(body, 200 if state.ready else 503)

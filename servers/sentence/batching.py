@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests share model calls.
 
 One task gathers what is queued — plus, for a very short while, requests already being
-tokenized — into one batch and runs it on a single model thread. While the model runs, new
+tokenized — into one batch as soon as a model worker is free. While the workers run, new
 requests queue up, so under load batches grow by themselves and the wait costs nothing.
 """
 
@@ -27,30 +27,41 @@ class _Work:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list], np.ndarray], max_rows: int, max_wait_s: float, max_queue_rows: int):
+    """Gathers queued rows into batches for `workers` model threads.
+
+    On a CPU, several single-threaded workers running different batches use the cores better
+    than one worker whose every op is split across them; on a GPU one worker is right.
+    """
+
+    def __init__(self, run: Callable[[list], np.ndarray], max_rows: int, max_wait_s: float, max_queue_rows: int, workers: int = 1):
         self.run = run
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.max_queue_rows = max_queue_rows
+        self.workers = max(1, workers)
         self.expecting = 0  # requests past validation, being tokenized: worth a short wait
         self.queued_rows = 0
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="model")
+        self._free: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
 
     @property
     def depth(self) -> int:
         return self.queued_rows
 
     def start(self) -> None:
+        self._free = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._model_threads.shutdown(wait=False, cancel_futures=True)
 
     def admit(self, n_rows: int) -> None:
         """Refuse early (before tokenizing) when the queue is full."""
@@ -65,8 +76,11 @@ class Batcher:
         return await fut
 
     async def _loop(self) -> None:
+        assert self._free is not None
         loop = asyncio.get_running_loop()
         while True:
+            # a worker first: while all are busy, requests pile up and the next batch grows
+            await self._free.acquire()
             batch = [await self._queue.get()]
             n = len(batch[0].rows)
             deadline = loop.time() + self.max_wait_s
@@ -82,19 +96,26 @@ class Batcher:
                     break
                 batch.append(work)
                 n += len(work.rows)
-            rows = [r for w in batch for r in w.rows]
-            try:
-                result = await loop.run_in_executor(self._model_thread, self.run, rows)
-            except Exception as e:  # noqa: BLE001 — fail these requests, keep serving
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(e)
-            else:
-                start = 0
-                for w in batch:
-                    end = start + len(w.rows)
-                    if not w.future.done():
-                        w.future.set_result(result[start:end])
-                    start = end
-            finally:
-                self.queued_rows -= n
+            task = loop.create_task(self._run(batch, n))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Work], n: int) -> None:
+        assert self._free is not None
+        rows = [r for w in batch for r in w.rows]
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self.run, rows)
+        except Exception as e:  # noqa: BLE001 — fail these requests, keep serving
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(e)
+        else:
+            start = 0
+            for w in batch:
+                end = start + len(w.rows)
+                if not w.future.done():
+                    w.future.set_result(result[start:end])
+                start = end
+        finally:
+            self.queued_rows -= n
+            self._free.release()

@@ -17,6 +17,12 @@ import numpy as np
 import torch
 
 
+# a batch is split where its longest row would exceed its shortest by this ratio (padding is
+# wasted compute), once the part has at least MIN_SPLIT_ROWS rows
+PAD_RATIO = 1.3
+MIN_SPLIT_ROWS = 8
+
+
 class InputTooLong(ValueError):
     def __init__(self, index: int, length: int, limit: int):
         self.index, self.length, self.limit = index, length, limit
@@ -139,7 +145,14 @@ class EncoderModel:
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and end - start < self.max_batch_size and len(rows[order[end]].ids) * (end - start + 1) <= self.max_batch_tokens:
+            shortest = len(rows[order[start]].ids)
+            while end < len(order) and end - start < self.max_batch_size:
+                width = len(rows[order[end]].ids)
+                if width * (end - start + 1) > self.max_batch_tokens:
+                    break
+                # rows are sorted by length: cut where padding to this row would waste much
+                if end - start >= MIN_SPLIT_ROWS and width > shortest * PAD_RATIO:
+                    break
                 end += 1
             chunk = order[start:end]
             result = self._forward([rows[i] for i in chunk])
@@ -182,10 +195,22 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def configure_threads() -> None:
-    """Let torch use the cores this process may run on, unless the user said otherwise."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        try:
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-        except AttributeError:
-            pass
+def configure_threads(device: str, workers: int | None, torch_threads: int | None) -> int:
+    """Choose model workers and torch threads; returns the number of workers.
+
+    On a CPU the default is one single-threaded worker per core: separate batches on separate
+    cores beat one batch whose every op is split across cores (measured in bench/). On a GPU,
+    one worker. OMP_NUM_THREADS, when set, is left to rule torch's threads.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    on_cpu = device == "cpu"
+    if workers is None:
+        workers = min(cores, 8) if on_cpu else 1
+    if torch_threads is None and "OMP_NUM_THREADS" not in os.environ:
+        torch_threads = max(1, cores // workers) if on_cpu else None
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return workers

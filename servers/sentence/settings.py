@@ -23,6 +23,8 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     truncate: bool = False  # truncate over-long inputs instead of 422
     warmup: bool = True
+    model_workers: int | None = None  # model threads running batches at once (default: cores on CPU, 1 on GPU)
+    torch_threads: int | None = None  # torch intra-op threads (default: cores / model_workers on CPU)
 
     @classmethod
     def api_key_from_env(cls) -> str | None:
