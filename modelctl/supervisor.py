@@ -33,7 +33,7 @@ from modelctl.state import ServerRecord, StateStore, write_atomic
 log = logging.getLogger("modelctl.supervisor")
 
 TICK_SECONDS = 0.25
-STARTUP_PROBE_SECONDS = 0.25
+STARTUP_PROBE_SECONDS = 0.1
 
 
 @dataclass
@@ -136,6 +136,8 @@ class Supervisor:
         self.only = only
         self.slots: dict[str, Slot] = {}
         self._signals: list[int] = []
+        self._wake_fd: int | None = None
+        self._next_wake: float | None = None
 
     # ------------------------------------------------------------------ the loop
     def tick(self, now: float | None = None) -> None:
@@ -178,13 +180,22 @@ class Supervisor:
             exited, rc = self._reap(rec, slot)
             if exited:
                 self._crashed(rec, slot, spec, now, rc, None)
+                self._start_if_due(rec, slot, spec, now)
                 return
             self._check_health(rec, slot, spec, now)
         elif rec.state == lc.STOPPED:
             self._start(rec, slot, spec, now)
-        elif rec.state == lc.BACKOFF and now >= (rec.next_start_at or 0):
+        elif rec.state == lc.BACKOFF:
+            self._start_if_due(rec, slot, spec, now)
+
+    def _start_if_due(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        if rec.state != lc.BACKOFF:
+            return
+        if now >= (rec.next_start_at or 0):
             rec.restarts += 1
             self._start(rec, slot, spec, now)
+        else:
+            self._wake_at(rec.next_start_at)
 
     # ------------------------------------------------------------------ verbs
     def _reap(self, rec: ServerRecord, slot: Slot) -> tuple[bool, int | None]:
@@ -233,6 +244,8 @@ class Supervisor:
             log.error("%s: %s", rec.name, rec.last_error)
             return
         slot.handle = handle
+        slot.next_probe_at = now + STARTUP_PROBE_SECONDS
+        self._wake_at(slot.next_probe_at)
         rec.pid, rec.create_time = handle.ident.pid, handle.ident.create_time
         log.info("%s: started pid %s on port %s", rec.name, rec.pid, rec.port)
 
@@ -276,7 +289,7 @@ class Supervisor:
                 self._stop_then(rec, slot, spec, lambda r, t: self._crashed(r, slot, spec, t, None, reason, exited=False))
                 return
         if slot.probe is None and slot.prepare is None and now >= slot.next_probe_at:
-            slot.probe = self.executor.submit(self._probe_job, spec, url, rec.state != lc.STARTING)
+            slot.probe = self._submit(self._probe_job, spec, url, rec.state != lc.STARTING)
 
     def _probe_job(self, spec: ServerSpec, url: str, check_model: bool) -> ProbeResult:
         result = self.procs.probe(spec, url)
@@ -292,6 +305,8 @@ class Supervisor:
             interval = min(interval, 1.0)
         slot.next_probe_at = now + interval
         if rec.state == lc.STARTING:
+            self._wake_at(slot.next_probe_at)
+        if rec.state == lc.STARTING:
             if not result.ok:
                 rec.detail = f"warming up: {result.detail}"
                 return
@@ -302,7 +317,7 @@ class Supervisor:
                 def report(progress: dict) -> None:
                     slot.progress = progress
 
-                slot.prepare = self.executor.submit(backend.prepare, spec, url, report)
+                slot.prepare = self._submit(backend.prepare, spec, url, report)
                 return
             self._mark_ready(rec, slot, now)
         elif result.ok:
@@ -337,7 +352,7 @@ class Supervisor:
         slot.probe = slot.prepare = None
         slot.after_stop = then
         if handle is None:
-            slot.stopping = self.executor.submit(lambda: "not running")
+            slot.stopping = self._submit(lambda: "not running")
             return
 
         def stop() -> str:
@@ -346,7 +361,7 @@ class Supervisor:
                 handle.popen.poll()  # reap our child
             return result
 
-        slot.stopping = self.executor.submit(stop)
+        slot.stopping = self._submit(stop)
 
     def _finish_stop(self, rec: ServerRecord, slot: Slot, now: float) -> None:
         fut, slot.stopping = slot.stopping, None
@@ -406,6 +421,21 @@ class Supervisor:
             slot.spec_key = rec.fingerprint
         return slot.spec
 
+    def _submit(self, fn: Callable, *args: Any) -> Future:
+        """Slow work off the loop; its completion wakes the loop at once."""
+        fut = self.executor.submit(fn, *args)
+        fut.add_done_callback(lambda _: self._wake())
+        return fut
+
+    def _wake(self) -> None:
+        if self._wake_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_fd, b"!")
+
+    def _wake_at(self, when: float | None) -> None:
+        if when is not None and (self._next_wake is None or when < self._next_wake):
+            self._next_wake = when
+
     # ------------------------------------------------------------------ running as a daemon
     def wants_to_run(self) -> bool:
         if any(slot.busy() for slot in self.slots.values()):
@@ -422,6 +452,7 @@ class Supervisor:
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
         signal.set_wakeup_fd(wfd)
+        self._wake_fd = wfd
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         log.info("supervisor pid %s watching %s", os.getpid(), self.store.root)
@@ -437,13 +468,18 @@ class Supervisor:
                     log.info("nothing left to supervise; exiting")
                     lock_fd = None
                     return 0
+                timeout = TICK_SECONDS
+                if self._next_wake is not None:
+                    timeout = min(timeout, max(0.0, self._next_wake - self.clock()))
+                    self._next_wake = None
                 with contextlib.suppress(InterruptedError):
-                    select.select([rfd], [], [], TICK_SECONDS)
+                    select.select([rfd], [], [], timeout)
                 with contextlib.suppress(BlockingIOError):
                     while os.read(rfd, 512):
                         pass
         finally:
             signal.set_wakeup_fd(-1)
+            self._wake_fd = None
             os.close(rfd)
             os.close(wfd)
             self.executor.shutdown(wait=False)
