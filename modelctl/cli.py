@@ -267,9 +267,8 @@ def logs(
     if rec is None:
         raise ModelctlError(f"no server named '{server}' in {ctl.store.root}")
     if rec.managed_by == "systemd":
-        from modelctl.systemd import unit_name
-
-        console.print(f"{server} runs under systemd; its log is in the journal: journalctl -u {unit_name(rec.source, server)} -f")
+        unit = rec.info.get("systemd_unit", f"modelctl-*-{server}.service")
+        console.print(f"{server} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)")
         return
     try:
         source = ctl.follow_log(server, lines) if follow else iter(ctl.log_tail(server, lines))
@@ -311,12 +310,15 @@ def supervise(
 def run(
     server: str = typer.Argument(..., help="Server to run."),
     profile: Optional[Path] = ProfileOption,
+    port: Optional[int] = typer.Option(None, "--port", help="Fixed port (units resolve `auto` once)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1 (units resolve counts once)."),
 ) -> None:
     """Run one server in the foreground (for systemd): prepare, start, notify READY=1, wait."""
     from modelctl.foreground import run_foreground
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    raise typer.Exit(run_foreground(ctx_state.store, _load(profile), server))
+    gpu_ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else None
+    raise typer.Exit(run_foreground(ctx_state.store, _load(profile), server, port=port, gpus=gpu_ids))
 
 
 # ---------------------------------------------------------------------------- systemd

@@ -51,20 +51,25 @@ class Controller:
         self.store = store
 
     # ------------------------------------------------------------------ up
-    def plan_up(self, profile: Profile, specs: list[ServerSpec]) -> tuple[UpPlan, list[ServerRecord]]:
+    def plan_up(
+        self, profile: Profile, specs: list[ServerSpec], managed_by: str = "supervisor", force: bool = False
+    ) -> tuple[UpPlan, list[ServerRecord]]:
         """Decide what to start and allocate ports and GPUs; raise before anything changes.
 
         Must be called with the state lock held. Returns the plan and the new records to write.
+        `force` starts every spec even if it already runs unchanged (modelctl run).
         """
         records = {r.name: r for r in self.store.load_all()}
         plan = UpPlan()
         for spec in specs:
             rec = records.get(spec.name)
-            if rec is not None and rec.managed_by != "supervisor" and is_alive(record_identity(rec)):
+            if rec is not None and rec.managed_by != managed_by and is_alive(record_identity(rec)):
                 raise ModelctlError(
                     f"server '{spec.name}' is run by systemd (modelctl run); use systemctl to manage it"
+                    if rec.managed_by == "systemd"
+                    else f"server '{spec.name}' runs under the modelctl supervisor; `modelctl down {spec.name}` first"
                 )
-            if rec is not None and rec.desired == "running" and rec.fingerprint == spec.fingerprint and rec.state != lc.FAILED:
+            if not force and rec is not None and rec.desired == "running" and rec.fingerprint == spec.fingerprint and rec.state != lc.FAILED:
                 plan.unchanged.append(spec.name)
             else:
                 plan.start.append(spec)
@@ -122,7 +127,7 @@ class Controller:
             backend = get_backend(spec.kind)
             rec = records.get(spec.name) or ServerRecord(name=spec.name)
             rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
-            rec.managed_by = "supervisor"
+            rec.managed_by = managed_by
             rec.host, rec.port, rec.gpus = spec.host, ports[spec.name], gpus.get(spec.name, [])
             rec.url = backend.base_url(spec, rec.port)
             rec.failures, rec.consecutive_failures, rec.next_start_at = [], 0, None

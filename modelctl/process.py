@@ -48,23 +48,27 @@ def is_alive(ident: ProcessIdentity | None) -> bool:
 
 
 def spawn_detached(
-    argv: Sequence[str], env: Mapping[str, str], log_path: os.PathLike | str, cwd: str | None = None
+    argv: Sequence[str], env: Mapping[str, str], log_path: os.PathLike | str | None, cwd: str | None = None
 ) -> tuple[subprocess.Popen, ProcessIdentity]:
-    """Start argv in a new session with stdout and stderr appended to log_path (0600)."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    """Start argv in a new session with stdout and stderr appended to log_path (0600).
+
+    With no log_path the output goes where ours goes (the journal, under systemd).
+    """
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_path is not None else None
     try:
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=fd,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if fd is not None else None,
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
         )
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     try:
         created = psutil.Process(proc.pid).create_time()
     except psutil.NoSuchProcess:  # exited (and is a zombie we have not reaped yet) — still ours

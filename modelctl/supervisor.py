@@ -47,7 +47,7 @@ class Handle:
 class ProcessControl:
     """The real processes, ports and probes. Tests pass a fake with the same methods."""
 
-    def spawn(self, launch: Launch, env: dict[str, str], log_path: str) -> Handle:
+    def spawn(self, launch: Launch, env: dict[str, str], log_path: str | None) -> Handle:
         popen, ident = spawn_detached(launch.argv, env, log_path, cwd=launch.cwd)
         return Handle(ident, popen)
 
@@ -127,6 +127,7 @@ class Supervisor:
         executor: Any = None,
         managed_by: str = "supervisor",
         only: set[str] | None = None,
+        log_to_files: bool = True,
     ):
         self.store = store
         self.clock = clock
@@ -134,6 +135,7 @@ class Supervisor:
         self.executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="modelctl-work")
         self.managed_by = managed_by
         self.only = only
+        self.log_to_files = log_to_files  # False: servers write to our stdout (the journal under systemd)
         self.slots: dict[str, Slot] = {}
         self._signals: list[int] = []
         self._wake_fd: int | None = None
@@ -230,13 +232,15 @@ class Supervisor:
         if holder:
             self._crashed(rec, slot, spec, now, None, f"cannot start: {holder}", exited=False)
             return
-        log_path = self.store.log_path(rec.name)
-        self.store.ensure()
-        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-            f.write(f"--- modelctl {stamp}: starting {rec.name}: {' '.join(launch.argv)}\n")
+        log_path = None
+        if self.log_to_files:
+            log_path = str(self.store.log_path(rec.name))
+            self.store.ensure()
+            with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+                f.write(f"--- modelctl {stamp}: starting {rec.name}: {' '.join(launch.argv)}\n")
         try:
-            handle = self.procs.spawn(launch, server_environment(spec, launch, rec.port, rec.gpus), str(log_path))
+            handle = self.procs.spawn(launch, server_environment(spec, launch, rec.port, rec.gpus), log_path)
         except OSError as e:
             rec.move(lc.FAILED)
             rec.last_error = f"cannot run {launch.argv[0]!r}: {e.strerror or e}"

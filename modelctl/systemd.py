@@ -1,0 +1,172 @@
+"""systemd units from a profile: one service per server (`modelctl run NAME`) and a target.
+
+Ports and GPUs are resolved when the units are written — an `auto` port becomes a number in
+the unit — so the servers come back at boot where clients expect them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from modelctl.backends import get_backend
+from modelctl.foreground import unit_name
+from modelctl.gpus import allocate_gpus, discover_gpus
+from modelctl.ports import pick_free_port
+from modelctl.profile import Profile, ServerSpec
+from modelctl.state import StateStore
+
+# time systemd gives `modelctl run` beyond the server's own timeouts (start-up of modelctl itself)
+START_SLACK_SECONDS = 30
+STOP_SLACK_SECONDS = 5
+
+
+def target_name(profile: Profile) -> str:
+    return f"modelctl-{profile.name}.target"
+
+
+def unit_dir(user: bool) -> Path:
+    if user:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        return Path(base) / "systemd" / "user"
+    return Path("/etc/systemd/system")
+
+
+def _quote(value: str) -> str:
+    """Quote one word for ExecStart= / Environment= (systemd's own quoting rules)."""
+    if value and not any(c in value for c in ' \t"\'\\$%;'):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def resolve_allocations(profile: Profile, store: StateStore) -> tuple[dict[str, int | None], dict[str, list[int]]]:
+    """Fixed ports (auto → the server's recorded port, else a free one) and GPU ids."""
+    records = {r.name: r for r in store.load_all()}
+    ports: dict[str, int | None] = {}
+    taken = {spec.port for spec in profile.servers.values() if spec.port}
+    taken |= {r.port for r in records.values() if r.port and r.name not in profile.servers}
+    for spec in profile.servers.values():
+        if get_backend(spec.kind).launch(spec, 0, []) is None:
+            ports[spec.name] = None
+        elif spec.port is not None:
+            ports[spec.name] = spec.port
+        else:
+            previous = records[spec.name].port if spec.name in records else None
+            port = previous if previous and previous not in taken else pick_free_port(profile.port_range, spec.host, taken)
+            if port is None:
+                from modelctl.errors import PortInUseError
+
+                raise PortInUseError(f"{profile.path}: no free port in port_range for server '{spec.name}'")
+            ports[spec.name] = port
+            taken.add(port)
+    requests = {s.name: (s.gpus, s.gpus_shared) for s in profile.servers.values() if s.gpu_count}
+    gpus = allocate_gpus(requests, discover_gpus(), {}) if requests else {}
+    return ports, gpus
+
+
+def service_unit(profile: Profile, spec: ServerSpec, store: StateStore, port: int | None, gpus: list[int], user: bool) -> str:
+    argv = [sys.executable, "-m", "modelctl", "--state-dir", str(Path(store.root).resolve()), "run", spec.name,
+            "--profile", str(Path(profile.path).resolve())]  # fmt: skip
+    if port is not None:
+        argv += ["--port", str(port)]
+    if gpus:
+        argv += ["--gpus", ",".join(map(str, gpus))]
+    policy = spec.restart
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), **spec.env}
+    lines = [
+        "[Unit]",
+        f"Description=modelctl {spec.kind} server {spec.name} (profile {profile.name})",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        f"PartOf={target_name(profile)}",
+        f"StartLimitIntervalSec={int(policy.window)}",
+        f"StartLimitBurst={policy.max_failures}",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        "ExecStart=" + " ".join(_quote(a) for a in argv),
+        *(f"Environment={_quote(f'{k}={v}')}" for k, v in env.items()),
+        "Restart=on-failure",
+        f"RestartSec={max(policy.backoff, 0.1):g}",
+        f"TimeoutStartSec={int(spec.startup_timeout + START_SLACK_SECONDS)}",
+        f"TimeoutStopSec={int(spec.stop_timeout + STOP_SLACK_SECONDS)}",
+        # the whole cgroup, children of children included; never KillMode=process
+        "KillMode=control-group",
+        "KillSignal=SIGTERM",
+        f"SyslogIdentifier=modelctl-{spec.name}",
+        f"WorkingDirectory={_quote(str(Path(profile.path).resolve().parent))}",
+    ]
+    if not user and os.geteuid() != 0:
+        import pwd
+
+        lines.append(f"User={pwd.getpwuid(os.geteuid()).pw_name}")
+    lines += ["", "[Install]", f"WantedBy={target_name(profile)}", ""]
+    return "\n".join(lines)
+
+
+def target_unit(profile: Profile, user: bool) -> str:
+    services = " ".join(unit_name(profile.name, n) for n in profile.servers)
+    return "\n".join(
+        [
+            "[Unit]",
+            f"Description=modelctl profile {profile.name} ({profile.path})",
+            f"Wants={services}",
+            "",
+            "[Install]",
+            f"WantedBy={'default.target' if user else 'multi-user.target'}",
+            "",
+        ]
+    )
+
+
+def generate_units(profile: Profile, store: StateStore, user: bool = True) -> dict[str, str]:
+    """File name → unit text, for every server of the profile and its target."""
+    ports, gpus = resolve_allocations(profile, store)
+    units = {
+        unit_name(profile.name, spec.name): service_unit(profile, spec, store, ports[spec.name], gpus.get(spec.name, []), user)
+        for spec in profile.servers.values()
+    }
+    units[target_name(profile)] = target_unit(profile, user)
+    return units
+
+
+def write_units(units: dict[str, str], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in units.items():
+        path = directory / name
+        path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+def systemd_running() -> bool:
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+def daemon_reload(user: bool) -> str:
+    if not systemd_running():
+        return "systemd is not running on this machine: run `systemctl daemon-reload` where it is"
+    cmd = ["systemctl", *(["--user"] if user else []), "daemon-reload"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"{' '.join(cmd)} failed: {res.stderr.strip()}"
+    return f"ran {' '.join(cmd)}"
+
+
+def install_hint(profile: Profile, user: bool, out: Path | None) -> str:
+    flag = "--user " if user else ""
+    where = unit_dir(user)
+    copy = f"copy {out}/* to {where}, then " if out else f"save them in {where}, then "
+    return (
+        f"\nTo install: {copy}run:\n"
+        f"  systemctl {flag}daemon-reload\n"
+        f"  systemctl {flag}enable --now {target_name(profile)}\n"
+        f"(or `modelctl systemd install{' --system' if not user else ''}`). Logs: journalctl {flag}-u 'modelctl-{profile.name}-*'"
+        + ("\nUser units start at boot only with lingering: loginctl enable-linger $USER" if user else "")
+    )

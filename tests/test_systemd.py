@@ -1,0 +1,139 @@
+"""systemd: units for every example profile pass `systemd-analyze verify`; `modelctl run`
+notifies READY=1 only once the server is healthy and takes the whole group down on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from modelctl.profile import load_profile
+from modelctl.state import StateStore
+from modelctl.systemd import generate_units, write_units
+
+from .conftest import ROOT, http_get, wait_for
+
+PROFILES = sorted((ROOT / "profiles" / "examples").glob("*.yaml")) + [ROOT / "profiles" / "default.yaml"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+def test_units_for_every_example_profile_pass_systemd_analyze_verify(tmp_path, monkeypatch, path):
+    monkeypatch.setenv("MODELCTL_GPUS", "0,1,2,3")
+    profile = load_profile(path)
+    units = generate_units(profile, StateStore(tmp_path / "state"), user=False)
+    files = write_units(units, tmp_path / "units")
+    res = subprocess.run(["systemd-analyze", "verify", *map(str, files)], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
+    assert f"modelctl-{profile.name}.target" in units
+    for spec in profile.servers.values():
+        text = units[f"modelctl-{profile.name}-{spec.name}.service"]
+        assert "Type=notify" in text and "KillMode=control-group" in text and "Restart=on-failure" in text
+        assert f"TimeoutStartSec={int(spec.startup_timeout) + 30}" in text
+        assert f"TimeoutStopSec={int(spec.stop_timeout) + 5}" in text
+        assert f"StartLimitBurst={spec.restart.max_failures}" in text
+        assert re.search(r"^Environment=\"?CUDA_VISIBLE_DEVICES=", text, re.M)
+        if spec.gpu_count:
+            assert re.search(r"CUDA_VISIBLE_DEVICES=\d", text)
+        for key, value in spec.env.items():
+            assert f"{key}={value}" in text
+        if spec.port is not None:
+            assert f"--port {spec.port}" in text
+
+
+def test_an_auto_port_is_written_into_the_unit(tmp_path):
+    path = tmp_path / "auto.yaml"
+    path.write_text("port_range: [24100, 24199]\nservers:\n  web:\n    kind: command\n    command: [x, '{port}']\n")
+    text = generate_units(load_profile(path), StateStore(tmp_path / "state"))["modelctl-auto-web.service"]
+    port = int(re.search(r"--port (\d+)", text).group(1))
+    assert 24100 <= port <= 24199
+
+
+class NotifySocket:
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for when, msg in self.messages:
+                if text in msg.split("\n"):
+                    return when
+            try:
+                data = self.sock.recv(4096)
+                self.messages.append((time.monotonic(), data.decode()))
+            except socket.timeout:
+                continue
+        raise AssertionError(f"no {text!r} within {timeout}s; got {self.messages}")
+
+
+def test_run_notifies_ready_only_once_healthy_and_sigterm_stops_the_group(mc):
+    path = mc.profile(
+        {"web": {"kind": "command", "command": mc.toy("--ready-delay", "1.5", "--spawn-child"), "health": {"http": "/health"}, "stop_timeout": 3}},
+        name="sd",
+    )
+    notify = NotifySocket(mc.tmp / "notify.sock")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)],
+        env={**mc.env, "NOTIFY_SOCKET": str(mc.tmp / "notify.sock")}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        ready_at = notify.wait_for("READY=1", 60)
+        row = mc.row("web")
+        assert http_get(row["url"] + "/health")[0] == 200  # healthy when READY=1 arrived
+        assert ready_at - t0 >= 1.5  # not before the server's own warm-up
+        assert row["state"] == "ready" and row["managed_by"] == "systemd"
+        info = http_get(row["url"] + "/info")[1]
+        family = [info["pid"], *info["children"]]
+        logs = mc.cli("logs", "web")
+        assert "journalctl -u modelctl-sd-web.service" in logs.stdout
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        notify.wait_for("STOPPING=1", 5)
+        for pid in family:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert mc.row("web")["state"] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_run_exits_with_failure_when_its_server_dies(mc):
+    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
+    proc = subprocess.Popen([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        row = wait_for(lambda: (r := mc.row("web") if mc.store.load("web") else None) and r["state"] == "ready" and r, 60, what="ready")
+        os.kill(row["pid"], signal.SIGKILL)
+        assert proc.wait(30) == 1  # systemd's Restart=on-failure takes it from here
+        assert "killed by SIGKILL" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_up_refuses_a_server_that_systemd_runs(mc):
+    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
+    proc = subprocess.Popen([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: mc.store.load("web") and mc.row("web")["state"] == "ready", 60, what="ready")
+        res = mc.cli("up", "-p", str(path))
+        assert res.returncode != 0 and "systemd" in res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
