@@ -101,6 +101,7 @@ class Slot:
     progress: dict | None = None
     spec: ServerSpec | None = None
     spec_key: str = ""
+    external: bool = False  # lives elsewhere (an external Ollama): probed and prepared, never spawned
 
     def busy(self) -> bool:
         return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stopping))
@@ -286,7 +287,7 @@ class Supervisor:
                 return
         if rec.state == lc.STARTING and self._check_startup_timeout(rec, slot, spec, now):
             return
-        if rec.state == lc.UNHEALTHY and slot.unhealthy_since is not None:
+        if rec.state == lc.UNHEALTHY and slot.unhealthy_since is not None and not slot.external:
             if now - slot.unhealthy_since > spec.health.grace:
                 reason = f"unhealthy for {now - slot.unhealthy_since:.0f}s ({rec.detail}); restarting"
                 log.warning("%s: %s", rec.name, reason)
@@ -347,6 +348,12 @@ class Supervisor:
             return False
         reason = f"not ready after {spec.startup_timeout:g}s (startup_timeout): {rec.detail or ''}".rstrip(": ")
         log.warning("%s: %s", rec.name, reason)
+        if slot.external:  # nothing of ours to restart: say so and stop trying
+            slot.probe = slot.prepare = None
+            rec.move(lc.FAILED)
+            rec.last_error = f"{rec.url} did not answer: {reason}"
+            rec.detail = None
+            return True
         self._stop_then(rec, slot, spec, lambda r, t: self._crashed(r, slot, spec, t, None, reason, exited=False))
         return True
 
@@ -423,6 +430,7 @@ class Supervisor:
                 rec.last_error = f"cannot read this server's spec: {e}"
                 return None
             slot.spec_key = rec.fingerprint
+            slot.external = get_backend(slot.spec.kind).launch(slot.spec, rec.port or 0, rec.gpus) is None
         return slot.spec
 
     def _submit(self, fn: Callable, *args: Any) -> Future:
