@@ -85,3 +85,25 @@ def sentence_server(log_dir: Path, model: str, *args: str, timeout: float = 180)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def build_tiny_sentence_model(target: Path) -> str:
+    """A random 2-layer BERT bi-encoder with its own small vocabulary: needs no downloaded model."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    target.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words += "the a cat dog model server fast slow batch token embed vector query answer river stone light city".split()
+    (target / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(target / "vocab.txt"))
+    torch.manual_seed(5)
+    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128))
+    raw = target / "raw"
+    bert.save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    transformer = models.Transformer(str(raw), max_seq_length=128)
+    st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_embedding_dimension() if hasattr(transformer, 'get_embedding_dimension') else transformer.get_word_embedding_dimension())], device="cpu")
+    st.save(str(target / "st"))
+    return str(target / "st")

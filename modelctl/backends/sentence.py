@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,7 +88,8 @@ class SentenceBackend(Backend):
         if o.get("truncate"):
             argv.append("--truncate")
         argv += o.get("args") or []
-        env = {"PYTHONPATH": _servers_root()}
+        # put the bundled `servers` package on the path, keeping whatever path we were given
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (_servers_root(), os.environ.get("PYTHONPATH")) if p)}
         if o.get("api_key"):
             # passed by environment, not argv, so it does not show in `ps`
             env["MODELCTL_API_KEY"] = o["api_key"]

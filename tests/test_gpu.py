@@ -1,0 +1,64 @@
+"""On a machine with NVIDIA GPUs (skipped elsewhere): discovery through NVML and nvidia-smi, a
+sentence server placed on its allocated GPU, and GPU memory released by `down`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import psutil
+import pytest
+
+from modelctl.gpus import _nvidia_smi_ids, _nvml_ids
+
+from .conftest import http_get, http_post
+from .sentence_fixtures import build_tiny_sentence_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.gpu, pytest.mark.skipif(not _nvidia_smi_ids(), reason="no NVIDIA GPU on this machine")]
+
+
+def gpu_pids() -> set[int]:
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
+    return {int(x) for x in out.split() if x.strip().isdigit()}
+
+
+def test_nvml_and_nvidia_smi_agree(monkeypatch):
+    monkeypatch.delenv("MODELCTL_GPUS", raising=False)
+    smi = _nvidia_smi_ids()
+    nvml = _nvml_ids()
+    assert smi and (nvml is None or nvml == smi)
+
+
+def test_a_sentence_server_runs_on_its_gpu_and_down_frees_it(mc, monkeypatch):
+    monkeypatch.delenv("MODELCTL_GPUS", raising=False)
+    model = build_tiny_sentence_model(mc.tmp / "tiny-st")
+    path = mc.profile({"emb": {"kind": "sentence", "model": model, "gpus": 1, "startup_timeout": 300}})
+    env = {k: v for k, v in mc.env.items() if k not in ("MODELCTL_GPUS", "CUDA_VISIBLE_DEVICES")}
+    res = subprocess.run(["python3", "-m", "modelctl", "up", "-p", str(path)], capture_output=True, text=True, env=env, cwd=mc.tmp, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = mc.row("emb")
+    assert row["gpus"] == [0]
+    health = http_get(row["url"] + "/health")[1]
+    assert health["device"] == "cuda" and health["model_workers"] == 1
+    assert psutil.Process(row["pid"]).environ()["CUDA_VISIBLE_DEVICES"] == "0"
+    assert row["pid"] in gpu_pids()  # the server holds GPU memory
+
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["the cat", "a fast model server"]
+    status, body, _ = http_post(row["url"] + "/v1/embeddings", {"input": texts})
+    want = SentenceTransformer(model, device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], want, atol=2e-3)
+
+    assert subprocess.run(["python3", "-m", "modelctl", "down"], env=env, cwd=mc.tmp, timeout=120).returncode == 0
+    assert row["pid"] not in gpu_pids()
+
+
+def test_more_gpus_than_the_machine_has_is_refused_before_starting(mc, monkeypatch):
+    monkeypatch.delenv("MODELCTL_GPUS", raising=False)
+    n = len(_nvidia_smi_ids())
+    path = mc.profile({"big": {"kind": "command", "command": ["sleep", "60"], "gpus": n + 1}})
+    mc.env.pop("MODELCTL_GPUS", None)
+    res = mc.cli("up", "-p", str(path))
+    assert res.returncode != 0 and f"needs {n + 1} GPU(s)" in res.stderr
