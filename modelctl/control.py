@@ -82,9 +82,8 @@ class Controller:
         for spec in plan.start:
             rec = records.get(spec.name)
             own_port = rec.port if rec is not None and is_alive(record_identity(rec)) else None
-            backend = get_backend(spec.kind)
-            if backend.launch(spec, 0, []) is None:
-                ports[spec.name] = None  # nothing to bind (an external server)
+            if get_backend(spec.kind).is_external(spec):
+                ports[spec.name] = None  # nothing to bind
                 continue
             if spec.port is not None:
                 if spec.port in taken_by_others:

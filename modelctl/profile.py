@@ -228,16 +228,7 @@ def parse_health(value: Any, default: HealthSpec, err: Callable[[str, str], Prof
     kinds = [k for k in ("http", "tcp") if k in value]
     if len(kinds) != 1:
         raise err("health", "give exactly one of http: /path or tcp: true")
-    tuning = {}
-    for k, v in value.items():
-        if k in ("http", "tcp"):
-            continue
-        if k not in _HEALTH_TUNING:
-            raise err(f"health.{k}", f"unknown key; known: http, tcp, {', '.join(_HEALTH_TUNING)}")
-        try:
-            tuning[k] = _HEALTH_TUNING[k](v)
-        except ValueError as e:
-            raise err(f"health.{k}", str(e)) from None
+    tuning = _check_sub_keys({k: v for k, v in value.items() if k not in ("http", "tcp")}, _HEALTH_TUNING, "health", err, extra=("http", "tcp"))
     if kinds[0] == "http":
         path = value["http"]
         if not isinstance(path, str) or not path.startswith("/"):
@@ -259,15 +250,22 @@ def parse_restart(value: Any, err: Callable[[str, str], ProfileError]) -> Restar
         value = {"policy": value}
     if not isinstance(value, Mapping):
         raise err("restart", f"must be always | on-failure | never or a mapping, got {value!r}")
+    return RestartPolicy(**_check_sub_keys(value, _RESTART_KEYS, "restart", err))
+
+
+def _check_sub_keys(
+    value: Mapping[str, Any], checks: Mapping[str, Callable[[Any], Any]], parent: str, err: Callable[[str, str], ProfileError], extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Check the keys of a nested mapping (health:, restart:); errors name `parent.key`."""
     clean = {}
     for k, v in value.items():
-        if k not in _RESTART_KEYS:
-            raise err(f"restart.{k}", f"unknown key; known: {', '.join(_RESTART_KEYS)}")
+        if k not in checks:
+            raise err(f"{parent}.{k}", f"unknown key; known: {', '.join((*extra, *checks))}")
         try:
-            clean[k] = _RESTART_KEYS[k](v)
+            clean[k] = checks[k](v)
         except ValueError as e:
-            raise err(f"restart.{k}", str(e)) from None
-    return RestartPolicy(**clean)
+            raise err(f"{parent}.{k}", str(e)) from None
+    return clean
 
 
 def parse_server(name: str, raw: Any, source: str) -> ServerSpec:

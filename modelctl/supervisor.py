@@ -430,7 +430,7 @@ class Supervisor:
                 rec.last_error = f"cannot read this server's spec: {e}"
                 return None
             slot.spec_key = rec.fingerprint
-            slot.external = get_backend(slot.spec.kind).launch(slot.spec, rec.port or 0, rec.gpus) is None
+            slot.external = get_backend(slot.spec.kind).is_external(slot.spec)
         return slot.spec
 
     def _submit(self, fn: Callable, *args: Any) -> Future:

@@ -50,7 +50,7 @@ def resolve_allocations(profile: Profile, store: StateStore) -> tuple[dict[str, 
     taken = {spec.port for spec in profile.servers.values() if spec.port}
     taken |= {r.port for r in records.values() if r.port and r.name not in profile.servers}
     for spec in profile.servers.values():
-        if get_backend(spec.kind).launch(spec, 0, []) is None:
+        if get_backend(spec.kind).is_external(spec):
             ports[spec.name] = None
         elif spec.port is not None:
             ports[spec.name] = spec.port

@@ -34,6 +34,10 @@ class Backend:
     def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:
         """Checks across keys; raise ValueError('key: reason'). May fill derived options."""
 
+    def is_external(self, spec: ServerSpec) -> bool:
+        """True when the server lives elsewhere: nothing to spawn or bind, only to probe and prepare."""
+        return False
+
     def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch | None:
         """The process to run, or None when the server lives elsewhere (an external host)."""
         raise NotImplementedError

@@ -35,8 +35,11 @@ class OllamaBackend(Backend):
         if options["external"] and common.get("port") is not None:
             raise ValueError("port: an external Ollama (host: URL) has its port in the URL")
 
+    def is_external(self, spec: ServerSpec) -> bool:
+        return bool(spec.options["external"])
+
     def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch | None:
-        if spec.options["external"]:
+        if self.is_external(spec):
             return None
         o = spec.options
         env = {"OLLAMA_HOST": f"{spec.host}:{port}"}
@@ -47,7 +50,7 @@ class OllamaBackend(Backend):
         return Launch(argv=[o["executable"], "serve"], env=env)
 
     def base_url(self, spec: ServerSpec, port: int | None) -> str:
-        if spec.options["external"]:
+        if self.is_external(spec):
             return spec.host.rstrip("/")
         return super().base_url(spec, port)
 
