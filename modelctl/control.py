@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from modelctl import lifecycle as lc

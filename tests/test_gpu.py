@@ -3,7 +3,6 @@ sentence server placed on its allocated GPU, and GPU memory released by `down`."
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np

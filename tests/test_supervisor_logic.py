@@ -241,7 +241,7 @@ def test_a_hung_server_is_restarted_after_the_grace_period(world):
 def test_a_server_that_recovers_within_the_grace_period_is_left_alone(world):
     add_server(world.store)
     sup = world.sup()
-    rec = run_until(world, sup, "s", lc.READY)
+    run_until(world, sup, "s", lc.READY)
     world.procs.healthy = False
     run_until(world, sup, "s", lc.UNHEALTHY)
     world.procs.healthy = True

@@ -14,7 +14,6 @@ from modelctl.profile import (
     ServerSpec,
     check_bool,
     check_choice,
-    check_non_negative_number,
     check_positive_int,
     check_str,
     check_str_list,
@@ -44,7 +43,6 @@ class SentenceBackend(Backend):
         "api_key": Key(check_str, None, "require this Bearer token on every route but /health"),
         "max_batch_tokens": Key(check_positive_int, None, "token budget of one model batch"),
         "max_batch_size": Key(check_positive_int, None, "rows in one model batch"),
-        "batch_wait_ms": Key(check_non_negative_number, None, "how long to wait for more requests to batch"),
         "max_inputs": Key(check_positive_int, None, "inputs (or documents) one request may carry"),
         "max_queue": Key(check_positive_int, None, "queued inputs before answering 429"),
         "max_body_bytes": Key(check_positive_int, None, "largest request body"),
@@ -77,7 +75,6 @@ class SentenceBackend(Backend):
         flags = {
             "max_batch_tokens": "--max-batch-tokens",
             "max_batch_size": "--max-batch-size",
-            "batch_wait_ms": "--batch-wait-ms",
             "max_inputs": "--max-inputs",
             "max_queue": "--max-queue",
             "max_body_bytes": "--max-body-bytes",

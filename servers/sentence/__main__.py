@@ -20,7 +20,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--api-key", default=None, help="require Bearer KEY (or set MODELCTL_API_KEY)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
     p.add_argument("--max-inputs", type=int, default=d.max_inputs)
     p.add_argument("--max-queue", type=int, default=d.max_queue)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -42,7 +41,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         api_key=a.api_key or ServerSettings.api_key_from_env(),
         max_batch_tokens=a.max_batch_tokens,
         max_batch_size=a.max_batch_size,
-        batch_wait_ms=a.batch_wait_ms,
         max_inputs=a.max_inputs,
         max_queue=a.max_queue,
         max_body_bytes=a.max_body_bytes,

@@ -13,7 +13,6 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
@@ -128,7 +127,6 @@ class ModelState:
         self.ready = False
         self.workers = 1
         self.error: str | None = None
-        self.tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     def load(self) -> None:
         s = self.settings
@@ -139,15 +137,6 @@ class ModelState:
             model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
         self.model = model
         log.info("model %s loaded on %s in %.1fs (%s)", s.model_path, s.device, time.perf_counter() - t0, "cross-encoder" if model.cross_encoder else "bi-encoder")
-
-    async def tokenize(self, fn: Callable, *args: Any) -> Any:
-        """Tokenize on a worker thread; the batcher may wait briefly for the result."""
-        assert self.batcher is not None
-        self.batcher.expecting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.tokenizers, fn, *args)
-        finally:
-            self.batcher.expecting -= 1
 
 
 def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderModel] = EncoderModel) -> FastAPI:
@@ -169,7 +158,7 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
 
         def start_batcher() -> None:
             assert state.model is not None
-            state.batcher = Batcher(state.model.run, settings.max_batch_size * 4, settings.batch_wait_ms / 1000, settings.max_queue, state.workers)
+            state.batcher = Batcher(state.model.run, settings.max_batch_size * 4, settings.max_queue, state.workers)
             state.batcher.start()
             state.ready = True
 
@@ -231,31 +220,20 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             if not t or not t.strip():
                 raise ApiError(400, f"{param}[{i}] is an empty string", param=param, code="empty_input")
 
-    async def run_rows(batcher: Batcher, rows: list) -> np.ndarray:
+    async def run(batcher: Batcher, n_inputs: int, prepare: Callable, *args: Any) -> tuple[list, np.ndarray]:
+        """Tokenize (prepare) and run on a model worker; map their errors to HTTP errors."""
         try:
-            return await batcher.submit(rows)
+            return await batcher.submit(lambda: prepare(*args), n_inputs)
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-
-    async def tokenize(fn: Callable, *args: Any) -> list:
-        try:
-            return await state.tokenize(fn, *args)
         except InputTooLong as e:
             raise ApiError(422, str(e), param="input", code="input_too_long") from None
         except ValueError as e:
             raise ApiError(400, str(e), param="input", code="invalid_input") from None
 
-    def admit(batcher: Batcher, n: int) -> None:
-        try:
-            batcher.admit(n)
-        except QueueFull as e:
-            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-
     async def embed_texts(texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
         model, batcher = ready_model("embedding")
-        admit(batcher, len(texts))
-        rows = await tokenize(model.tokenize, texts, truncate)
-        vectors = await run_rows(batcher, rows)
+        rows, vectors = await run(batcher, len(texts), model.tokenize, texts, truncate)
         return vectors, sum(len(r.ids) for r in rows)
 
     # --------------------------------------------------------------- routes
@@ -300,9 +278,7 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             check_texts(raw, "input")
             vectors, tokens = await embed_texts(raw, truncate)
         else:
-            admit(batcher, len(raw))
-            rows = await tokenize(model.rows_from_ids, raw, truncate)
-            vectors = await run_rows(batcher, rows)
+            rows, vectors = await run(batcher, len(raw), model.rows_from_ids, raw, truncate)
             tokens = sum(len(r.ids) for r in rows)
         vectors = normalize(vectors)
         if req.dimensions is not None:
@@ -335,14 +311,12 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
         check_texts(docs, param)
         if not req.query.strip():
             raise ApiError(400, "query is an empty string", param="query", code="empty_input")
-        admit(batcher, len(docs) + 1)
         if model.cross_encoder:
-            rows = await tokenize(model.tokenize_pairs, req.query, docs, truncate)
-            raw = await run_rows(batcher, rows)
+            rows, raw = await run(batcher, len(docs), model.tokenize_pairs, req.query, docs, truncate)
             scores = model.activate(raw)
         else:
-            rows = await tokenize(model.tokenize, [req.query] + docs, truncate)
-            vectors = normalize(await run_rows(batcher, rows))
+            rows, vectors = await run(batcher, len(docs) + 1, model.tokenize, [req.query] + docs, truncate)
+            vectors = normalize(vectors)
             raw = scores = vectors[1:] @ vectors[0]
         tokens = sum(len(r.ids) for r in rows)
         order = sorted(range(len(docs)), key=lambda i: -float(scores[i]))

@@ -1,8 +1,11 @@
 """Dynamic batching: concurrent requests share model calls.
 
-One task gathers what is queued — plus, for a very short while, requests already being
-tokenized — into one batch as soon as a model worker is free. While the workers run, new
-requests queue up, so under load batches grow by themselves and the wait costs nothing.
+A request hands over a `prepare` step (tokenizing its inputs) and the number of inputs. As soon
+as a model worker is free, one task gathers everything queued into a batch; the worker thread
+prepares each request of the batch, then runs the model once on all their rows. While the
+workers run, new requests queue up, so under load batches grow by themselves and no request
+waits on a timer. Tokenizing and the model both run off the event loop, with no thread hop per
+request.
 """
 
 from __future__ import annotations
@@ -11,36 +14,35 @@ import asyncio
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 
 class QueueFull(Exception):
-    """More rows are waiting than the server accepts; the client should retry later."""
+    """More inputs are waiting than the server accepts; the client should retry later."""
 
 
 @dataclass
 class _Work:
-    rows: list
+    prepare: Callable[[], Sequence]  # → rows; may raise (the error goes to this request only)
+    n_inputs: int
     future: asyncio.Future = field(repr=False)
 
 
 class Batcher:
-    """Gathers queued rows into batches for `workers` model threads.
+    """Gathers queued requests into batches for `workers` model threads.
 
     On a CPU, several single-threaded workers running different batches use the cores better
     than one worker whose every op is split across them; on a GPU one worker is right.
     """
 
-    def __init__(self, run: Callable[[list], np.ndarray], max_rows: int, max_wait_s: float, max_queue_rows: int, workers: int = 1):
+    def __init__(self, run: Callable[[list], np.ndarray], max_inputs: int, max_queue_inputs: int, workers: int = 1):
         self.run = run
-        self.max_rows = max_rows
-        self.max_wait_s = max_wait_s
-        self.max_queue_rows = max_queue_rows
+        self.max_inputs = max_inputs
+        self.max_queue_inputs = max_queue_inputs
         self.workers = max(1, workers)
-        self.expecting = 0  # requests past validation, being tokenized: worth a short wait
-        self.queued_rows = 0
+        self.queued = 0  # inputs admitted and not yet answered
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._model_threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="model")
         self._free: asyncio.Semaphore | None = None
@@ -49,7 +51,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self.queued_rows
+        return self.queued
 
     def start(self) -> None:
         self._free = asyncio.Semaphore(self.workers)
@@ -63,16 +65,13 @@ class Batcher:
                     await task
         self._model_threads.shutdown(wait=False, cancel_futures=True)
 
-    def admit(self, n_rows: int) -> None:
-        """Refuse early (before tokenizing) when the queue is full."""
-        if self.queued_rows + n_rows > self.max_queue_rows:
-            raise QueueFull(f"{self.queued_rows} inputs are queued (limit {self.max_queue_rows}); retry shortly")
-
-    async def submit(self, rows: list) -> np.ndarray:
-        self.admit(len(rows))
+    async def submit(self, prepare: Callable[[], Sequence], n_inputs: int) -> tuple[Sequence, np.ndarray]:
+        """Queue a request; returns its prepared rows and the model's output for them."""
+        if self.queued + n_inputs > self.max_queue_inputs:
+            raise QueueFull(f"{self.queued} inputs are queued (limit {self.max_queue_inputs}); retry shortly")
         fut = asyncio.get_running_loop().create_future()
-        self.queued_rows += len(rows)
-        await self._queue.put(_Work(rows, fut))
+        self.queued += n_inputs
+        self._queue.put_nowait(_Work(prepare, n_inputs, fut))
         return await fut
 
     async def _loop(self) -> None:
@@ -82,40 +81,51 @@ class Batcher:
             # a worker first: while all are busy, requests pile up and the next batch grows
             await self._free.acquire()
             batch = [await self._queue.get()]
-            n = len(batch[0].rows)
-            deadline = loop.time() + self.max_wait_s
-            while n < self.max_rows:
-                if not self._queue.empty():
-                    work = self._queue.get_nowait()
-                elif self.expecting > 0 and loop.time() < deadline:
-                    try:
-                        work = await asyncio.wait_for(self._queue.get(), deadline - loop.time())
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    break
+            n = batch[0].n_inputs
+            while n < self.max_inputs and not self._queue.empty():
+                work = self._queue.get_nowait()
                 batch.append(work)
-                n += len(work.rows)
+                n += work.n_inputs
             task = loop.create_task(self._run(batch, n))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    def _work(self, batch: list[_Work]) -> tuple[list, np.ndarray | Exception]:
+        """On a model thread: prepare each request, then one model call for all their rows."""
+        prepared: list[Sequence | Exception] = []
+        for w in batch:
+            if w.future.cancelled():
+                prepared.append(asyncio.CancelledError())
+                continue
+            try:
+                prepared.append(w.prepare())
+            except Exception as e:  # noqa: BLE001 — this request's own error (too long, bad ids)
+                prepared.append(e)
+        rows = [r for p in prepared if not isinstance(p, BaseException) for r in p]
+        if not rows:
+            return prepared, np.zeros((0, 1), dtype=np.float32)
+        try:
+            return prepared, self.run(rows)
+        except Exception as e:  # noqa: BLE001 — the model failed: every request of the batch gets it
+            return prepared, e
+
     async def _run(self, batch: list[_Work], n: int) -> None:
         assert self._free is not None
-        rows = [r for w in batch for r in w.rows]
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self.run, rows)
-        except Exception as e:  # noqa: BLE001 — fail these requests, keep serving
-            for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(e)
-        else:
+            prepared, result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
             start = 0
-            for w in batch:
-                end = start + len(w.rows)
-                if not w.future.done():
-                    w.future.set_result(result[start:end])
-                start = end
+            for w, rows in zip(batch, prepared):
+                if w.future.done():
+                    if not isinstance(rows, BaseException):
+                        start += len(rows)
+                    continue
+                if isinstance(rows, BaseException):
+                    w.future.set_exception(rows)
+                elif isinstance(result, Exception):
+                    w.future.set_exception(result)
+                else:
+                    w.future.set_result((rows, result[start : start + len(rows)]))
+                    start += len(rows)
         finally:
-            self.queued_rows -= n
+            self.queued -= n
             self._free.release()

@@ -17,7 +17,6 @@ class ServerSettings:
     api_key: str | None = None
     max_batch_tokens: int = 16384  # padded tokens in one model call
     max_batch_size: int = 64  # rows in one model call
-    batch_wait_ms: float = 2.0  # wait this long for requests that are on their way to the batcher
     max_inputs: int = 2048  # inputs (or documents) in one request
     max_queue: int = 8192  # rows waiting for the model before 429
     max_body_bytes: int = 8 * 1024 * 1024
