@@ -247,6 +247,9 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             "device": settings.device,
             "queue_depth": state.batcher.depth if state.batcher else 0,
         }
+        if state.batcher is not None and state.batcher.batches:
+            body["batches"] = state.batcher.batches
+            body["mean_batch_inputs"] = round(state.batcher.batched_inputs / state.batcher.batches, 2)
         if state.model is not None:
             body["max_input_tokens"] = state.model.max_length
             body["dimensions"] = state.model.dimensions

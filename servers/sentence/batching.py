@@ -43,6 +43,8 @@ class Batcher:
         self.max_queue_inputs = max_queue_inputs
         self.workers = max(1, workers)
         self.queued = 0  # inputs admitted and not yet answered
+        self.batches = 0  # model batches run, and the inputs in them: their ratio is the mean batch
+        self.batched_inputs = 0
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._model_threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="model")
         self._free: asyncio.Semaphore | None = None
@@ -86,6 +88,8 @@ class Batcher:
                 work = self._queue.get_nowait()
                 batch.append(work)
                 n += work.n_inputs
+            self.batches += 1
+            self.batched_inputs += n
             task = loop.create_task(self._run(batch, n))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
