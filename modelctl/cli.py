@@ -192,6 +192,8 @@ def _print_summary(ctl: Controller, names: list[str]) -> None:
 def down(servers: Optional[List[str]] = typer.Argument(None, help="Servers to stop (default: all).")) -> None:
     """Stop servers: SIGTERM the whole process group, then SIGKILL after stop_timeout."""
     results = controller().down(servers or [])
+    if not results:
+        console.print("no servers to stop")
     for name, how in results:
         console.print(f"{name}: {how}")
 

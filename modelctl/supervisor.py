@@ -567,6 +567,12 @@ def start_supervisor(store: StateStore) -> int:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and popen.poll() is None and supervisor_pid(store) is None:
         time.sleep(0.02)
+    if popen.poll() not in (None, 0) and supervisor_pid(store) is None:
+        from modelctl.errors import ModelctlError
+
+        log_path = store.root / "supervisor.log"
+        tail = log_path.read_text(errors="replace").splitlines()[-10:] if log_path.exists() else []
+        raise ModelctlError(f"the supervisor exited at once ({describe_exit(popen.returncode)}); {log_path}:\n" + "\n".join(tail))
     return supervisor_pid(store) or ident.pid
 
 
