@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -135,3 +137,28 @@ def _try_bind(sock: socket.socket, port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_supervise_stop_ends_the_supervisor_and_a_foreground_one_adopts(mc):
+    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    row = mc.row("web")
+    res = mc.cli("supervise", "--stop")
+    assert res.returncode == 0 and "stopped" in res.stdout
+    assert supervisor_pid(mc) is None
+    assert http_get(row["url"] + "/health")[0] == 200  # servers keep serving without it
+
+    fg = subprocess.Popen([sys.executable, "-m", "modelctl", "supervise"], env=mc.env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: supervisor_pid(mc) == fg.pid, 10, what="the foreground supervisor")
+        time.sleep(1)
+        assert toy_pids(mc) == [row["pid"]]  # adopted, not duplicated
+        fg.send_signal(signal.SIGTERM)
+        assert fg.wait(10) == 0
+        err = fg.stderr.read()
+        assert f"web: adopted running pid {row['pid']}" in err  # it logs to stderr
+    finally:
+        if fg.poll() is None:
+            fg.kill()
+            fg.wait()
+    assert http_get(row["url"] + "/health")[0] == 200
