@@ -245,3 +245,31 @@ def test_a_real_managed_ollama_answers_and_reports_a_failed_pull(mc):
     row = mc.row("llm")
     assert res.returncode == 1 and row["state"] == "failed" and "pulling modelctl-test-nosuch:0b" in row["last_error"]
     assert mc.cli("down").returncode == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("ollama") is None or not os.environ.get("MODELCTL_TEST_OLLAMA_GGUF"),
+    reason="needs an ollama binary on PATH and MODELCTL_TEST_OLLAMA_GGUF=<a real .gguf file>",
+)
+def test_a_real_managed_ollama_imports_a_gguf_and_restarts(mc):
+    path = mc.profile(
+        {
+            "llm": {
+                "kind": "ollama",
+                "model": "modelctl-test-import",
+                "model_path": os.environ["MODELCTL_TEST_OLLAMA_GGUF"],
+                "models_dir": str(mc.tmp / "real-models"),
+                "preload": True,
+                "startup_timeout": 600,
+                "restart": {"backoff": 0.5},
+            }
+        }
+    )
+    res = mc.cli("up", "-p", str(path), timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = mc.row("llm")
+    assert row["model"] == "modelctl-test-import:latest"
+    os.kill(row["pid"], signal.SIGKILL)
+    again = wait_for(lambda: (r := mc.row("llm"))["state"] == "ready" and r["pid"] != row["pid"] and r, 300, what="restart")
+    assert again["port"] == row["port"]
+    assert mc.cli("down").returncode == 0 and not _answers(row["url"])
