@@ -248,7 +248,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
     console.print(t)
     for r in rows:
         notes = [x for x in (r["detail"], r["last_exit"] and f"last exit: {r['last_exit']}", r["last_error"]) if x]
-        if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY) and notes:
+        progress = r["progress"] or {}
+        if r["state"] == lc.STARTING and progress.get("total"):
+            done, total = int(progress.get("completed") or 0), int(progress["total"])
+            notes.insert(0, f"{progress.get('status', '')} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})")
+        if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING) and notes:
             console.print(f"\n[bold]{r['name']}[/]: " + "; ".join(notes), highlight=False)
             if r["state"] == lc.FAILED:
                 for line in ctl.log_tail(r["name"], 10):

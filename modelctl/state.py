@@ -136,12 +136,16 @@ class StateStore:
             return None
         return ServerRecord.from_dict(data)
 
-    def load_all(self) -> list[ServerRecord]:
+    def names(self) -> list[str]:
+        """Names of the servers that have a record, without reading the records."""
         if not self.servers_dir.is_dir():
             return []
+        return sorted(path.stem for path in self.servers_dir.glob("*.json"))
+
+    def load_all(self) -> list[ServerRecord]:
         records = []
-        for path in sorted(self.servers_dir.glob("*.json")):
-            record = self.load(path.stem)
+        for name in self.names():
+            record = self.load(name)
             if record is not None:
                 records.append(record)
         return records

@@ -146,12 +146,15 @@ class Supervisor:
     def tick(self, now: float | None = None) -> None:
         """One pass over every record: reap, probe, start."""
         now = self.clock() if now is None else now
-        names = {r.name for r in self.store.load_all() if self._mine(r)}
-        for name in sorted(names):
+        names = set()
+        for name in self.store.names():
+            if self.only is not None and name not in self.only:
+                continue
             with self.store.locked():
                 record = self.store.load(name)
                 if record is None or not self._mine(record):
                     continue
+                names.add(name)
                 before = record.to_dict()
                 self.reconcile(record, self.slots.setdefault(name, Slot()), now)
                 if record.to_dict() != before:
