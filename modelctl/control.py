@@ -14,7 +14,7 @@ from modelctl.errors import ModelctlError, PortInUseError, UnknownServerError
 from modelctl.gpus import allocate_gpus, discover_gpus
 from modelctl.ports import describe_port_in_use, is_port_free, pick_free_port
 from modelctl.process import ProcessIdentity, group_rss, is_alive, stop_process_group
-from modelctl.profile import Profile, ServerSpec
+from modelctl.profile import COMMON_KEYS, Profile, ServerSpec, parse_server
 from modelctl.state import ServerRecord, StateStore
 from modelctl.supervisor import ensure_supervisor, supervisor_pid, wake_supervisor
 
@@ -23,6 +23,14 @@ def record_identity(rec: ServerRecord) -> ProcessIdentity | None:
     if rec.pid is None or rec.create_time is None:
         return None
     return ProcessIdentity(rec.pid, rec.create_time)
+
+
+def record_spec(rec: ServerRecord) -> ServerSpec | None:
+    """The spec a record was started with, or None if it no longer validates."""
+    try:
+        return parse_server(rec.name, rec.spec, rec.source)
+    except ModelctlError:
+        return None
 
 
 def select_specs(profile: Profile, names: Iterable[str]) -> list[ServerSpec]:
@@ -187,13 +195,8 @@ class Controller:
 
     @staticmethod
     def _startup_timeout(rec: ServerRecord | None) -> float:
-        if rec is None:
-            return 60.0
-        from modelctl.profile import parse_server
-
-        try:
-            spec = parse_server(rec.name, rec.spec, rec.source)
-        except ModelctlError:
+        spec = record_spec(rec) if rec is not None else None
+        if spec is None:
             return 60.0
         policy = spec.restart
         # room for the backoff waits of a crash loop before it is declared failed
@@ -226,9 +229,10 @@ class Controller:
         wake_supervisor(self.store)
 
         def stop_one(rec: ServerRecord) -> tuple[str, str]:
-            spec_timeout = float(rec.spec.get("stop_timeout") or 10.0)
+            spec = record_spec(rec)
+            timeout = spec.stop_timeout if spec is not None else COMMON_KEYS["stop_timeout"].default
             ident = record_identity(self.store.load(rec.name) or rec)
-            result = stop_process_group(ident, spec_timeout) if ident else "not running"
+            result = stop_process_group(ident, timeout) if ident else "not running"
             if rec.port:
                 self._wait_port_free(rec.port, rec.host)
             return rec.name, result
@@ -299,7 +303,7 @@ class Controller:
                     "port": rec.port,
                     "url": rec.url,
                     "gpus": rec.gpus,
-                    "model": rec.info.get("model") or _model_label(rec),
+                    "model": rec.info.get("model") or self._model_label(rec),
                     "uptime": (now - rec.started_at) if alive and rec.started_at else None,
                     "restarts": rec.restarts,
                     "rss": group_rss(ident) if alive and ident else None,
@@ -311,6 +315,11 @@ class Controller:
                 }
             )
         return rows
+
+    @staticmethod
+    def _model_label(rec: ServerRecord) -> str:
+        spec = record_spec(rec)
+        return get_backend(spec.kind).model_label(spec) if spec is not None else ""
 
     def log_tail(self, name: str, lines: int = 20) -> list[str]:
         path = self.store.log_path(name)
@@ -337,16 +346,6 @@ class Controller:
                     for line in chunk.decode("utf-8", "replace").splitlines():
                         yield line
             time.sleep(poll)
-
-
-def _model_label(rec: ServerRecord) -> str:
-    from modelctl.profile import parse_server
-
-    try:
-        spec = parse_server(rec.name, rec.spec, rec.source)
-    except ModelctlError:
-        return ""
-    return get_backend(spec.kind).model_label(spec)
 
 
 def format_bytes(n: int | None) -> str:

@@ -167,10 +167,6 @@ class StateStore:
             self.save(record)
             return record
 
-    def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.record_path(name).unlink()
-
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     """Write to a temporary file in the same directory, fsync, rename: readers never see a torn file."""
