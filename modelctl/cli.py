@@ -11,22 +11,23 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from modelctl import __version__
 from modelctl import lifecycle as lc
-from modelctl.control import Controller, format_bytes, format_duration
+from modelctl.control import Controller, Scope, profile_name_of
 from modelctl.errors import ModelctlError
+from modelctl.format import format_bytes, format_duration, format_startup
 from modelctl.state import ServerRecord, StateStore
 
 app = typer.Typer(
-    help="Start, watch and stop model servers from a YAML profile.",
+    help="Start, watch and stop model servers from YAML profiles. Servers are named PROFILE/SERVER.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 systemd_app = typer.Typer(help="Run a profile's servers under systemd.", no_args_is_help=True)
@@ -46,6 +47,7 @@ STATE_STYLE = {
     lc.FAILED: "bold red",
     lc.STOPPING: "cyan",
     lc.STOPPED: "dim",
+    "broken": "bold magenta",
 }
 
 
@@ -56,11 +58,18 @@ class Context:
 ctx_state = Context()
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"modelctl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     state_dir: Optional[Path] = typer.Option(
         None, "--state-dir", envvar="MODELCTL_STATE_DIR", help="State directory (default: $XDG_STATE_HOME/modelctl)."
     ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     ctx_state.store = StateStore(state_dir)
 
@@ -69,13 +78,20 @@ def controller() -> Controller:
     return Controller(ctx_state.store)
 
 
-ProfileOption = typer.Option(None, "--profile", "-p", help="Profile YAML (default: $MODELCTL_PROFILE, else the bundled default).")
+ProfileFile = typer.Option(None, "--profile", "-p", envvar="MODELCTL_PROFILE", help="Profile YAML (default: $MODELCTL_PROFILE, else the bundled default).")
+ProfileScope = typer.Option(
+    None, "--profile", "-p", envvar="MODELCTL_PROFILE", help="Only this profile's servers (a profile file or a profile name)."
+)
 
 
-def _load(profile: Optional[Path]):
+def _load(profile: Optional[Path]) -> Any:
     from modelctl.profile import load_profile
 
     return load_profile(profile)
+
+
+def _scope(profile: Optional[str], names: Optional[List[str]]) -> Scope:
+    return Scope(profile_name_of(profile) if profile else None, tuple(names or ()))
 
 
 def _styled(state: str) -> Text:
@@ -86,8 +102,7 @@ def _styled(state: str) -> Text:
 class UpDisplay:
     """Live per-server progress for `up`: state, elapsed seconds, what is happening."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
+    def __init__(self) -> None:
         self.t0 = time.time()
         self.rates: dict[str, tuple[float, int]] = {}
         self.last_lines: dict[str, str] = {}
@@ -108,18 +123,18 @@ class UpDisplay:
                 grid = Table.grid(padding=(0, 1))
                 grid.add_row(
                     ProgressBar(total=total, completed=done, width=30),
-                    Text(f"{rec.progress.get('status', '')} {format_bytes(done)}/{format_bytes(total)} {self._rate(rec.name, done, total)}"),
+                    Text(f"{rec.progress.get('status', '')} {format_bytes(done)}/{format_bytes(total)} {self._rate(rec.label, done, total)}"),
                 )
                 cell = grid
-            t.add_row(rec.name, _styled(rec.state), f"{max(elapsed, 0):.1f}s", cell)
+            t.add_row(rec.label, _styled(rec.state), f"{max(elapsed, 0):.1f}s", cell)
         return t
 
-    def _rate(self, name: str, done: int, total: int) -> str:
+    def _rate(self, label: str, done: int, total: int) -> str:
         now = time.time()
-        if name not in self.rates:
-            self.rates[name] = (now, done)
+        if label not in self.rates:
+            self.rates[label] = (now, done)
             return ""
-        t0, d0 = self.rates[name]
+        t0, d0 = self.rates[label]
         if now - t0 < 0.5 or done <= d0:
             return ""
         rate = (done - d0) / (now - t0)
@@ -129,155 +144,251 @@ class UpDisplay:
     def lines(self, records: list[ServerRecord]) -> None:
         """Plain progress lines when the output is not a terminal."""
         for rec in records:
-            line = f"{rec.name}: {rec.state}" + (f" ({rec.detail})" if rec.detail else "")
-            if self.last_lines.get(rec.name) != line:
-                self.last_lines[rec.name] = line
-                console.print(f"[{time.time() - self.t0:6.1f}s] {line}", highlight=False)
+            line = f"{rec.label}: {rec.state}" + (f" ({rec.detail})" if rec.detail else "")
+            if self.last_lines.get(rec.label) != line:
+                self.last_lines[rec.label] = line
+                console.print(f"[{time.time() - self.t0:6.1f}s] {line}", highlight=False, markup=False)
 
 
 @app.command()
 def up(
     servers: Optional[List[str]] = typer.Argument(None, help="Servers to start (default: all in the profile)."),
-    profile: Optional[Path] = ProfileOption,
+    profile: Optional[Path] = ProfileFile,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the servers are ready."),
+    remove_orphans: bool = typer.Option(False, "--remove-orphans", help="Stop servers of this profile that it no longer lists."),
 ) -> None:
     """Start the profile's servers (detached) and wait until they are ready."""
     from rich.live import Live
 
+    from modelctl.control import select_specs
+
     prof = _load(profile)
     ctl = controller()
-    plan = ctl.up(prof, servers or [])
-    for name in plan.unchanged:
-        console.print(f"{name}: already running with this spec", style="dim")
-    names = list(servers or prof.servers)
+    plan = ctl.up(prof, servers or [], remove_orphans=remove_orphans)
+    for label in plan.unchanged:
+        console.print(f"{label}: already running with this spec", style="dim", highlight=False)
+    for stopped in plan.removed:
+        console.print(f"{stopped.label}: orphan removed ({stopped.result.how})", highlight=False)
+    for label in plan.orphans:
+        err_console.print(
+            f"{label} is no longer in {prof.path} but still runs: stop it with `modelctl down {label}`, or run up --remove-orphans",
+            highlight=False,
+            markup=False,
+        )
+    refs = [s.ref for s in select_specs(prof, servers or [])]
     if not wait:
-        _print_summary(ctl, names)
+        _print_summary(ctl, Scope(prof.name, tuple(str(r) for r in refs)))
         return
-    display = UpDisplay(names)
+    display = UpDisplay()
     if console.is_terminal:
         with Live(display.table([]), console=console, refresh_per_second=8, transient=True) as live:
-            records = ctl.wait_ready(names, on_update=lambda recs: live.update(display.table(recs)))
+            records = ctl.wait_ready(refs, on_update=lambda recs: live.update(display.table(recs)))
     else:
-        records = ctl.wait_ready(names, on_update=display.lines)
-    _print_summary(ctl, names)
+        records = ctl.wait_ready(refs, on_update=display.lines)
+    _print_summary(ctl, Scope(prof.name, tuple(str(r) for r in refs)))
+    _report_not_ready(ctl, records)
+
+
+def _report_not_ready(ctl: Controller, records: list[ServerRecord]) -> None:
     bad = [r for r in records if r.state != lc.READY]
     for rec in bad:
         why = rec.detail or rec.last_error or rec.state
-        err_console.print(f"\n[bold red]{rec.name} is not ready[/]: {why}")
-        if rec.last_error and rec.last_error != why:
-            err_console.print(f"  last error: {rec.last_error}")
-        tail = ctl.log_tail(rec.name, 15)
+        err_console.print(f"\n[bold red]{rec.label} is not ready[/]: {why}", highlight=False)
+        if rec.last_error and rec.last_error not in why:
+            err_console.print(f"  last error: {rec.last_error}", highlight=False, markup=False)
+        tail = ctl.log_tail(rec.ref, 15)
         if tail:
-            err_console.print(f"  last lines of {ctl.store.log_path(rec.name)}:")
+            err_console.print(f"  last lines of {ctl.store.log_path(rec.ref)}:", highlight=False, markup=False)
             for line in tail:
                 err_console.print(f"  | {line}", markup=False, highlight=False)
     if bad:
         raise typer.Exit(1)
 
 
-def _print_summary(ctl: Controller, names: list[str]) -> None:
-    rows = {r["name"]: r for r in ctl.status()}
+def _print_summary(ctl: Controller, scope: Scope) -> None:
     t = Table(box=None, pad_edge=False)
     for col in ("server", "url", "state", "model"):
         t.add_column(col)
-    for name in names:
-        r = rows.get(name)
-        if r:
-            t.add_row(name, r["url"] or "-", _styled(r["state"]), r["model"] or "")
+    for r in ctl.status(scope):
+        t.add_row(r["id"], r["url"] or "-", _styled(r["state"]), r["model"] or "")
     console.print(t)
 
 
 # ---------------------------------------------------------------------------- down / restart
 @app.command()
-def down(servers: Optional[List[str]] = typer.Argument(None, help="Servers to stop (default: all).")) -> None:
-    """Stop servers: SIGTERM the whole process group, then SIGKILL after stop_timeout."""
-    results = controller().down(servers or [])
-    if not results:
+def down(
+    servers: Optional[List[str]] = typer.Argument(None, help="Servers to stop: PROFILE/SERVER, or SERVER within -p."),
+    profile: Optional[str] = ProfileScope,
+) -> None:
+    """Stop servers: SIGTERM the whole process group, then SIGKILL after stop_timeout.
+
+    With no -p and no names, every server in the state directory is stopped. Servers that
+    systemd runs are left to systemctl.
+    """
+    results, skipped = controller().down(_scope(profile, servers))
+    if not results and not skipped:
         console.print("no servers to stop")
-    for name, how in results:
-        console.print(f"{name}: {how}")
+    for note in skipped:
+        console.print(note, highlight=False, markup=False)
+    failed = False
+    for stopped in results:
+        console.print(f"{stopped.label}: {stopped.result.how}" + (f" ({stopped.note})" if stopped.note else ""), highlight=False)
+        if not stopped.result.ok:
+            failed = True
+            err_console.print(
+                f"{stopped.label}: its port still answers after the stop: {stopped.result.port_holder}, which modelctl "
+                "cannot prove is this server's; stop that process yourself",
+                highlight=False,
+                markup=False,
+            )
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
 def restart(
-    servers: List[str] = typer.Argument(..., help="Servers to restart."),
+    servers: Optional[List[str]] = typer.Argument(None, help="Servers to restart (default: all in -p's profile)."),
+    profile: Optional[str] = ProfileScope,
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
     """Stop and start servers again (clears a failed state)."""
+    if not servers and not profile:
+        raise ModelctlError("name the servers to restart, or -p PROFILE for all of a profile's")
     ctl = controller()
-    names = ctl.restart(servers)
+    refs, _ = ctl.restart(_scope(profile, servers))
     if wait:
-        records = ctl.wait_ready(names)
-        _print_summary(ctl, names)
-        if any(r.state != lc.READY for r in records):
-            raise typer.Exit(1)
+        records = ctl.wait_ready(refs)
+        _print_summary(ctl, Scope(None, tuple(str(r) for r in refs)))
+        _report_not_ready(ctl, records)
 
 
 # ---------------------------------------------------------------------------- status / logs
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
-    """Show every server: state, pid, URL, GPUs, uptime, restarts, memory, last exit."""
-    from modelctl.supervisor import supervisor_pid
+def status(
+    server: Optional[str] = typer.Argument(None, help="One server to show in detail."),
+    profile: Optional[str] = ProfileScope,
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+) -> None:
+    """Show servers, grouped by profile: state, pid, URL, GPUs, uptime, restarts, memory."""
+    from modelctl.daemon import supervisor_info
 
     ctl = controller()
-    rows = ctl.status()
-    if any(r["desired"] == "running" and r["managed_by"] == "supervisor" for r in rows):
-        ctl.kick()  # a supervisor that died is replaced; it re-adopts live servers
+    rows = ctl.status(_scope(profile, [server] if server else None))
+    ctl.kick()  # a supervisor that died is replaced; it re-adopts live servers
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    if not rows:
-        console.print(f"no servers in {ctl.store.root}")
+    if server:
+        _print_detail(ctl, rows[0])
         return
-    t = Table(box=None, pad_edge=False)
-    for col in ("name", "kind", "state", "pid", "url", "gpus", "uptime", "restarts", "memory", "model"):
-        t.add_column(col, justify="right" if col in ("pid", "restarts", "memory", "uptime") else "left")
+    if not rows:
+        console.print(f"no servers in {ctl.store.root}", highlight=False)
+    by_profile: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        t.add_row(
-            r["name"],
-            r["kind"],
-            _styled(r["state"]),
-            str(r["pid"] or "-"),
-            r["url"] or "-",
-            ",".join(map(str, r["gpus"])) or "-",
-            format_duration(r["uptime"]),
-            str(r["restarts"]),
-            format_bytes(r["rss"]),
-            r["model"] or "",
-        )
+        by_profile.setdefault(r["profile"], []).append(r)
+    for name, group in by_profile.items():
+        t = Table(box=None, pad_edge=False, title=f"profile {name}", title_justify="left", title_style="bold")
+        for col in ("server", "kind", "state", "pid", "url", "gpus", "uptime", "restarts", "memory", "started in", "model"):
+            t.add_column(col, justify="right" if col in ("pid", "restarts", "memory", "uptime", "started in") else "left")
+        for r in group:
+            t.add_row(
+                r["name"],
+                r["kind"],
+                _styled(r["state"]),
+                str(r["pid"] or "-"),
+                r["url"] or "-",
+                ",".join(map(str, r["gpus"])) or "-",
+                format_duration(r["uptime"]),
+                str(r["restarts"]),
+                format_bytes(r["rss"]),
+                format_duration(r["startup"]["total"], precise=True) if r.get("startup") and "total" in r["startup"] else "-",
+                r["model"] or "",
+            )
+        console.print(t)
+        console.print()
+    for r in rows:
+        _print_notes(ctl, r)
+    info = supervisor_info(ctl.store)
+    if info is None:
+        sup = "not running"
+    elif not info.responding:
+        age = "never" if info.heartbeat_age is None else f"{info.heartbeat_age:.0f}s ago"
+        sup = f"pid {info.pid} NOT RESPONDING (last heartbeat {age}; stopped or hung? kill -CONT {info.pid})"
+    else:
+        sup = f"pid {info.pid}"
+    console.print(f"supervisor: {sup}   state: {ctl.store.root}", style="dim", highlight=False)
+
+
+def _print_notes(ctl: Controller, r: dict[str, Any]) -> None:
+    notes = [x for x in (r["detail"], r["last_exit"] and f"last exit: {r['last_exit']}", r["last_error"]) if x]
+    progress = r["progress"] or {}
+    if r["state"] == lc.STARTING and progress.get("total"):
+        done, total = int(progress.get("completed") or 0), int(progress["total"])
+        notes.insert(0, f"{progress.get('status', '')} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})")
+    if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING, "broken") and notes:
+        console.print(f"[bold]{r['id']}[/]: " + "; ".join(dict.fromkeys(notes)), highlight=False)
+        if r["state"] == lc.FAILED:
+            from modelctl.names import ServerRef
+
+            for line in ctl.log_tail(ServerRef(r["profile"], r["name"]), 10):
+                console.print(f"  | {line}", markup=False, highlight=False)
+
+
+def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
+    from modelctl.names import ServerRef
+
+    t = Table(box=None, show_header=False, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("server", r["id"])
+    t.add_row("state", _styled(r["state"]))
+    for key in ("kind", "model", "url", "pid", "managed_by", "desired", "detail", "last_error", "record", "log"):
+        if r.get(key) not in (None, ""):
+            t.add_row(key.replace("_", " "), str(r[key]))
+    if r.get("gpus"):
+        t.add_row("gpus", ",".join(map(str, r["gpus"])))
+    if r.get("uptime") is not None:
+        t.add_row("uptime", format_duration(r["uptime"]))
+    t.add_row("restarts", str(r.get("restarts", 0)))
+    if r.get("rss"):
+        t.add_row("memory", format_bytes(r["rss"]))
+    if r.get("startup"):
+        t.add_row("startup", format_startup(r["startup"]))
     console.print(t)
-    for r in rows:
-        notes = [x for x in (r["detail"], r["last_exit"] and f"last exit: {r['last_exit']}", r["last_error"]) if x]
-        progress = r["progress"] or {}
-        if r["state"] == lc.STARTING and progress.get("total"):
-            done, total = int(progress.get("completed") or 0), int(progress["total"])
-            notes.insert(0, f"{progress.get('status', '')} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})")
-        if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING) and notes:
-            console.print(f"\n[bold]{r['name']}[/]: " + "; ".join(notes), highlight=False)
-            if r["state"] == lc.FAILED:
-                for line in ctl.log_tail(r["name"], 10):
-                    console.print(f"  | {line}", markup=False, highlight=False)
-    pid = supervisor_pid(ctl.store)
-    console.print(f"\nsupervisor: {'pid ' + str(pid) if pid else 'not running'}   state: {ctl.store.root}", style="dim")
+    if r.get("exits"):
+        console.print("\n[bold]last exits[/]")
+        e = Table(box=None, pad_edge=False)
+        for col in ("when", "exit", "class", "why"):
+            e.add_column(col)
+        for x in reversed(r["exits"]):
+            e.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["at"])) if x.get("at") else "-", x.get("exit") or "-", x.get("class") or "", x.get("line") or "")
+        console.print(e)
+    if r["state"] not in ("broken",):
+        tail = ctl.log_tail(ServerRef(r["profile"], r["name"]), 10)
+        if tail:
+            console.print(f"\n[bold]last lines of {r['log']}[/]", highlight=False)
+            for line in tail:
+                console.print(f"  | {line}", markup=False, highlight=False)
 
 
 @app.command()
 def logs(
-    server: str = typer.Argument(..., help="Server name."),
+    server: str = typer.Argument(..., help="Server: PROFILE/SERVER, or SERVER within -p (or when only one profile has it)."),
+    profile: Optional[str] = ProfileScope,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
     lines: int = typer.Option(50, "--lines", "-n", help="How many lines from the end."),
 ) -> None:
     """Print a server's log (stdout and stderr)."""
     ctl = controller()
-    rec = ctl.store.load(server)
-    if rec is None:
-        raise ModelctlError(f"no server named '{server}' in {ctl.store.root}")
+    rec = ctl.resolve(_scope(profile, [server]))[0]
+    if not isinstance(rec, ServerRecord):
+        raise ModelctlError(f"{rec.label}: broken record {rec.path}: {rec.error}")
     if rec.managed_by == "systemd":
-        unit = rec.info.get("systemd_unit", f"modelctl-*-{server}.service")
-        console.print(f"{server} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)")
+        unit = rec.info.get("systemd_unit", f"modelctl-{rec.profile}-{rec.name}.service")
+        console.print(f"{rec.label} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)", highlight=False)
         return
     try:
-        source = ctl.follow_log(server, lines) if follow else iter(ctl.log_tail(server, lines))
+        source = ctl.follow_log(rec.ref, lines) if follow else iter(ctl.log_tail(rec.ref, lines))
         for line in source:
             print(line, flush=True)
     except KeyboardInterrupt:
@@ -293,29 +404,30 @@ def supervise(
     """Run the supervisor in the foreground, logging to stderr."""
     import signal as _signal
 
-    from modelctl.supervisor import Supervisor, supervisor_pid
+    from modelctl.daemon import Daemon, signal_supervisor, supervisor_info
+    from modelctl.supervisor import Supervisor
 
     store = ctx_state.store
     if stop:
-        pid = supervisor_pid(store)
-        if not pid or pid < 0:
+        pid = signal_supervisor(store, _signal.SIGTERM)
+        if pid is None:
             console.print("no supervisor is running")
             return
-        os.kill(pid, _signal.SIGTERM)
-        for _ in range(100):
-            if supervisor_pid(store) is None:
-                break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and supervisor_info(store) is not None:
             time.sleep(0.05)
+        if supervisor_info(store) is not None:
+            raise ModelctlError(f"supervisor pid {pid} did not stop within 10s (stopped with SIGSTOP? hung?)")
         console.print(f"supervisor pid {pid} stopped")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    raise typer.Exit(Supervisor(store).serve(exit_when_idle=not stay))
+    raise typer.Exit(Daemon(Supervisor(store), exit_when_idle=not stay).serve())
 
 
 @app.command()
 def run(
     server: str = typer.Argument(..., help="Server to run."),
-    profile: Optional[Path] = ProfileOption,
+    profile: Optional[Path] = ProfileFile,
     port: Optional[int] = typer.Option(None, "--port", help="Fixed port (units resolve `auto` once)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1 (units resolve counts once)."),
 ) -> None:
@@ -330,7 +442,7 @@ def run(
 # ---------------------------------------------------------------------------- systemd
 @systemd_app.command("generate")
 def systemd_generate(
-    profile: Optional[Path] = ProfileOption,
+    profile: Optional[Path] = ProfileFile,
     user: bool = typer.Option(True, "--user/--system", help="User units (default) or system units."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory to write the units to (default: print them)."),
 ) -> None:
@@ -344,15 +456,14 @@ def systemd_generate(
             console.print(f"# {name}", style="bold", highlight=False)
             print(text)
     else:
-        paths = systemd.write_units(units, out)
-        for p in paths:
-            console.print(f"wrote {p}")
+        for p in systemd.write_units(units, out):
+            console.print(f"wrote {p}", highlight=False)
     console.print(systemd.install_hint(prof, user=user, out=out), highlight=False)
 
 
 @systemd_app.command("install")
 def systemd_install(
-    profile: Optional[Path] = ProfileOption,
+    profile: Optional[Path] = ProfileFile,
     user: bool = typer.Option(True, "--user/--system"),
 ) -> None:
     """Write the units to systemd's directory and reload systemd."""
@@ -360,11 +471,10 @@ def systemd_install(
 
     prof = _load(profile)
     units = systemd.generate_units(prof, ctx_state.store, user=user)
-    target_dir = systemd.unit_dir(user)
-    for p in systemd.write_units(units, target_dir):
-        console.print(f"wrote {p}")
-    console.print(systemd.daemon_reload(user))
-    console.print(f"enable and start with: systemctl {'--user ' if user else ''}enable --now {systemd.target_name(prof)}")
+    for p in systemd.write_units(units, systemd.unit_dir(user)):
+        console.print(f"wrote {p}", highlight=False)
+    console.print(systemd.daemon_reload(user), highlight=False)
+    console.print(f"enable and start with: systemctl {'--user ' if user else ''}enable --now {systemd.target_name(prof)}", highlight=False)
 
 
 def main() -> None:
@@ -373,6 +483,14 @@ def main() -> None:
     except ModelctlError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        # a stop cut short leaves its records `stopping` with a dead owner: the supervisor finishes it
+        try:
+            Controller(ctx_state.store).kick()
+        except (ModelctlError, OSError, AttributeError):
+            pass
+        err_console.print("interrupted; the supervisor finishes what was under way", style="dim")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

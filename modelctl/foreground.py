@@ -2,7 +2,8 @@
 
 The same reconcile logic as the supervisor, for one server whose record says `managed_by:
 systemd`: prepare and start it, send READY=1 once its health probe passes, and exit when it
-exits (systemd restarts it: Restart=on-failure). SIGTERM stops the whole process group.
+exits (systemd restarts it: Restart=on-failure). SIGTERM stops the whole process group through
+the same stop path as `down`.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 from modelctl import lifecycle as lc
-from modelctl.control import Controller, record_identity, select_specs
+from modelctl.control import SYSTEMD, Controller, record_identity, select_specs
 from modelctl.errors import ModelctlError
-from modelctl.process import is_alive, stop_process_group
+from modelctl.process import is_alive, set_child_subreaper
 from modelctl.profile import Profile
 from modelctl.state import ServerRecord, StateStore
+from modelctl.stopping import stop_servers
 from modelctl.supervisor import Supervisor
 
 log = logging.getLogger("modelctl.run")
-
-MANAGED_BY = "systemd"
 
 
 class Notifier:
@@ -59,49 +60,64 @@ def run_foreground(
     if gpus is not None:
         spec = dataclasses.replace(spec, gpus=tuple(gpus))
     ctl = Controller(store)
-    existing = store.load(name)
-    if existing is not None and is_alive(record_identity(existing)):
-        if existing.managed_by != MANAGED_BY:
-            raise ModelctlError(f"server '{name}' is running under the modelctl supervisor; `modelctl down {name}` first")
-        stop_process_group(record_identity(existing), spec.stop_timeout)  # left over from an earlier run
+    existing = store.load(spec.ref)
+    if isinstance(existing, ServerRecord) and is_alive(record_identity(existing)):
+        if existing.managed_by != SYSTEMD:
+            raise ModelctlError(f"server {existing.label} is running under the modelctl supervisor; `modelctl down {existing.label}` first")
+        stop_servers(store, [existing])  # left over from an earlier run
     with store.locked():
-        _, records = ctl.plan_up(profile, [spec], managed_by=MANAGED_BY, force=True)
+        _, records = ctl.plan_up(profile, [spec], managed_by=SYSTEMD, force=True)
         rec = records[0]
-        rec.desired, rec.state = "running", lc.STOPPED
+        if rec.state != lc.STOPPED:
+            lc.force(rec, lc.STOPPED, "modelctl run starts the server afresh")
         rec.pid = rec.create_time = rec.started_at = rec.ready_at = None
         rec.info = {**rec.info, "systemd_unit": unit_name(profile.name, name)}
         store.save(rec)
 
+    set_child_subreaper()
     notifier = Notifier(os.environ.get("NOTIFY_SOCKET"))
     stop_requested: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_requested.append(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
-    supervisor = Supervisor(store, managed_by=MANAGED_BY, only={name}, log_to_files=False)
-    notifier.send(f"STATUS=starting {name}")
+        signal.signal(sig, on_signal)
+    supervisor = Supervisor(store, managed_by=SYSTEMD, only={spec.ref}, log_to_files=False)
+    notifier.send(f"STATUS=starting {spec.ref}")
     notified = False
     try:
         while True:
             if stop_requested:
-                notifier.send(f"STOPPING=1\nSTATUS=stopping {name}")
-                _stop(store, name, spec.stop_timeout)
+                notifier.send(f"STOPPING=1\nSTATUS=stopping {spec.ref}")
+                current = store.load(spec.ref)
+                if isinstance(current, ServerRecord):
+                    stop_servers(store, [current])
                 return 0
             supervisor.tick()
-            rec = store.load(name)
-            if rec is None:
+            current = store.load(spec.ref)
+            if not isinstance(current, ServerRecord):
                 return 1
-            if rec.state == lc.READY and not notified:
-                notifier.send(f"READY=1\nSTATUS=ready at {rec.url}")
-                log.info("%s: ready at %s", name, rec.url)
+            if current.state == lc.READY and not notified:
+                notifier.send(f"READY=1\nSTATUS=ready at {current.url}")
+                log.info("%s: ready at %s", current.label, current.url)
                 notified = True
-            if rec.state in (lc.BACKOFF, lc.FAILED) or rec.desired != "running":
-                why = rec.last_error or rec.last_exit or rec.detail or rec.state
-                log.error("%s: %s; exiting for systemd to restart it", name, why)
+            if current.state in (lc.BACKOFF, lc.FAILED) or current.desired != "running":
+                why = current.last_error or current.last_exit or current.detail or current.state
+                log.error("%s: %s; exiting for systemd to restart it", current.label, why)
                 notifier.send(f"STATUS=exited: {why}")
-                _finish(store, name)
-                return _exit_status(rec)
+                store.update(spec.ref, _at_rest)
+                return _exit_status(current)
             time.sleep(poll)
     finally:
         supervisor.executor.shutdown(wait=False)
+
+
+def _at_rest(rec: ServerRecord) -> None:
+    rec.desired = "stopped"
+    if rec.state == lc.BACKOFF:
+        lc.move(rec, lc.STOPPED, expect=lc.BACKOFF)
+        rec.next_start_at = None
 
 
 def _exit_status(rec: ServerRecord) -> int:
@@ -110,27 +126,3 @@ def _exit_status(rec: ServerRecord) -> int:
         code = int(exit_text.split()[-1])
         return code if code > 0 else 1
     return 1
-
-
-def _finish(store: StateStore, name: str) -> None:
-    def mark(r: ServerRecord) -> None:
-        r.desired = "stopped"
-        if r.state != lc.STOPPED:
-            r.move(lc.STOPPING if r.state in lc.RUNNING else lc.STOPPED)
-            if r.state == lc.STOPPING:
-                r.move(lc.STOPPED)
-
-    store.update(name, mark)
-
-
-def _stop(store: StateStore, name: str, timeout: float) -> None:
-    def mark(r: ServerRecord) -> None:
-        r.desired = "stopped"
-        if r.state in lc.RUNNING and r.state != lc.STOPPING:
-            r.move(lc.STOPPING)
-
-    rec = store.update(name, mark)
-    ident = record_identity(rec) if rec else None
-    if ident is not None:
-        stop_process_group(ident, timeout)
-    _finish(store, name)

@@ -1,4 +1,14 @@
-"""Processes: start detached in their own session, know them by pid + create_time, stop whole groups."""
+"""Processes: start detached in their own session, know them by pid + create_time, stop whole groups.
+
+modelctl signals a process only with proof that it belongs to the server being stopped:
+- the server's leader, alive with the recorded identity (pid + create_time), and, while it
+  lives, its process group and its descendants;
+- any process carrying the instance's token in its environment (MODELCTL_INSTANCE, set at spawn
+  and inherited by every descendant, including ones that left the group or outlived the leader);
+- descendants recorded while the leader lived (pid + create_time), for ones that cleared their
+  environment.
+A pid or process group id alone is never proof: after a reboot or pid reuse it names a stranger.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +16,17 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
 
 import psutil
 
 # create_time is rounded differently by different readers; within this it is the same process
 _CREATE_TIME_SLACK = 0.05
+INSTANCE_VAR = "MODELCTL_INSTANCE"
+# how often a stop looks again for processes that carry the token (reading every process's
+# environment costs a few ms per hundred processes)
+_RESCAN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -22,10 +36,6 @@ class ProcessIdentity:
     pid: int
     create_time: float
 
-    @property
-    def pgid(self) -> int:
-        return self.pid  # servers are session (and group) leaders: start_new_session=True
-
 
 def identity_of(pid: int) -> ProcessIdentity | None:
     try:
@@ -34,80 +44,137 @@ def identity_of(pid: int) -> ProcessIdentity | None:
         return None
 
 
+def _same(proc: psutil.Process, create_time: float) -> bool:
+    return abs(proc.create_time() - create_time) <= _CREATE_TIME_SLACK
+
+
 def is_alive(ident: ProcessIdentity | None) -> bool:
     """True if this very process (not a reuse of its pid) is alive and not a zombie."""
     if ident is None:
         return False
     try:
         proc = psutil.Process(ident.pid)
-        if abs(proc.create_time() - ident.create_time) > _CREATE_TIME_SLACK:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return _same(proc, ident.create_time) and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
 
-def spawn_detached(
-    argv: Sequence[str], env: Mapping[str, str], log_path: os.PathLike | str | None, cwd: str | None = None
-) -> tuple[subprocess.Popen, ProcessIdentity]:
-    """Start argv in a new session with stdout and stderr appended to log_path (0600).
+@dataclass(frozen=True)
+class StopTarget:
+    """Everything that proves which processes are one server instance's."""
 
-    With no log_path the output goes where ours goes (the journal, under systemd).
+    label: str
+    leader: ProcessIdentity | None
+    token: str | None = None
+    members: tuple[ProcessIdentity, ...] = ()
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+    @property
+    def empty(self) -> bool:
+        return self.leader is None and self.token is None and not self.members
+
+
+@dataclass
+class StopResult:
+    how: str  # terminated | killed | not running
+    signalled: list[int] = field(default_factory=list)
+    port_holder: str | None = None  # the port still answers: who holds it
+
+    @property
+    def ok(self) -> bool:
+        return self.port_holder is None
+
+
+def spawn_detached(
+    argv: Sequence[str], env: Mapping[str, str], log_fd: int | None, cwd: str | None = None
+) -> tuple[subprocess.Popen[bytes], ProcessIdentity]:
+    """Start argv in a new session (its own process group) with stdout and stderr on log_fd.
+
+    With no log_fd the output goes where ours goes (the journal, under systemd).
     """
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_path is not None else None
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=fd,
-            stderr=subprocess.STDOUT if fd is not None else None,
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-        )
-    finally:
-        if fd is not None:
-            os.close(fd)
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log_fd,
+        stderr=subprocess.STDOUT if log_fd is not None else None,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+        close_fds=True,
+    )
     try:
         created = psutil.Process(proc.pid).create_time()
-    except psutil.NoSuchProcess:  # exited (and is a zombie we have not reaped yet) — still ours
+    except psutil.NoSuchProcess:  # exited (and is a zombie we have not reaped yet): still ours
         created = time.time()
     return proc, ProcessIdentity(proc.pid, created)
 
 
-def group_members(ident: ProcessIdentity) -> list[psutil.Process]:
-    """Live processes of the server's process group, plus descendants that left it.
+def _carries(proc: psutil.Process, token: str) -> bool:
+    try:
+        return proc.environ().get(INSTANCE_VAR) == token
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+        return False
 
-    Members that outlived the leader (vLLM workers after a SIGKILL of the parent) are still found
-    by pgid; only processes created after the leader count, so a reused pgid is never taken.
+
+def _live(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def live_members(target: StopTarget) -> list[psutil.Process]:
+    """The running leader, its group and its descendants (cheap: no environment scan).
+
+    While the leader lives no other process can take its pid, so its pgid is still its group.
     """
+    if not is_alive(target.leader):
+        return []
+    assert target.leader is not None
     members: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["pid"]):
+    try:
+        leader = psutil.Process(target.leader.pid)
+        members[leader.pid] = leader
+        for child in leader.children(recursive=True):
+            members[child.pid] = child
+    except psutil.NoSuchProcess:
+        return []
+    for proc in psutil.process_iter():
+        if proc.pid in members:
+            continue
         try:
-            if os.getpgid(proc.pid) == ident.pgid and proc.create_time() >= ident.create_time - _CREATE_TIME_SLACK:
+            if os.getpgid(proc.pid) == target.leader.pid:
                 members[proc.pid] = proc
-        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied, PermissionError):
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
             continue
-    if is_alive(ident):
-        try:
-            for child in psutil.Process(ident.pid).children(recursive=True):
-                members.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            pass
-    alive = []
-    for proc in members.values():
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
+    return [p for p in members.values() if _live(p)]
 
 
-def group_rss(ident: ProcessIdentity) -> int:
+def provable_members(target: StopTarget, scan_environments: bool = True) -> list[psutil.Process]:
+    """Every live process that is provably this instance's (see the module docstring)."""
+    members = {p.pid: p for p in live_members(target)}
+    for ident in target.members:
+        if ident.pid not in members and is_alive(ident):
+            members[ident.pid] = psutil.Process(ident.pid)
+    if target.token and scan_environments:
+        uid = os.geteuid()
+        for proc in psutil.process_iter(["uids"]):
+            if proc.pid in members or proc.pid == os.getpid():
+                continue
+            try:
+                if uid != 0 and proc.info["uids"] is not None and proc.info["uids"].real != uid:
+                    continue  # another user's: we could not signal it anyway
+            except (KeyError, AttributeError):
+                continue
+            if _carries(proc, target.token):
+                members[proc.pid] = proc
+    return [p for p in members.values() if _live(p)]
+
+
+def group_rss(target: StopTarget) -> int:
     total = 0
-    for proc in group_members(ident):
+    for proc in live_members(target):
         try:
             total += proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -115,41 +182,79 @@ def group_rss(ident: ProcessIdentity) -> int:
     return total
 
 
-def _signal_members(ident: ProcessIdentity, members: list[psutil.Process], sig: int) -> None:
-    try:
-        os.killpg(ident.pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for proc in members:  # descendants that moved to another group
+def _signal(procs: Iterable[psutil.Process], sig: int) -> list[int]:
+    sent = []
+    for proc in procs:
         try:
-            proc.send_signal(sig)
+            proc.send_signal(sig)  # psutil checks the create_time before signalling: no reuse race
+            sent.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return sent
 
 
-def stop_process_group(ident: ProcessIdentity, timeout: float, poll: float = 0.05) -> str:
-    """SIGTERM the group, wait up to `timeout`, SIGKILL what is left; return when none is alive.
-
-    Returns how it ended: "terminated", "killed" or "not running". A pid whose create_time
-    differs (reused) is never signalled.
+def stop_processes(target: StopTarget, timeout: float, poll: float = 0.05, port_wait: float = 3.0) -> StopResult:
+    """SIGTERM every provable member, wait up to `timeout`, SIGKILL what is left; return when none
+    is alive. Then the port must be free: if it still answers, say who holds it.
     """
-    members = group_members(ident)
-    if not members:
-        return "not running"
-    _signal_members(ident, members, signal.SIGTERM)
+    members = provable_members(target)
+    result = StopResult("not running")
+    if members:
+        result.signalled = _signal(members, signal.SIGTERM)
+        result.how = "terminated"
+        known = {p.pid: p for p in members}
+        deadline = time.monotonic() + timeout
+        kill_deadline = deadline + 10.0
+        next_scan = time.monotonic() + _RESCAN_SECONDS
+        while True:
+            now = time.monotonic()
+            if now >= next_scan:  # children forked while shutting down carry the token too
+                for p in provable_members(target):
+                    if p.pid not in known:
+                        known[p.pid] = p
+                        _signal([p], signal.SIGTERM if now < deadline else signal.SIGKILL)
+                next_scan = now + _RESCAN_SECONDS
+            alive = [p for p in known.values() if _live(p)]
+            if not alive:
+                break
+            if now >= deadline:
+                result.how = "killed"
+                _signal(alive, signal.SIGKILL)
+                if now >= kill_deadline:
+                    raise RuntimeError(f"{target.label}: processes survived SIGKILL: {[p.pid for p in alive]}")
+            time.sleep(poll)
+    if target.port:
+        result.port_holder = wait_port_released(target.port, target.host, port_wait)
+    return result
+
+
+def wait_port_released(port: int, host: str, timeout: float) -> str | None:
+    """None once host:port can be bound; else, after `timeout`, a description of its holder."""
+    from modelctl.ports import describe_port_in_use, is_port_free
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        members = group_members(ident)
-        if not members:
-            return "terminated"
-        time.sleep(poll)
-    for _ in range(100):
-        members = group_members(ident)
-        if not members:
-            return "killed"
-        _signal_members(ident, members, signal.SIGKILL)
-        time.sleep(poll)
-    raise RuntimeError(f"processes of group {ident.pgid} survived SIGKILL: {[p.pid for p in members]}")
+    while True:
+        if is_port_free(port, host):
+            return None
+        if time.monotonic() >= deadline:
+            return describe_port_in_use(port, host)
+        time.sleep(0.05)
+
+
+def descendants(ident: ProcessIdentity) -> list[ProcessIdentity]:
+    """The leader's live descendants, as identities (recorded so that escapees can be proven ours)."""
+    if not is_alive(ident):
+        return []
+    out = []
+    try:
+        for child in psutil.Process(ident.pid).children(recursive=True):
+            try:
+                out.append(ProcessIdentity(child.pid, child.create_time()))
+            except psutil.NoSuchProcess:
+                continue
+    except psutil.NoSuchProcess:
+        return []
+    return out
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -173,3 +278,15 @@ def describe_process(pid: int) -> str:
     if len(cmd) > 80:
         cmd = cmd[:77] + "..."
     return f"pid {pid} ({cmd})"
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process instead of init (Linux prctl)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_CHILD_SUBREAPER = 36
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

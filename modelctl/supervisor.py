@@ -1,39 +1,58 @@
-"""The supervisor: one per state directory, it keeps the servers that should run running.
+"""The supervisor's reconcile logic: it keeps the servers that should run running.
 
-Each tick reconciles every record — desired vs actual — through three verbs, in the manner of
-gunicorn's arbiter: `reap` (notice exits), `probe` (health, warm-up, hung servers) and `start`
-(first start, restarts after backoff). Time, process control and the executor for slow work are
-injected, so the restart logic is tested with a fake clock in milliseconds.
+Each tick reconciles every record — desired vs actual — through a few verbs, in the manner of
+gunicorn's arbiter: `reap` (notice exits), `check_health` (warm-up, preparation, hung servers),
+`start` (first start, restarts after backoff) and `begin_stop` (in the background: never
+under the state lock). Time, process control and the executor for slow work are injected, so
+the restart logic is tested with a fake clock in milliseconds. One bad record never stops the
+loop: each is reconciled under its own guard.
+
+The daemon around it (the singleton lock, signals, the wake-up pipe) is modelctl/daemon.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
+import dataclasses
 import logging
 import os
-import select
-import signal
-import sys
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from modelctl import lifecycle as lc
+from modelctl import logfiles
 from modelctl.backends import get_backend
 from modelctl.backends.base import Launch
+from modelctl.failures import Failure, classify_exit
 from modelctl.health import ProbeResult, probe
+from modelctl.names import ServerRef
 from modelctl.ports import describe_port_in_use, is_port_free
-from modelctl.process import ProcessIdentity, describe_exit, is_alive, spawn_detached, stop_process_group
-from modelctl.profile import ServerSpec, parse_server
-from modelctl.state import ServerRecord, StateStore, write_atomic
+from modelctl.process import (
+    INSTANCE_VAR,
+    ProcessIdentity,
+    StopResult,
+    StopTarget,
+    describe_exit,
+    descendants,
+    identity_of,
+    is_alive,
+    spawn_detached,
+    stop_processes,
+)
+from modelctl.profile import record_spec
+from modelctl.spec import ServerSpec
+from modelctl.state import BrokenRecord, LockTimeout, ServerRecord, StateStore
+from modelctl.stopping import mark_stopped, stop_owner_alive, target_of
 
 log = logging.getLogger("modelctl.supervisor")
 
-TICK_SECONDS = 0.25
 STARTUP_PROBE_SECONDS = 0.1
+UNHEALTHY_PROBE_SECONDS = 1.0
+EXITS_KEPT = 10
+MEMBERS_KEPT = 256
+HOUSEKEEPING_SECONDS = 5.0
 
 
 @dataclass
@@ -47,8 +66,8 @@ class Handle:
 class ProcessControl:
     """The real processes, ports and probes. Tests pass a fake with the same methods."""
 
-    def spawn(self, launch: Launch, env: dict[str, str], log_path: str | None) -> Handle:
-        popen, ident = spawn_detached(launch.argv, env, log_path, cwd=launch.cwd)
+    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle:
+        popen, ident = spawn_detached(launch.argv, env, log_fd, cwd=launch.cwd)
         return Handle(ident, popen)
 
     def exit_status(self, handle: Handle) -> tuple[bool, int | None]:
@@ -61,8 +80,8 @@ class ProcessControl:
     def is_alive(self, ident: ProcessIdentity) -> bool:
         return is_alive(ident)
 
-    def stop(self, ident: ProcessIdentity, timeout: float) -> str:
-        return stop_process_group(ident, timeout)
+    def stop(self, target: StopTarget, timeout: float) -> StopResult:
+        return stop_processes(target, timeout)
 
     def port_holder(self, port: int, host: str) -> str | None:
         return None if is_port_free(port, host) else describe_port_in_use(port, host)
@@ -70,12 +89,15 @@ class ProcessControl:
     def probe(self, spec: ServerSpec, url: str) -> ProbeResult:
         return probe(spec.health, url)
 
+    def descendants(self, ident: ProcessIdentity) -> list[ProcessIdentity]:
+        return descendants(ident)
+
 
 class InlineExecutor:
     """Runs submitted work at once; for tests that want a deterministic supervisor."""
 
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        fut: Future = Future()
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
         try:
             fut.set_result(fn(*args))
         except BaseException as e:  # noqa: BLE001 — handed to the caller through the future
@@ -86,36 +108,48 @@ class InlineExecutor:
         pass
 
 
+# what to do once a background stop is done
+AFTER_CRASH = "crash"  # a failed instance's leftovers are gone: back off, fail, or stay down
+AFTER_STOP = "stop"  # a deliberate stop (down whose owner died, a replaced spec): stopped
+
+
 @dataclass
 class Slot:
     """The supervisor's in-memory view of one server: what is in flight for it."""
 
     handle: Handle | None = None
-    probe: Future | None = None
-    prepare: Future | None = None
-    stopping: Future | None = None
-    after_stop: Callable[[ServerRecord, float], None] | None = None
+    probe: Future[ProbeResult] | None = None
+    prepare: Future[dict[str, Any]] | None = None
+    prepare_started: float | None = None
+    stop: Future[StopResult] | None = None
+    after_stop: str = ""
+    stop_instance: str | None = None
+    failure: Failure | None = None  # the failure whose leftovers are being stopped
     next_probe_at: float = 0.0
+    next_members_at: float = 0.0
     unhealthy_since: float | None = None
     prepared: bool = False
-    progress: dict | None = None
+    progress: dict[str, Any] | None = None
     spec: ServerSpec | None = None
     spec_key: str = ""
     external: bool = False  # lives elsewhere (an external Ollama): probed and prepared, never spawned
+    broken_reported: str = ""
 
     def busy(self) -> bool:
-        return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stopping))
+        return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stop))
 
 
-def server_environment(spec: ServerSpec, launch: Launch, port: int | None, gpus: list[int]) -> dict[str, str]:
-    """The environment a server starts with: ours, the kind's, the profile's, and its GPUs."""
+def server_environment(spec: ServerSpec, launch: Launch, port: int | None, gpus: list[int], instance: str) -> dict[str, str]:
+    """The environment a server starts with: ours, the kind's, the profile's, its GPUs and its token."""
     env = dict(os.environ)
+    env.pop(INSTANCE_VAR, None)
     env.update(launch.env)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-    env["MODELCTL_SERVER"] = spec.name
+    env["MODELCTL_SERVER"] = str(spec.ref)
     if port is not None:
         env["MODELCTL_PORT"] = str(port)
-    env.update(spec.env)  # the profile has the last word
+    env.update(spec.env)  # the profile has the last word...
+    env[INSTANCE_VAR] = instance  # ...but for the proof that a process is this instance's
     return env
 
 
@@ -127,7 +161,7 @@ class Supervisor:
         procs: ProcessControl | None = None,
         executor: Any = None,
         managed_by: str = "supervisor",
-        only: set[str] | None = None,
+        only: set[ServerRef] | None = None,
         log_to_files: bool = True,
     ):
         self.store = store
@@ -137,73 +171,90 @@ class Supervisor:
         self.managed_by = managed_by
         self.only = only
         self.log_to_files = log_to_files  # False: servers write to our stdout (the journal under systemd)
-        self.slots: dict[str, Slot] = {}
-        self._signals: list[int] = []
-        self._wake_fd: int | None = None
-        self._next_wake: float | None = None
+        self.slots: dict[ServerRef, Slot] = {}
+        self.me = identity_of(os.getpid())
+        self.on_wake: Callable[[], None] = lambda: None  # the daemon's: a finished job wakes the loop
+        self.next_wake: float | None = None
 
     # ------------------------------------------------------------------ the loop
     def tick(self, now: float | None = None) -> None:
-        """One pass over every record: reap, probe, start."""
+        """One pass over every record, each under its own guard."""
         now = self.clock() if now is None else now
-        names = set()
-        for name in self.store.names():
-            if self.only is not None and name not in self.only:
+        seen = set()
+        for ref in self.store.refs():
+            if self.only is not None and ref not in self.only:
                 continue
-            with self.store.locked():
-                record = self.store.load(name)
-                if record is None or not self._mine(record):
-                    continue
-                names.add(name)
-                before = record.to_dict()
-                self.reconcile(record, self.slots.setdefault(name, Slot()), now)
-                if record.to_dict() != before:
-                    self.store.save(record, now)
-        for name in list(self.slots):
-            if name not in names and not self.slots[name].busy():
-                del self.slots[name]
+            seen.add(ref)
+            try:
+                self._tick_one(ref, now)
+            except LockTimeout as e:
+                log.warning("%s; trying again next tick", e)
+                break
+            except Exception:  # noqa: BLE001 — one bad record never stops the supervision of the others
+                log.exception("%s: error while supervising it; trying again next tick", ref)
+        for ref in list(self.slots):
+            if ref not in seen and not self.slots[ref].busy():
+                del self.slots[ref]
 
-    def _mine(self, record: ServerRecord) -> bool:
-        return record.managed_by == self.managed_by and (self.only is None or record.name in self.only)
+    def _tick_one(self, ref: ServerRef, now: float) -> None:
+        with self.store.locked():
+            rec = self.store.load(ref)
+            if rec is None:
+                return
+            slot = self.slots.setdefault(ref, Slot())
+            if isinstance(rec, BrokenRecord):
+                if slot.broken_reported != rec.error:
+                    log.error("%s: broken record %s: %s; not supervising it", ref, rec.path, rec.error)
+                    slot.broken_reported = rec.error
+                return
+            if rec.managed_by != self.managed_by:
+                return
+            before = rec.to_dict()
+            self.reconcile(rec, slot, now)
+            if rec.to_dict() != before:
+                self.store.save(rec, now)
+
+    def wants_to_run(self) -> bool:
+        if any(slot.busy() for slot in self.slots.values()):
+            return True
+        for rec in self.store.records():
+            if rec.managed_by == self.managed_by and (
+                rec.desired == "running" or rec.state in (lc.STOPPING, lc.CRASHED)
+            ):
+                return True
+        return False
 
     def reconcile(self, rec: ServerRecord, slot: Slot, now: float) -> None:
-        if slot.stopping is not None:
-            if not slot.stopping.done():
+        if slot.stop is not None:
+            if not slot.stop.done():
                 return
-            self._finish_stop(rec, slot, now)
+            self._stop_done(rec, slot, now)
+        if rec.state == lc.STOPPING:
+            self._take_over_stop(rec, slot, now)
+            return
         if rec.desired != "running":
-            self._reap(rec, slot)  # `down` stops the process itself; we only collect our child
-            if rec.state == lc.STOPPED:
-                slot.handle = None
+            self._reap(rec, slot)  # the stopper stops the process; we only collect our child
             return
         spec = self._spec(rec, slot)
         if spec is None:
             return
-        if rec.state in (lc.STARTING, lc.READY, lc.UNHEALTHY):
-            if slot.handle is None and rec.pid is not None and not self._adopt(rec, slot):
-                self._crashed(rec, slot, spec, now, None, "exited while no supervisor was watching")
+        if rec.state in lc.ALIVE:
+            if not self._reap_or_adopt(rec, slot, spec, now):
                 return
-            exited, rc = self._reap(rec, slot)
-            if exited:
-                self._crashed(rec, slot, spec, now, rc, None)
-                self._start_if_due(rec, slot, spec, now)
+            if rec.running_fingerprint is not None and rec.running_fingerprint != rec.fingerprint:
+                self._replace(rec, slot, spec, now)
                 return
+            self._record_members(rec, slot, spec, now)
             self._check_health(rec, slot, spec, now)
         elif rec.state == lc.STOPPED:
             self._start(rec, slot, spec, now)
         elif rec.state == lc.BACKOFF:
             self._start_if_due(rec, slot, spec, now)
+        elif rec.state == lc.CRASHED:
+            # a supervisor died while cleaning up after a crash: finish that first
+            self._begin_stop(rec, slot, spec, AFTER_CRASH, now)
 
-    def _start_if_due(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        if rec.state != lc.BACKOFF:
-            return
-        if now >= (rec.next_start_at or 0):
-            rec.restarts += 1
-            self._start(rec, slot, spec, now)
-        else:
-            self._wake_at(rec.next_start_at)
-
-    # ------------------------------------------------------------------ verbs
+    # ------------------------------------------------------------------ verbs: exits
     def _reap(self, rec: ServerRecord, slot: Slot) -> tuple[bool, int | None]:
         if slot.handle is None:
             return (False, None)
@@ -212,382 +263,389 @@ class Supervisor:
             slot.handle = None
         return exited, rc
 
+    def _reap_or_adopt(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
+        """Notice an exit (→ crashed); adopt a live server an earlier supervisor started."""
+        if slot.external:
+            return True
+        if slot.handle is None or slot.handle.ident.pid != rec.pid:
+            if rec.pid is None or rec.create_time is None or not self._adopt(rec, slot):
+                self._crashed(rec, slot, spec, now, describe_exit(None), Failure("crash", "exited while no supervisor was watching", True))
+                return False
+        exited, rc = self._reap(rec, slot)
+        if exited:
+            lines = logfiles.since_last_start(self.store.log_path(rec.ref)) if self.log_to_files else []
+            self._crashed(rec, slot, spec, now, describe_exit(rc), classify_exit(rc, lines))
+            return False
+        return True
+
     def _adopt(self, rec: ServerRecord, slot: Slot) -> bool:
-        ident = ProcessIdentity(rec.pid, rec.create_time or 0.0)
+        assert rec.pid is not None and rec.create_time is not None
+        ident = ProcessIdentity(rec.pid, rec.create_time)
         if not self.procs.is_alive(ident):
             return False
         slot.handle = Handle(ident, None)
         slot.prepared = rec.state in (lc.READY, lc.UNHEALTHY)
-        log.info("%s: adopted running pid %s (%s)", rec.name, rec.pid, rec.state)
+        log.info("%s: adopted running pid %s (%s)", rec.label, rec.pid, rec.state)
         return True
 
+    def _crashed(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float, exit_text: str | None, failure: Failure) -> None:
+        """A failure: count it, remember it, and stop what is left of the instance first."""
+        if exit_text is not None:
+            rec.last_exit = exit_text
+        rec.exits = [*rec.exits, {"at": now, "exit": exit_text, "class": failure.cls, "line": failure.line, "retry": failure.retry}][-EXITS_KEPT:]
+        rec.last_error = failure.describe()
+        policy = spec.restart
+        if rec.ready_at is not None and now - rec.ready_at >= policy.stable_after:
+            rec.consecutive_failures = 0
+        rec.failures = [t for t in rec.failures if now - t <= policy.window] + [now]
+        rec.consecutive_failures += 1
+        rec.ready_at = None
+        lc.move(rec, lc.CRASHED, expect=lc.ALIVE)
+        rec.detail = f"{failure.describe()}; cleaning up"
+        slot.failure = failure
+        self._begin_stop(rec, slot, spec, AFTER_CRASH, now)
+
+    def _after_crash(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        """The failed instance is gone: back off, give up (failed) or stay down per the policy."""
+        failure = slot.failure or Failure("crash", rec.last_error or "", True)
+        slot.failure = None
+        rec.pid = rec.create_time = None
+        rec.members, rec.running_fingerprint = [], None
+        policy = spec.restart
+        clean_exit = rec.last_exit == "exit code 0"
+        what = failure.describe()
+        if not failure.retry:
+            lc.move(rec, lc.FAILED, expect=lc.CRASHED)
+            rec.detail = f"configuration error, not retried: {what}"
+            log.error("%s: %s", rec.label, rec.detail)
+        elif policy.policy == "never" or (policy.policy == "on-failure" and clean_exit):
+            lc.move(rec, lc.STOPPED, expect=lc.CRASHED)
+            rec.desired = "stopped"
+            rec.detail = f"exited ({rec.last_exit or what}); restart policy '{policy.policy}'"
+            log.info("%s: %s", rec.label, rec.detail)
+        elif len(rec.failures) >= policy.max_failures:
+            lc.move(rec, lc.FAILED, expect=lc.CRASHED)
+            rec.detail = f"crash loop: {len(rec.failures)} failures within {policy.window:g}s; last: {rec.last_exit or what}"
+            log.error("%s: %s", rec.label, rec.detail)
+        else:
+            delay = policy.delay(rec.consecutive_failures)
+            rec.next_start_at = now + delay
+            lc.move(rec, lc.BACKOFF, expect=lc.CRASHED)
+            rec.detail = f"{rec.last_exit or what}; restarting in {delay:g}s"
+            log.warning("%s: %s", rec.label, rec.detail)
+            self._wake_at(rec.next_start_at)
+
+    # ------------------------------------------------------------------ verbs: start
+    def _start_if_due(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        if now >= (rec.next_start_at or 0):
+            rec.restarts += 1
+            self._start(rec, slot, spec, now)
+        else:
+            self._wake_at(rec.next_start_at)
+
     def _start(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        backend = get_backend(spec.kind)
-        launch = backend.launch(spec, rec.port, rec.gpus)
-        rec.move(lc.STARTING)
+        launch = get_backend(spec.kind).launch(spec, rec.port, rec.gpus)
+        lc.move(rec, lc.STARTING, expect=(lc.STOPPED, lc.BACKOFF))
+        rec.instance = uuid.uuid4().hex
+        rec.running_fingerprint = rec.fingerprint
         rec.started_at, rec.ready_at, rec.next_start_at = now, None, None
+        rec.startup, rec.members, rec.stop_owner = {}, [], None
         rec.progress, rec.detail = None, "waiting for health"
         slot.prepared, slot.unhealthy_since, slot.next_probe_at = False, None, now
         slot.probe = slot.prepare = None
+        slot.handle = None
         if launch is None:  # lives elsewhere: nothing to spawn, only to probe and prepare
             rec.pid = rec.create_time = None
             return
         holder = self.procs.port_holder(rec.port, spec.host) if rec.port else None
         if holder:
-            self._crashed(rec, slot, spec, now, None, f"cannot start: {holder}", exited=False)
+            self._crashed(rec, slot, spec, now, None, Failure("address-in-use", f"cannot start: {holder}", True))
             return
-        log_path = None
-        if self.log_to_files:
-            log_path = str(self.store.log_path(rec.name))
-            self.store.ensure()
-            with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-                f.write(f"--- modelctl {stamp}: starting {rec.name}: {' '.join(launch.argv)}\n")
+        log_fd = None
         try:
-            handle = self.procs.spawn(launch, server_environment(spec, launch, rec.port, rec.gpus), log_path)
+            if self.log_to_files:
+                path = self.store.log_path(rec.ref)
+                self.store.ensure(path.parent)
+                log_fd = logfiles.open_for_append(path)
+                logfiles.write_mark(log_fd, f"starting {rec.label}: {' '.join(launch.argv)}", now)
+            handle = self.procs.spawn(launch, server_environment(spec, launch, rec.port, rec.gpus, rec.instance), log_fd)
         except OSError as e:
-            rec.move(lc.FAILED)
-            rec.last_error = f"cannot run {launch.argv[0]!r}: {e.strerror or e}"
-            rec.detail = None
-            log.error("%s: %s", rec.name, rec.last_error)
+            what = "missing-executable" if isinstance(e, FileNotFoundError) and e.filename == launch.argv[0] else "cannot-start"
+            self._fail_at_start(rec, f"{what}: cannot run {launch.argv[0]!r}: {e.strerror or e}")
             return
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)
         slot.handle = handle
         slot.next_probe_at = now + STARTUP_PROBE_SECONDS
         self._wake_at(slot.next_probe_at)
         rec.pid, rec.create_time = handle.ident.pid, handle.ident.create_time
-        log.info("%s: started pid %s on port %s", rec.name, rec.pid, rec.port)
+        log.info("%s: started pid %s on port %s", rec.label, rec.pid, rec.port)
 
+    def _fail_at_start(self, rec: ServerRecord, reason: str) -> None:
+        lc.move(rec, lc.FAILED, expect=lc.STARTING)
+        rec.last_error, rec.detail = reason, None
+        rec.exits = [*rec.exits, {"at": rec.started_at, "exit": None, "class": reason.split(":")[0], "line": reason, "retry": False}][-EXITS_KEPT:]
+        rec.running_fingerprint = None
+        log.error("%s: %s", rec.label, reason)
+
+    # ------------------------------------------------------------------ verbs: health
     def _check_health(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        backend = get_backend(spec.kind)
-        url = rec.url or backend.base_url(spec, rec.port)
-        if slot.prepare is not None:
-            if slot.progress is not None:
-                rec.progress = dict(slot.progress)
-            if not slot.prepare.done():
-                return self._check_startup_timeout(rec, slot, spec, now)
-            fut, slot.prepare = slot.prepare, None
-            try:
-                rec.info = fut.result() or {}
-            except Exception as e:  # noqa: BLE001 — a preparation error becomes the server's error
-                rec.last_error = str(e)
-                rec.progress = None
-                log.error("%s: preparation failed: %s", rec.name, e)
-                self._stop_then(rec, slot, spec, lambda r, t: (r.move(lc.FAILED), setattr(r, "detail", None)))
-                return
-            slot.prepared = True
-            rec.progress = None
-            self._mark_ready(rec, slot, now)
+        if self._collect_preparation(rec, slot, spec, now):
             return
+        self._collect_probe(rec, slot, spec, now)
+        if rec.state not in lc.ALIVE or slot.stop is not None:
+            return
+        if self._enforce_timeouts(rec, slot, spec, now):
+            return
+        self._schedule_probe(rec, slot, spec, now)
 
-        if slot.probe is not None and slot.probe.done():
-            fut, slot.probe = slot.probe, None
-            try:
-                result = fut.result()
-            except Exception as e:  # noqa: BLE001
-                result = ProbeResult(False, f"probe error: {e}")
-            self._apply_probe(rec, slot, spec, result, url, now)
-            if slot.stopping is not None or rec.state not in (lc.STARTING, lc.READY, lc.UNHEALTHY):
-                return
-        if rec.state == lc.STARTING and self._check_startup_timeout(rec, slot, spec, now):
+    def _collect_preparation(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
+        """True while a preparation (pull, import, preload) runs or just ended."""
+        if slot.prepare is None:
+            return False
+        if slot.progress is not None:
+            rec.progress = dict(slot.progress)
+        if not slot.prepare.done():
+            self._enforce_timeouts(rec, slot, spec, now)
+            return True
+        fut, slot.prepare = slot.prepare, None
+        rec.progress = None
+        try:
+            rec.info = fut.result() or {}
+        except Exception as e:  # noqa: BLE001 — a preparation error becomes the server's error
+            log.error("%s: preparation failed: %s", rec.label, e)
+            # what a preparation says (no such model, unsupported file) does not heal by retrying
+            self._crashed(rec, slot, spec, now, None, Failure("prepare", str(e), False))
+            return True
+        slot.prepared = True
+        rec.startup["prepare"] = round(now - (slot.prepare_started or now), 3)
+        self._mark_ready(rec, slot, spec, now)
+        return True
+
+    def _collect_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        if slot.probe is None or not slot.probe.done():
             return
+        fut, slot.probe = slot.probe, None
+        try:
+            result = fut.result()
+        except Exception as e:  # noqa: BLE001
+            result = ProbeResult(False, f"probe error: {e}")
+        interval = STARTUP_PROBE_SECONDS if rec.state == lc.STARTING else spec.health.interval
+        if rec.state == lc.UNHEALTHY:
+            interval = min(interval, UNHEALTHY_PROBE_SECONDS)
+        slot.next_probe_at = now + interval
+        if rec.state == lc.STARTING:
+            self._wake_at(slot.next_probe_at)
+            self._apply_startup_probe(rec, slot, spec, result, now)
+        elif result.ok:
+            if rec.state == lc.UNHEALTHY:
+                log.info("%s: healthy again", rec.label)
+                lc.move(rec, lc.READY, expect=lc.UNHEALTHY)
+            rec.detail, slot.unhealthy_since = None, None
+        else:
+            if rec.state == lc.READY:
+                log.warning("%s: unhealthy: %s", rec.label, result.detail)
+                lc.move(rec, lc.UNHEALTHY, expect=lc.READY)
+                slot.unhealthy_since = now
+            rec.detail = f"unhealthy: {result.detail}"
+
+    def _apply_startup_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, result: ProbeResult, now: float) -> None:
+        started = rec.started_at or now
+        if result.connected and "port_open" not in rec.startup:
+            rec.startup["port_open"] = round(now - started, 3)
+        if not result.ok:
+            rec.detail = f"warming up: {result.detail}"
+            return
+        rec.startup.setdefault("port_open", round(now - started, 3))
+        rec.startup["healthy"] = round(now - started - rec.startup["port_open"], 3)
+        backend = get_backend(spec.kind)
+        if not slot.prepared and backend.has_prepare:
+            rec.detail = "preparing"
+            slot.prepare_started = now
+
+            def report(progress: dict[str, Any]) -> None:
+                slot.progress = progress
+
+            slot.prepare = self._submit(backend.prepare, spec, self._url(rec, spec), report)
+            return
+        rec.startup.setdefault("prepare", 0.0)
+        self._mark_ready(rec, slot, spec, now)
+
+    def _mark_ready(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        lc.move(rec, lc.READY, expect=lc.STARTING)
+        rec.ready_at, rec.detail = now, None
+        rec.startup.setdefault("prepare", 0.0)
+        rec.startup["total"] = round(now - (rec.started_at or now), 3)
+        slot.next_probe_at = now + spec.health.interval
+        log.info("%s: ready after %.1fs", rec.label, now - (rec.started_at or now))
+
+    def _enforce_timeouts(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
+        """Startup past startup_timeout, or unhealthy past the grace period: a failure."""
+        if rec.state == lc.STARTING and rec.started_at is not None and now - rec.started_at > spec.startup_timeout:
+            reason = f"not ready after {spec.startup_timeout:g}s (startup_timeout): {rec.detail or ''}".rstrip(": ")
+            if slot.external:  # nothing of ours to restart: say so and stop trying
+                self._crashed(rec, slot, spec, now, None, Failure("unreachable", f"{rec.url} did not answer: {reason}", False))
+            else:
+                self._crashed(rec, slot, spec, now, None, Failure("startup-timeout", reason, True))
+            return True
         if rec.state == lc.UNHEALTHY and slot.unhealthy_since is not None and not slot.external:
             if now - slot.unhealthy_since > spec.health.grace:
                 reason = f"unhealthy for {now - slot.unhealthy_since:.0f}s ({rec.detail}); restarting"
-                log.warning("%s: %s", rec.name, reason)
-                self._stop_then(rec, slot, spec, lambda r, t: self._crashed(r, slot, spec, t, None, reason, exited=False))
-                return
+                self._crashed(rec, slot, spec, now, None, Failure("unhealthy", reason, True))
+                return True
+        return False
+
+    def _schedule_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
         if slot.probe is None and slot.prepare is None and now >= slot.next_probe_at:
-            slot.probe = self._submit(self._probe_job, spec, url, rec.state != lc.STARTING)
+            slot.probe = self._submit(self._probe_job, spec, self._url(rec, spec), rec.state != lc.STARTING)
 
     def _probe_job(self, spec: ServerSpec, url: str, check_model: bool) -> ProbeResult:
         result = self.procs.probe(spec, url)
         if result.ok and check_model:
             ok, why = get_backend(spec.kind).is_ready(spec, url)
             if not ok:
-                return ProbeResult(False, why)
+                return ProbeResult(False, why, connected=True)
         return result
 
-    def _apply_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, result: ProbeResult, url: str, now: float) -> None:
-        interval = STARTUP_PROBE_SECONDS if rec.state == lc.STARTING else spec.health.interval
-        if rec.state == lc.UNHEALTHY:
-            interval = min(interval, 1.0)
-        slot.next_probe_at = now + interval
-        if rec.state == lc.STARTING:
-            self._wake_at(slot.next_probe_at)
-        if rec.state == lc.STARTING:
-            if not result.ok:
-                rec.detail = f"warming up: {result.detail}"
-                return
-            backend = get_backend(spec.kind)
-            if not slot.prepared and backend.has_prepare:
-                rec.detail = "preparing"
+    def _url(self, rec: ServerRecord, spec: ServerSpec) -> str:
+        return rec.url or get_backend(spec.kind).base_url(spec, rec.port)
 
-                def report(progress: dict) -> None:
-                    slot.progress = progress
+    def _record_members(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        """Remember the leader's descendants: the proof for ones that later clear their environment."""
+        if slot.handle is None or now < slot.next_members_at:
+            return
+        slot.next_members_at = now + max(spec.health.interval, 1.0)
+        seen = {(int(p), float(c)) for p, c in rec.members}
+        for ident in self.procs.descendants(slot.handle.ident):
+            seen.add((ident.pid, ident.create_time))
+        alive = sorted((p, c) for p, c in seen if self.procs.is_alive(ProcessIdentity(p, c)))[-MEMBERS_KEPT:]
+        rec.members = [[p, c] for p, c in alive]
 
-                slot.prepare = self._submit(backend.prepare, spec, url, report)
-                return
-            self._mark_ready(rec, slot, now)
-        elif result.ok:
-            if rec.state == lc.UNHEALTHY:
-                log.info("%s: healthy again", rec.name)
-                rec.move(lc.READY)
-            rec.detail, slot.unhealthy_since = None, None
-        else:
-            if rec.state == lc.READY:
-                log.warning("%s: unhealthy: %s", rec.name, result.detail)
-                rec.move(lc.UNHEALTHY)
-                slot.unhealthy_since = now
-            rec.detail = f"unhealthy: {result.detail}"
+    # ------------------------------------------------------------------ verbs: stop
+    def _replace(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+        """The profile changed this server's spec: stop the running instance; the next tick starts the new one."""
+        log.info("%s: spec changed; replacing the running instance", rec.label)
+        lc.move(rec, lc.STOPPING, expect=lc.ALIVE)
+        rec.stop_owner = [self.me.pid, self.me.create_time] if self.me else None
+        rec.detail = "replacing: the spec changed"
+        self._begin_stop(rec, slot, spec, AFTER_STOP, now)
 
-    def _mark_ready(self, rec: ServerRecord, slot: Slot, now: float) -> None:
-        rec.move(lc.READY)
-        rec.ready_at, rec.detail = now, None
-        slot.next_probe_at = now + (slot.spec.health.interval if slot.spec else 2.0)
-        log.info("%s: ready after %.1fs", rec.name, now - (rec.started_at or now))
+    def _take_over_stop(self, rec: ServerRecord, slot: Slot, now: float) -> None:
+        """A stop is under way. If whoever began it is gone (Ctrl-C), carry it out ourselves."""
+        mine = self.me is not None and rec.stop_owner == [self.me.pid, self.me.create_time]
+        if stop_owner_alive(rec) and not mine:
+            self._reap(rec, slot)
+            return
+        log.info("%s: finishing a stop its command left behind", rec.label)
+        if self.me is not None:
+            rec.stop_owner = [self.me.pid, self.me.create_time]
+        spec = record_spec(rec)
+        self._begin_stop(rec, slot, spec, AFTER_STOP, now)
 
-    def _check_startup_timeout(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
-        if rec.started_at is None or now - rec.started_at <= spec.startup_timeout:
-            return False
-        reason = f"not ready after {spec.startup_timeout:g}s (startup_timeout): {rec.detail or ''}".rstrip(": ")
-        log.warning("%s: %s", rec.name, reason)
-        if slot.external:  # nothing of ours to restart: say so and stop trying
-            slot.probe = slot.prepare = None
-            rec.move(lc.FAILED)
-            rec.last_error = f"{rec.url} did not answer: {reason}"
-            rec.detail = None
-            return True
-        self._stop_then(rec, slot, spec, lambda r, t: self._crashed(r, slot, spec, t, None, reason, exited=False))
-        return True
+    def _begin_stop(self, rec: ServerRecord, slot: Slot, spec: ServerSpec | None, after: str, now: float) -> None:
+        """Stop the instance's processes in the background; `after` says what follows.
 
-    def _stop_then(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, then: Callable[[ServerRecord, float], None]) -> None:
-        """Stop the process group in the background; `then` updates the record once it is gone."""
+        No port check here: the next start checks its port and names a holder.
+        """
+        target = dataclasses.replace(target_of(rec), port=None)
         handle, slot.handle = slot.handle, None
         slot.probe = slot.prepare = None
-        slot.after_stop = then
-        if handle is None:
-            slot.stopping = self._submit(lambda: "not running")
-            return
+        slot.after_stop, slot.stop_instance = after, rec.instance
+        timeout = spec.stop_timeout if spec is not None else 10.0
+        if after == AFTER_CRASH:
+            timeout = min(timeout, 3.0)  # the leader is gone; what is left gets little grace
 
-        def stop() -> str:
-            result = self.procs.stop(handle.ident, spec.stop_timeout)
-            if handle.popen is not None:
+        def stop() -> StopResult:
+            result = self.procs.stop(target, timeout)
+            if handle is not None and handle.popen is not None:
                 handle.popen.poll()  # reap our child
             return result
 
-        slot.stopping = self._submit(stop)
+        slot.stop = self._submit(stop)
+        if slot.stop.done():  # an inline executor (tests): finish in the same tick
+            self._stop_done(rec, slot, now)
 
-    def _finish_stop(self, rec: ServerRecord, slot: Slot, now: float) -> None:
-        fut, slot.stopping = slot.stopping, None
-        then, slot.after_stop = slot.after_stop, None
-        with contextlib.suppress(Exception):
-            fut.result()
-        if rec.desired == "running" and then is not None:
-            then(rec, now)
-
-    def _crashed(
-        self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float, rc: int | None, error: str | None, exited: bool = True
-    ) -> None:
-        """A failure: count it, then back off, give up (failed) or stay down per the policy."""
-        if exited:
-            rec.last_exit = describe_exit(rc)
-        # a leader that died may leave its children (vLLM workers) holding GPU memory and the port
-        if slot.handle is not None:
-            self.procs.stop(slot.handle.ident, min(spec.stop_timeout, 3.0))
-        slot.handle = None
-        slot.probe = slot.prepare = None
-        rec.last_error = error
-        policy = spec.restart
-        if rec.ready_at is not None and now - rec.ready_at >= policy.stable_after:
-            rec.consecutive_failures = 0
-        rec.failures = [t for t in rec.failures if now - t <= policy.window] + [now]
-        rec.consecutive_failures += 1
-        rec.pid = rec.create_time = None
-        rec.ready_at = None
-        rec.move(lc.CRASHED)
-        clean_exit = rc == 0 and error is None
-        what = error or rec.last_exit
-        if policy.policy == "never" or (policy.policy == "on-failure" and clean_exit):
-            rec.move(lc.STOPPED)
-            rec.desired = "stopped"
-            rec.detail = f"exited ({what}); restart policy '{policy.policy}'"
-            log.info("%s: %s", rec.name, rec.detail)
-        elif len(rec.failures) >= policy.max_failures:
-            rec.move(lc.FAILED)
-            rec.detail = f"crash loop: {len(rec.failures)} failures within {policy.window:g}s; last: {what}"
-            log.error("%s: %s", rec.name, rec.detail)
-        else:
-            delay = min(policy.backoff * (2 ** (rec.consecutive_failures - 1)), policy.backoff_max)
-            rec.next_start_at = now + delay
-            rec.move(lc.BACKOFF)
-            rec.detail = f"{what}; restarting in {delay:g}s"
-            log.warning("%s: %s", rec.name, rec.detail)
+    def _stop_done(self, rec: ServerRecord, slot: Slot, now: float) -> None:
+        fut, slot.stop = slot.stop, None
+        after, instance = slot.after_stop, slot.stop_instance
+        slot.after_stop, slot.stop_instance = "", None
+        try:
+            result = fut.result() if fut is not None else StopResult("not running")
+        except Exception as e:  # noqa: BLE001
+            log.error("%s: stopping failed: %s", rec.label, e)
+            result = StopResult("failed")
+        if rec.instance != instance:
+            return  # someone else has moved the record on since
+        if after == AFTER_CRASH and rec.state == lc.CRASHED:
+            spec = self._spec(rec, slot)
+            if spec is not None:
+                self._after_crash(rec, slot, spec, now)
+        elif after == AFTER_STOP and rec.state == lc.STOPPING:
+            if mark_stopped(rec, instance) and not result.ok:
+                rec.last_error = f"after stopping, the port still answers: {result.port_holder}"
 
     def _spec(self, rec: ServerRecord, slot: Slot) -> ServerSpec | None:
         if slot.spec is None or slot.spec_key != rec.fingerprint:
-            try:
-                slot.spec = parse_server(rec.name, rec.spec, rec.source)
-            except Exception as e:  # noqa: BLE001 — a record we cannot use is reported, not crashed on
-                if rec.state != lc.FAILED:
-                    rec.state = lc.FAILED
-                rec.last_error = f"cannot read this server's spec: {e}"
+            spec = record_spec(rec)
+            if spec is None:
+                # a record we cannot use is reported, not crashed on
+                lc.force(rec, lc.FAILED, "its spec no longer validates")
+                rec.last_error = f"cannot read this server's spec (from {rec.source}); run up again"
                 return None
-            slot.spec_key = rec.fingerprint
-            slot.external = get_backend(slot.spec.kind).is_external(slot.spec)
+            slot.spec, slot.spec_key = spec, rec.fingerprint
+            slot.external = get_backend(spec.kind).is_external(spec)
         return slot.spec
 
-    def _submit(self, fn: Callable, *args: Any) -> Future:
+    # ------------------------------------------------------------------ housekeeping
+    def housekeeping(self) -> None:
+        """Periodic chores, each under its own guard: log rotation, port leases."""
+        for chore in (self.rotate_logs, self.refresh_leases):
+            try:
+                chore()
+            except Exception:  # noqa: BLE001
+                log.exception("housekeeping: %s failed", chore.__name__)
+
+    def rotate_logs(self) -> None:
+        if not self.log_to_files:
+            return
+        for rec in self.store.records():
+            spec = record_spec(rec)
+            if spec is not None and logfiles.rotate_if_needed(self.store.log_path(rec.ref), spec.log):
+                log.info("%s: log rotated", rec.label)
+
+    def refresh_leases(self) -> None:
+        from modelctl.ports import PortLeases
+
+        held = [(r.port, r.ref) for r in self.store.records() if r.port and r.desired == "running" and r.managed_by == self.managed_by]
+        if held:
+            PortLeases(self.store.root).refresh(held)
+
+    def adopt_orphan(self, pid: int, token: str | None) -> ServerRef | None:
+        """A process re-parented to us (we are a subreaper): add it to its server's members."""
+        if token is None:
+            return None
+        for rec in self.store.records():
+            if rec.instance == token:
+                ident = identity_of(pid)
+                if ident is None:
+                    return None
+
+                def add(r: ServerRecord) -> None:
+                    if [ident.pid, ident.create_time] not in r.members:
+                        r.members = [*r.members, [ident.pid, ident.create_time]][-MEMBERS_KEPT:]
+
+                self.store.update(rec.ref, add)
+                return rec.ref
+        return None
+
+    # ------------------------------------------------------------------ plumbing
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Slow work off the loop; its completion wakes the loop at once."""
-        fut = self.executor.submit(fn, *args)
-        fut.add_done_callback(lambda _: self._wake())
+        fut: Future[Any] = self.executor.submit(fn, *args)
+        fut.add_done_callback(lambda _: self.on_wake())
         return fut
 
-    def _wake(self) -> None:
-        if self._wake_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_fd, b"!")
-
     def _wake_at(self, when: float | None) -> None:
-        if when is not None and (self._next_wake is None or when < self._next_wake):
-            self._next_wake = when
-
-    # ------------------------------------------------------------------ running as a daemon
-    def wants_to_run(self) -> bool:
-        if any(slot.busy() for slot in self.slots.values()):
-            return True
-        return any(r.desired == "running" for r in self.store.load_all() if self._mine(r))
-
-    def serve(self, exit_when_idle: bool = True) -> int:
-        """Run until told to stop (SIGTERM/SIGINT) or, if exit_when_idle, until nothing should run."""
-        lock_fd = acquire_supervisor_lock(self.store)
-        if lock_fd is None:
-            log.info("another supervisor is running for %s", self.store.root)
-            return 0
-        rfd, wfd = os.pipe()
-        os.set_blocking(wfd, False)
-        os.set_blocking(rfd, False)
-        signal.set_wakeup_fd(wfd)
-        self._wake_fd = wfd
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(sig, self._on_signal)
-        log.info("supervisor pid %s watching %s", os.getpid(), self.store.root)
-        try:
-            while True:
-                self.tick()
-                stop = any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals)
-                self._signals.clear()
-                if stop:
-                    log.info("supervisor stopping on signal; servers keep running")
-                    return 0
-                if exit_when_idle and self._exit_if_idle(lock_fd):
-                    log.info("nothing left to supervise; exiting")
-                    lock_fd = None
-                    return 0
-                timeout = TICK_SECONDS
-                if self._next_wake is not None:
-                    timeout = min(timeout, max(0.0, self._next_wake - self.clock()))
-                    self._next_wake = None
-                with contextlib.suppress(InterruptedError):
-                    select.select([rfd], [], [], timeout)
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(rfd, 512):
-                        pass
-        finally:
-            signal.set_wakeup_fd(-1)
-            self._wake_fd = None
-            os.close(rfd)
-            os.close(wfd)
-            self.executor.shutdown(wait=False)
-            if lock_fd is not None:
-                release_supervisor_lock(self.store, lock_fd)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._signals.append(signum)  # handled in the loop, never here
-
-    def _exit_if_idle(self, lock_fd: int) -> bool:
-        with self.store.locked():
-            if self.wants_to_run():
-                return False
-            release_supervisor_lock(self.store, lock_fd)
-            return True
-
-
-# ---------------------------------------------------------------------- the singleton
-def _supervisor_lock_path(store: StateStore) -> str:
-    return str(store.root / "supervisor.lock")
-
-
-def acquire_supervisor_lock(store: StateStore) -> int | None:
-    store.ensure()
-    fd = os.open(_supervisor_lock_path(store), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    from modelctl.process import identity_of
-
-    ident = identity_of(os.getpid())
-    info = {"pid": os.getpid(), "create_time": ident.create_time if ident else None, "started_at": time.time()}
-    write_atomic(store.root / "supervisor.json", json.dumps(info))
-    return fd
-
-
-def release_supervisor_lock(store: StateStore, fd: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (store.root / "supervisor.json").unlink()
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-def supervisor_pid(store: StateStore) -> int | None:
-    """The running supervisor's pid, or None if none holds the lock."""
-    path = _supervisor_lock_path(store)
-    if not os.path.exists(path):
-        return None
-    fd = os.open(path, os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                return int(json.loads((store.root / "supervisor.json").read_text())["pid"])
-            except (OSError, ValueError, KeyError):
-                return -1  # running, identity not yet written
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def start_supervisor(store: StateStore) -> int:
-    """Start a detached supervisor for this state directory (it exits at once if one runs)."""
-    store.ensure()
-    argv = [sys.executable, "-m", "modelctl", "--state-dir", str(store.root), "supervise"]
-    popen, ident = spawn_detached(argv, dict(os.environ), store.root / "supervisor.log")
-    # wait until it holds the lock (or lost the race to another one), so callers that check
-    # right after this do not start yet another
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and popen.poll() is None and supervisor_pid(store) is None:
-        time.sleep(0.02)
-    if popen.poll() not in (None, 0) and supervisor_pid(store) is None:
-        from modelctl.errors import ModelctlError
-
-        log_path = store.root / "supervisor.log"
-        tail = log_path.read_text(errors="replace").splitlines()[-10:] if log_path.exists() else []
-        raise ModelctlError(f"the supervisor exited at once ({describe_exit(popen.returncode)}); {log_path}:\n" + "\n".join(tail))
-    return supervisor_pid(store) or ident.pid
-
-
-def ensure_supervisor(store: StateStore) -> int:
-    pid = supervisor_pid(store)
-    if pid is None:
-        return start_supervisor(store)
-    return pid
-
-
-def wake_supervisor(store: StateStore) -> None:
-    pid = supervisor_pid(store)
-    if pid and pid > 0:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGUSR1)
+        if when is not None and (self.next_wake is None or when < self.next_wake):
+            self.next_wake = when

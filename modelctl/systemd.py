@@ -1,7 +1,8 @@
 """systemd units from a profile: one service per server (`modelctl run NAME`) and a target.
 
 Ports and GPUs are resolved when the units are written — an `auto` port becomes a number in
-the unit — so the servers come back at boot where clients expect them.
+the unit — so the servers come back at boot where clients expect them. Unit names carry the
+profile (modelctl-<profile>-<server>.service), so two profiles' servers never collide.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import re
+
 from modelctl.backends import get_backend
+from modelctl.errors import ModelctlError
 from modelctl.foreground import unit_name
 from modelctl.gpus import allocate_gpus, discover_gpus
-from modelctl.ports import pick_free_port
-from modelctl.profile import Profile, ServerSpec
-from modelctl.state import StateStore
+from modelctl.ports import PortRequest, allocate_ports
+from modelctl.profile import Profile
+from modelctl.spec import ServerSpec
+from modelctl.state import ServerRecord, StateStore
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # time systemd gives `modelctl run` beyond the server's own timeouts (start-up of modelctl itself)
 START_SLACK_SECONDS = 30
@@ -36,7 +43,12 @@ def unit_dir(user: bool) -> Path:
 
 
 def _quote(value: str) -> str:
-    """Quote one word for ExecStart= / Environment= (systemd's own quoting rules)."""
+    """Quote one word for ExecStart= / Environment= (systemd's own quoting rules).
+
+    A newline or other control character would end the line and inject directives: refused.
+    """
+    if _CONTROL.search(value):
+        raise ModelctlError(f"cannot write {value[:60]!r} into a systemd unit: it contains a newline or control character")
     if value and not any(c in value for c in ' \t"\'\\$%;'):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
@@ -44,28 +56,28 @@ def _quote(value: str) -> str:
 
 
 def resolve_allocations(profile: Profile, store: StateStore) -> tuple[dict[str, int | None], dict[str, list[int]]]:
-    """Fixed ports (auto → the server's recorded port, else a free one) and GPU ids."""
-    records = {r.name: r for r in store.load_all()}
-    ports: dict[str, int | None] = {}
-    taken = {spec.port for spec in profile.servers.values() if spec.port}
-    taken |= {r.port for r in records.values() if r.port and r.name not in profile.servers}
+    """Fixed ports (auto → the server's recorded port, else a free one) and GPU ids, by the same
+    rule as `up` (modelctl/ports.py), without leasing: generating units starts nothing."""
+    records = {r.ref: r for r in store.records()}
+    requests = []
     for spec in profile.servers.values():
-        if get_backend(spec.kind).is_external(spec):
-            ports[spec.name] = None
-        elif spec.port is not None:
-            ports[spec.name] = spec.port
-        else:
-            previous = records[spec.name].port if spec.name in records else None
-            port = previous if previous and previous not in taken else pick_free_port(profile.port_range, spec.host, taken)
-            if port is None:
-                from modelctl.errors import PortInUseError
-
-                raise PortInUseError(f"{profile.path}: no free port in port_range for server '{spec.name}'")
-            ports[spec.name] = port
-            taken.add(port)
-    requests = {s.name: (s.gpus, s.gpus_shared) for s in profile.servers.values() if s.gpu_count}
-    gpus = allocate_gpus(requests, discover_gpus(), {}) if requests else {}
-    return ports, gpus
+        old = records.get(spec.ref)
+        requests.append(
+            PortRequest(
+                ref=spec.ref,
+                host=spec.host,
+                fixed=spec.port,
+                previous=old.port if old else None,
+                own=old.port if old else None,  # the server's own port, even if it runs now
+                external=get_backend(spec.kind).is_external(spec),
+                source=profile.path,
+            )
+        )
+    held = {r.port: r.label for r in records.values() if r.port and r.ref.profile != profile.name}
+    ports = allocate_ports(requests, profile.port_range, held)
+    gpu_requests = {s.name: (s.gpus, s.gpus_shared) for s in profile.servers.values() if s.gpu_count}
+    gpus = allocate_gpus(gpu_requests, discover_gpus(), {}) if gpu_requests else {}
+    return {ref.name: port for ref, port in ports.items()}, gpus
 
 
 def service_unit(profile: Profile, spec: ServerSpec, store: StateStore, port: int | None, gpus: list[int], user: bool) -> str:
@@ -98,7 +110,7 @@ def service_unit(profile: Profile, spec: ServerSpec, store: StateStore, port: in
         # the whole cgroup, children of children included; never KillMode=process
         "KillMode=control-group",
         "KillSignal=SIGTERM",
-        f"SyslogIdentifier=modelctl-{spec.name}",
+        f"SyslogIdentifier=modelctl-{profile.name}-{spec.name}",
         f"WorkingDirectory={_quote(str(Path(profile.path).resolve().parent))}",
     ]
     if not user and os.geteuid() != 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ import pytest
 import yaml
 
 from modelctl.control import Controller
-from modelctl.state import StateStore
+from modelctl.names import ServerRef
+from modelctl.state import ServerRecord, StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_SERVER = str(ROOT / "tests" / "servers" / "toy_server.py")
@@ -141,8 +141,20 @@ class Harness:
         )
 
     def row(self, name: str) -> dict:
-        rows = {r["name"]: r for r in self.ctl.status()}
-        return rows[name]
+        """A server's status row: `profile/server`, or a bare server name that only one profile has."""
+        rows = self.ctl.status()
+        found = [r for r in rows if r["id"] == name] or [r for r in rows if r["name"] == name]
+        assert len(found) == 1, f"{name!r} matches {[r['id'] for r in found]}"
+        return found[0]
+
+    @staticmethod
+    def ref(name: str, profile: str = "test") -> ServerRef:
+        return ServerRef(profile, name)
+
+    def record(self, name: str, profile: str = "test") -> ServerRecord | None:
+        rec = self.store.load(ServerRef(profile, name))
+        assert rec is None or isinstance(rec, ServerRecord), rec
+        return rec
 
     def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict:
         return wait_for(lambda: (r := self.row(name))["state"] == state and r, timeout, what=f"{name} to be {state}")
@@ -160,8 +172,11 @@ def mc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pid_file = h.state_dir / "supervisor.json"
     if pid_file.exists():
         try:
-            os.kill(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
-        except (ProcessLookupError, ValueError, KeyError, OSError):
+            info = json.loads(pid_file.read_text())
+            proc = psutil.Process(info["pid"])
+            if abs(proc.create_time() - info["create_time"]) < 0.05:  # never a stranger with a reused pid
+                proc.kill()
+        except (psutil.NoSuchProcess, ValueError, KeyError, TypeError, OSError):
             pass
     kill_tagged(tag)
 

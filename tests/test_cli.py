@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from modelctl import lifecycle as lc
+from modelctl.control import Scope
 from modelctl.profile import load_profile
 from modelctl.state import ServerRecord
 
@@ -33,10 +34,14 @@ def toy_pids(mc, name_flag: str | None = None) -> list[int]:
     return out
 
 
-def status_json(mc) -> dict:
+def status_json(mc, key: str = "name") -> dict:
+    """Rows of `status --json`, by server name (single-profile tests) or by `id` (profile/server)."""
     res = mc.cli("status", "--json")
     assert res.returncode == 0, res.stderr
-    return {r["name"]: r for r in json.loads(res.stdout)}
+    rows = json.loads(res.stdout)
+    by_key = {r[key]: r for r in rows}
+    assert len(by_key) == len(rows), f"{key} is not unique: {[r['id'] for r in rows]}"
+    return by_key
 
 
 def listen_socket() -> socket.socket:
@@ -168,7 +173,7 @@ def test_too_few_gpus_fails_before_anything_starts(mc):
         }
     )
     res = mc.cli("up", "-p", str(path), env={"MODELCTL_GPUS": "0"})
-    assert res.returncode != 0 and "server 'b' needs 1 GPU(s)" in res.stderr
+    assert res.returncode != 0 and "server 'test/b' needs 1 GPU(s)" in res.stderr
     assert toy_pids(mc) == [] and mc.store.load_all() == []
 
 
@@ -186,14 +191,14 @@ def test_a_reused_pid_is_reported_stopped_and_never_signalled(mc):
         spec = load_profile(mc.profile({"s": {"kind": "command", "command": mc.toy()}})).servers["s"]
         mc.store.save(
             ServerRecord(
-                name="s", kind="command", source=spec.source, spec=dict(spec.raw), fingerprint=spec.fingerprint,
+                profile="test", name="s", kind="command", source=spec.source, spec=dict(spec.raw), fingerprint=spec.fingerprint,
                 desired="running", state=lc.READY, port=23999, url="http://127.0.0.1:23999",
                 pid=bystander.pid, create_time=psutil.Process(bystander.pid).create_time() - 1000,
             )
         )  # fmt: skip
         row = mc.row("s")
         assert row["state"] == "stopped" and row["pid"] is None
-        mc.ctl.down(["s"])
+        mc.ctl.down(Scope(names=("s",)))
         assert bystander.poll() is None  # still alive: not ours, not signalled
     finally:
         bystander.kill()
@@ -261,8 +266,8 @@ def test_state_directory_and_logs_are_private(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy()}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
     assert stat.S_IMODE(mc.state_dir.stat().st_mode) == 0o700
-    assert stat.S_IMODE(mc.store.log_path("web").stat().st_mode) == 0o600
-    assert stat.S_IMODE(mc.store.record_path("web").stat().st_mode) == 0o600
+    assert stat.S_IMODE(mc.store.log_path(mc.ref("web")).stat().st_mode) == 0o600
+    assert stat.S_IMODE(mc.store.record_path(mc.ref("web")).stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("args", [["--help"], ["status"], ["status", "--json"]])

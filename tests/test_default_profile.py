@@ -17,7 +17,7 @@ def test_default_profile_serves_embeddings_and_rerank_then_goes_away(mc):
     env = {k: v for k, v in mc.env.items() if k != "MODELCTL_PROFILE"}
     res = mc.cli("up", env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    urls = dict(re.findall(r"^(embed|rerank)\s+(http://\S+)", res.stdout, re.M))
+    urls = dict(re.findall(r"^default/(embed|rerank)\s+(http://\S+)", res.stdout, re.M))
     assert set(urls) == {"embed", "rerank"}, res.stdout
 
     status, body, _ = http_post(urls["embed"] + "/v1/embeddings", {"input": ["a real embedding", "another one"]})

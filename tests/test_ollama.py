@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from modelctl.ollama_models import OllamaError, ensure_model
+from modelctl.backends.ollama.models import OllamaError, ensure_model
 from modelctl.profile import parse_server
 
 from .conftest import ROOT, http_get, http_post, wait_for
@@ -84,7 +84,7 @@ def fake(mc):
 
 
 def spec_for(mc, **keys):
-    return parse_server("llm", {"kind": "ollama", **keys}, str(mc.tmp / "p.yaml"))
+    return parse_server("llm", {"kind": "ollama", **keys}, str(mc.tmp / "p.yaml"), "p")
 
 
 def collect():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modelctl.errors import ProfileError
-from modelctl.profile import DEFAULT_PROFILE, load_profile
+from modelctl.profile import default_profile_path, load_profile
 
 
 def write(tmp_path, text: str):
@@ -24,13 +24,13 @@ def test_defaults_are_filled_in(tmp_path):
 
 
 def test_bundled_default_profile_has_embedding_and_rerank_servers():
-    prof = load_profile(DEFAULT_PROFILE)
+    prof = load_profile(default_profile_path())
     tasks = {s.options["task"] for s in prof.servers.values() if s.kind == "sentence"}
     assert tasks == {"embedding", "rerank"}
 
 
 def test_profile_env_var_is_used_without_path(tmp_path, monkeypatch):
-    path = write(tmp_path, "servers:\n  only:\n    kind: command\n    command: [x]\n")
+    path = write(tmp_path, "servers:\n  only:\n    kind: command\n    command: [x, '{port}']\n")
     monkeypatch.setenv("MODELCTL_PROFILE", str(path))
     assert list(load_profile().servers) == ["only"]
 
@@ -38,17 +38,17 @@ def test_profile_env_var_is_used_without_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "body, server, key, words",
     [
-        ("  a:\n    kind: command\n    command: [x]\n    colour: red\n", "a", "colour", "unknown key"),
-        ("  a:\n    kind: command\n    command: [x]\n    port: eighty\n", "a", "port", "1-65535"),
+        ("  a:\n    kind: command\n    command: [x, '{port}']\n    colour: red\n", "a", "colour", "unknown key"),
+        ("  a:\n    kind: command\n    command: [x, '{port}']\n    port: eighty\n", "a", "port", "1-65535"),
         ("  a:\n    kind: command\n    command: 'python -m http.server'\n", "a", "command", "never a shell string"),
         ("  a:\n    kind: command\n    command: [x, '{prot}']\n", "a", "command", "unknown placeholder {prot}"),
         ("  a:\n    command: [x]\n", "a", "kind", "missing"),
         ("  a:\n    kind: teapot\n", "a", "kind", "one of"),
         ("  a:\n    kind: vllm\n", "a", "model", "missing"),
-        ("  a:\n    kind: command\n    command: [x]\n    gpus: yes\n", "a", "gpus", "count"),
-        ("  a:\n    kind: command\n    command: [x]\n    health: {http: health}\n", "a", "health.http", "starting with '/'"),
-        ("  a:\n    kind: command\n    command: [x]\n    restart: {max_failures: 0}\n", "a", "restart.max_failures", "greater than 0"),
-        ("  a:\n    kind: command\n    command: [x]\n    env: {1BAD: x}\n", "a", "env", "not a valid environment variable name"),
+        ("  a:\n    kind: command\n    command: [x, '{port}']\n    gpus: yes\n", "a", "gpus", "count"),
+        ("  a:\n    kind: command\n    command: [x, '{port}']\n    health: {http: health}\n", "a", "health.http", "starting with '/'"),
+        ("  a:\n    kind: command\n    command: [x, '{port}']\n    restart: {max_failures: 0}\n", "a", "restart.max_failures", "from 1 to"),
+        ("  a:\n    kind: command\n    command: [x, '{port}']\n    env: {1BAD: x}\n", "a", "env", "not a valid environment variable name"),
         ("  a:\n    kind: sentence\n    device: cuda\n", "a", "device", "needs GPUs"),
         ("  a:\n    kind: vllm\n    model: m\n    args: ['--port', '9']\n", "a", "args", "set by modelctl"),
     ],
@@ -63,7 +63,7 @@ def test_bad_server_key_names_file_server_and_key(tmp_path, body, server, key, w
 
 
 def test_duplicate_ports_name_both_servers(tmp_path):
-    path = write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x]\n    port: 9000\n  b:\n    kind: command\n    command: [y]\n    port: 9000\n")
+    path = write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n    port: 9000\n  b:\n    kind: command\n    command: [y, '{port}']\n    port: 9000\n")
     with pytest.raises(ProfileError) as e:
         load_profile(path)
     assert "server 'b'" in str(e.value) and "key 'port'" in str(e.value) and "server 'a'" in str(e.value)
@@ -86,6 +86,6 @@ def test_unknown_top_level_key(tmp_path):
 
 
 def test_fingerprint_changes_with_the_spec(tmp_path):
-    a = load_profile(write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x]\n")).servers["a"]
-    b = load_profile(write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [y]\n")).servers["a"]
+    a = load_profile(write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n")).servers["a"]
+    b = load_profile(write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [y, '{port}']\n")).servers["a"]
     assert a.fingerprint != b.fingerprint

@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from modelctl.supervisor import supervisor_pid as running_supervisor
+from modelctl.daemon import supervisor_pid as running_supervisor
 
 from .conftest import http_get, wait_for
 from .test_cli import status_json, toy_pids

@@ -6,12 +6,14 @@ No real process runs here: the supervisor's verbs are driven tick by tick (as ho
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
 from modelctl import lifecycle as lc
 from modelctl.health import ProbeResult
-from modelctl.process import ProcessIdentity
+from modelctl.names import ServerRef
+from modelctl.process import ProcessIdentity, StopResult, identity_of
 from modelctl.profile import parse_server
 from modelctl.state import ServerRecord, StateStore
 from modelctl.supervisor import Handle, InlineExecutor, Supervisor
@@ -37,7 +39,7 @@ class FakeProcs:
         self.healthy = True
         self.port_holders: dict[int, str] = {}
 
-    def spawn(self, launch, env, log_path):
+    def spawn(self, launch, env, log_fd):
         pid = next(self.pids)
         self.spawned.append((pid, list(launch.argv)))
         self.alive.add(pid)
@@ -52,17 +54,22 @@ class FakeProcs:
     def is_alive(self, ident):
         return ident.pid in self.alive
 
-    def stop(self, ident, timeout):
-        if ident.pid in self.alive:
-            self.stopped.append(ident.pid)
-            self.exit(ident.pid, -15)
-        return "terminated"
+    def stop(self, target, timeout):
+        pid = target.leader.pid if target.leader else None
+        if pid in self.alive:
+            self.stopped.append(pid)
+            self.exit(pid, -15)
+            return StopResult("terminated", [pid])
+        return StopResult("not running")
+
+    def descendants(self, ident):
+        return []
 
     def port_holder(self, port, host):
         return self.port_holders.get(port)
 
     def probe(self, spec, url):
-        return ProbeResult(self.healthy, "ok" if self.healthy else "503")
+        return ProbeResult(self.healthy, "ok" if self.healthy else "503", connected=True)
 
     def exit(self, pid: int, code: int) -> None:
         self.alive.discard(pid)
@@ -71,8 +78,8 @@ class FakeProcs:
 
 def add_server(store: StateStore, name: str = "s", port: int = 9100, **extra) -> ServerRecord:
     raw = {"kind": "command", "command": ["srv", "{port}"], "health": {"http": "/health", "interval": 1, "grace": 5}, **extra}
-    spec = parse_server(name, raw, "test.yaml")
-    rec = ServerRecord(name=name, kind="command", source="test.yaml", spec=raw, fingerprint=spec.fingerprint, port=port, url=f"http://127.0.0.1:{port}")
+    spec = parse_server(name, raw, "test.yaml", "test")
+    rec = ServerRecord(profile="test", name=name, kind="command", source="test.yaml", spec=raw, fingerprint=spec.fingerprint, port=port, url=f"http://127.0.0.1:{port}")
     store.save(rec)
     return rec
 
@@ -88,7 +95,7 @@ def world(tmp_path):
             return Supervisor(self.store, clock=lambda: self.now, procs=self.procs, executor=InlineExecutor())
 
         def rec(self, name="s"):
-            return self.store.load(name)
+            return self.store.load(ServerRef("test", name))
 
     return World()
 
@@ -194,11 +201,11 @@ def test_down_during_backoff_means_no_restart(world):
     sup.tick(world.now)
     assert world.rec("s").state == lc.BACKOFF
 
-    def down(r):  # what Controller.stop writes
+    def down(r):  # what `down` writes for a server in backoff
         r.desired = "stopped"
-        r.move(lc.STOPPED)
+        lc.move(r, lc.STOPPED)
 
-    world.store.update("s", down)
+    world.store.update(ServerRef("test", "s"), down)
     world.now += 60
     sup.tick(world.now)
     assert world.rec("s").state == lc.STOPPED and len(world.procs.spawned) == 1
@@ -208,7 +215,13 @@ def test_an_exit_after_down_is_not_a_crash(world):
     add_server(world.store)
     sup = world.sup()
     rec = run_until(world, sup, "s", lc.READY)
-    world.store.update("s", lambda r: (setattr(r, "desired", "stopped"), r.move(lc.STOPPING)))
+    me = identity_of(os.getppid())  # the `down` command marks itself as the stop's owner, and lives
+
+    def down(r):
+        r.desired, r.stop_owner = "stopped", [me.pid, me.create_time]
+        lc.move(r, lc.STOPPING)
+
+    world.store.update(ServerRef("test", "s"), down)
     world.procs.exit(rec.pid, -15)
     sup.tick(world.now)
     rec = world.rec("s")

@@ -117,7 +117,7 @@ def test_run_exits_with_failure_when_its_server_dies(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
     proc = subprocess.Popen([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        row = wait_for(lambda: (r := mc.row("web") if mc.store.load("web") else None) and r["state"] == "ready" and r, 60, what="ready")
+        row = wait_for(lambda: (r := mc.row("web") if mc.record("web", "sd") else None) and r["state"] == "ready" and r, 60, what="ready")
         os.kill(row["pid"], signal.SIGKILL)
         assert proc.wait(30) == 1  # systemd's Restart=on-failure takes it from here
         assert "killed by SIGKILL" in proc.stdout.read()
@@ -131,7 +131,7 @@ def test_up_refuses_a_server_that_systemd_runs(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
     proc = subprocess.Popen([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: mc.store.load("web") and mc.row("web")["state"] == "ready", 60, what="ready")
+        wait_for(lambda: mc.record("web", "sd") and mc.row("web")["state"] == "ready", 60, what="ready")
         res = mc.cli("up", "-p", str(path))
         assert res.returncode != 0 and "systemd" in res.stderr
     finally:

@@ -24,7 +24,7 @@ STAND_IN = ROOT / "tests" / "vllm" / "stand_in"
 
 
 def vllm_spec(**keys):
-    return parse_server("llm", {"kind": "vllm", "model": "/models/tiny", **keys}, "p.yaml")
+    return parse_server("llm", {"kind": "vllm", "model": "/models/tiny", **keys}, "p.yaml", "p")
 
 
 def test_argv_uses_the_module_entry_point_and_adds_managed_flags():
@@ -35,7 +35,7 @@ def test_argv_uses_the_module_entry_point_and_adds_managed_flags():
         "--host", "127.0.0.1", "--port", "8123", "--served-model-name", "tiny", "--tensor-parallel-size", "2",
         "--dtype", "float32", "--api-key", "k",
     ]  # fmt: skip
-    env = server_environment(spec, launch, 8123, [1, 2])
+    env = server_environment(spec, launch, 8123, [1, 2], "token")
     assert env["CUDA_VISIBLE_DEVICES"] == "1,2"
 
 

@@ -1,18 +1,22 @@
-"""Server kinds. Each module is light: no model libraries are imported here."""
+"""The server kinds: one registry that profile validation, the CLI and unit/manifest generation read.
+
+Each kind is a stateless `Backend` (modelctl/backends/base.py). Importing this package is cheap:
+no model library is imported until a server is prepared.
+"""
 
 from __future__ import annotations
 
 from modelctl.backends.base import Backend
+from modelctl.backends.command import CommandBackend
+from modelctl.backends.ollama import OllamaBackend
+from modelctl.backends.sentence import SentenceBackend
+from modelctl.backends.vllm import VllmBackend
+
+KINDS: dict[str, Backend] = {b.kind: b for b in (SentenceBackend(), OllamaBackend(), VllmBackend(), CommandBackend())}
 
 
 def get_backend(kind: str) -> Backend:
-    from modelctl.backends.command import CommandBackend
-    from modelctl.backends.ollama import OllamaBackend
-    from modelctl.backends.sentence import SentenceBackend
-    from modelctl.backends.vllm import VllmBackend
-
-    kinds = {b.kind: b for b in (CommandBackend(), SentenceBackend(), OllamaBackend(), VllmBackend())}
     try:
-        return kinds[kind]
+        return KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown server kind {kind!r}; known: {', '.join(sorted(kinds))}") from None
+        raise ValueError(f"unknown server kind {kind!r}; known: {', '.join(KINDS)}") from None

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from modelctl.profile import HealthSpec, Key, ServerSpec
+from modelctl.spec import HealthSpec, Key, ServerSpec
 
 # A callback through which a long preparation (an Ollama pull) reports progress:
 # {"status": str, "completed": int | None, "total": int | None}
-ProgressReport = Callable[[dict], None]
+ProgressReport = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -25,20 +25,22 @@ class Backend:
     """A server kind. Subclasses are stateless; the `ServerSpec` carries everything."""
 
     kind = ""
+    summary = ""
     keys: dict[str, Key] = {}
     startup_timeout = 120.0
+    cluster_port = 8000  # the container port when the profile says `port: auto` (Kubernetes)
 
     def default_health(self, options: Mapping[str, Any]) -> HealthSpec:
         return HealthSpec(kind="http", path="/health")
 
     def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:
-        """Checks across keys; raise ValueError('key: reason'). May fill derived options."""
+        """Checks across keys; raise KeyProblem(key, reason). May fill derived options."""
 
     def is_external(self, spec: ServerSpec) -> bool:
         """True when the server lives elsewhere: nothing to spawn or bind, only to probe and prepare."""
         return False
 
-    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch | None:
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch | None:
         """The process to run, or None when the server lives elsewhere (an external host)."""
         raise NotImplementedError
 

@@ -6,26 +6,28 @@ import string
 from typing import Any, Mapping
 
 from modelctl.backends.base import Backend, Launch
-from modelctl.profile import HealthSpec, Key, ServerSpec, check_str, check_str_list, required
+from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_str, check_str_list, required
 
 PLACEHOLDERS = ("port", "host", "gpus", "model", "name")
 
 
-def check_placeholders(argv: list[str], key: str = "command") -> None:
+def placeholders_in(argv: list[str], key: str = "command") -> set[str]:
+    """The placeholders argv uses; KeyProblem for unknown ones or bad braces."""
+    used: set[str] = set()
     for arg in argv:
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
         except ValueError as e:
-            raise ValueError(f"{key}: {arg!r}: {e} (write literal braces as {{{{ and }}}})") from None
+            raise KeyProblem(key, f"{arg!r}: {e} (write literal braces as {{{{ and }}}})") from None
         for f in fields:
             if f not in PLACEHOLDERS:
-                raise ValueError(
-                    f"{key}: unknown placeholder {{{f}}} in {arg!r}; known: "
-                    + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-                )
+                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                raise KeyProblem(key, f"unknown placeholder {{{f}}} in {arg!r}; known: {known}")
+            used.add(f)
+    return used
 
 
-def fill_placeholders(argv: list[str], spec: ServerSpec, port: int, gpus: list[int]) -> list[str]:
+def fill_placeholders(argv: list[str], spec: ServerSpec, port: int | None, gpus: list[int]) -> list[str]:
     values = {
         "port": str(port),
         "host": spec.host,
@@ -38,20 +40,34 @@ def fill_placeholders(argv: list[str], spec: ServerSpec, port: int, gpus: list[i
 
 class CommandBackend(Backend):
     kind = "command"
+    summary = "any server, as an argv with {port} {host} {gpus} {model} {name} placeholders"
     startup_timeout = 60.0
+    cluster_port = 8080
     keys = {
         "command": required(check_str_list, "argv list with {port} {host} {gpus} {model} {name} placeholders"),
         "model": Key(check_str, None, "value of the {model} placeholder"),
         "cwd": Key(check_str, None, "working directory"),
+        "port_env": Key(check_str, None, "environment variable the server reads its port from (e.g. PORT), for argvs without {port}"),
     }
 
     def default_health(self, options: Mapping[str, Any]) -> HealthSpec:
         return HealthSpec(kind="tcp")
 
     def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:
-        if not options["command"]:
-            raise ValueError("command: must not be empty")
-        check_placeholders(options["command"])
+        argv = options["command"]
+        if not argv:
+            raise KeyProblem("command", "must not be empty")
+        used = placeholders_in(argv)
+        fixed = common.get("port")
+        literal = fixed is not None and any(str(fixed) in arg for arg in argv)
+        if "port" not in used and not options.get("port_env") and not literal:
+            # the server would listen somewhere else than where modelctl probes and clients call
+            raise KeyProblem(
+                "command",
+                "never uses {port}: add it to the argv (--port {port}), or set port_env: NAME for a server "
+                "that reads its port from the environment, or give a fixed port: that the argv already uses",
+            )
 
-    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch:
-        return Launch(argv=fill_placeholders(spec.options["command"], spec, port, gpus), cwd=spec.options.get("cwd"))
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
+        env = {spec.options["port_env"]: str(port)} if spec.options.get("port_env") else {}
+        return Launch(argv=fill_placeholders(spec.options["command"], spec, port, gpus), env=env, cwd=spec.options.get("cwd"))

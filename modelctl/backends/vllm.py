@@ -5,35 +5,48 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from modelctl.backends.base import Backend, Launch
-from modelctl.profile import Key, ServerSpec, check_positive_int, check_str, check_str_list, required
+from modelctl.spec import Key, KeyProblem, ServerSpec, check_count, check_str, check_str_list, required
+
+# flags modelctl sets itself, from the profile's keys
+MANAGED_FLAGS = {"--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp", "--model"}
 
 
 class VllmBackend(Backend):
     kind = "vllm"
+    summary = "vLLM's OpenAI-compatible server, tensor parallel over the server's GPUs"
     startup_timeout = 900.0  # big models take minutes to load and compile
+    cluster_port = 8000
     keys = {
         "model": required(check_str, "model path or hub name"),
         "served_model_name": Key(check_str, None, "name clients use (default: the server name)"),
         "python": Key(check_str, "python3", "interpreter of the environment vLLM is installed in"),
         "executable": Key(check_str, None, "a `vllm` executable to run as `vllm serve` instead of python -m"),
-        "tensor_parallel_size": Key(check_positive_int, None, "default: the number of GPUs"),
+        "tensor_parallel_size": Key(check_count, None, "default: the number of GPUs"),
         "args": Key(check_str_list, None, "extra vLLM flags, passed through unchanged"),
     }
 
     def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:
-        managed = {"--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp", "--model"}
         for arg in options.get("args") or []:
-            if arg.split("=", 1)[0] in managed:
-                raise ValueError(f"args: {arg!r} is set by modelctl; use the profile keys (port, host, served_model_name, gpus, tensor_parallel_size, model)")
+            if arg.split("=", 1)[0] in MANAGED_FLAGS:
+                raise KeyProblem(
+                    "args",
+                    f"{arg!r} is set by modelctl; use the profile keys (port, host, served_model_name, gpus, tensor_parallel_size, model)",
+                )
 
-    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch:
+    def served_name(self, spec: ServerSpec) -> str:
+        return str(spec.options.get("served_model_name") or spec.name)
+
+    def tensor_parallel(self, spec: ServerSpec, gpus: int) -> int:
+        return int(spec.options.get("tensor_parallel_size") or gpus)
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
         o = spec.options
         if o.get("executable"):
             argv = [o["executable"], "serve", o["model"]]
         else:
             argv = [o["python"], "-m", "vllm.entrypoints.openai.api_server", "--model", o["model"]]
-        argv += ["--host", spec.host, "--port", str(port), "--served-model-name", o.get("served_model_name") or spec.name]
-        tp = o.get("tensor_parallel_size") or len(gpus)
+        argv += ["--host", spec.host, "--port", str(port), "--served-model-name", self.served_name(spec)]
+        tp = self.tensor_parallel(spec, len(gpus))
         if tp:
             argv += ["--tensor-parallel-size", str(tp)]
         argv += o.get("args") or []

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from modelctl.backends.ollama import normalize_model_name
-from modelctl.profile import ServerSpec
+from modelctl.spec import ServerSpec
 
 log = logging.getLogger("modelctl.ollama")
 
 PULL_ATTEMPTS = 3  # Ollama resumes a pull where it stopped, so a retry continues the download
 SAFETENSORS_FILES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".jinja")
 
-Report = Callable[[dict], None]
+Report = Callable[[dict[str, Any]], None]
 
 
 class OllamaError(RuntimeError):

@@ -1,11 +1,15 @@
-"""The `ollama` kind: a model made present in an Ollama server (managed or external)."""
+"""The `ollama` kind: a model made present in an Ollama server (managed or external).
+
+The model handling (list, import, pull) is in models.py; it imports the `ollama` client only
+when a server is prepared.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from modelctl.backends.base import Backend, Launch
-from modelctl.profile import HealthSpec, Key, ServerSpec, check_bool, check_str, required
+from modelctl.backends.base import Backend, Launch, ProgressReport
+from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, describe, required
 
 
 def normalize_model_name(name: str) -> str:
@@ -14,15 +18,25 @@ def normalize_model_name(name: str) -> str:
     return name if ":" in last else f"{name}:latest"
 
 
+def check_keep_alive(value: Any) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"must be a duration like 5m or a number of seconds, got {describe(value)}")
+    if isinstance(value, str):
+        check_str(value)
+    return value
+
+
 class OllamaBackend(Backend):
     kind = "ollama"
+    summary = "a model made present in an Ollama server: listed, else imported from model_path, else pulled"
     startup_timeout = 600.0  # a pull can take a while
+    cluster_port = 11434
     keys = {
         "model": required(check_str, "model name, e.g. qwen2.5:0.5b"),
         "model_path": Key(check_str, None, "a .gguf file or a Safetensors directory to import"),
         "executable": Key(check_str, "ollama", "the ollama binary for a managed server"),
         "models_dir": Key(check_str, None, "OLLAMA_MODELS of a managed server"),
-        "keep_alive": Key(lambda v: v if isinstance(v, (str, int)) and not isinstance(v, bool) else _bad_keep_alive(v), None, "how long the model stays loaded (5m, -1, 0)"),
+        "keep_alive": Key(check_keep_alive, None, "how long the model stays loaded (5m, -1, 0)"),
         "preload": Key(check_bool, False, "load the model into memory once ready"),
     }
 
@@ -33,12 +47,12 @@ class OllamaBackend(Backend):
         host = common.get("host") or ""
         options["external"] = "://" in host
         if options["external"] and common.get("port") is not None:
-            raise ValueError("port: an external Ollama (host: URL) has its port in the URL")
+            raise KeyProblem("port", "an external Ollama (host: URL) has its port in the URL")
 
     def is_external(self, spec: ServerSpec) -> bool:
         return bool(spec.options["external"])
 
-    def launch(self, spec: ServerSpec, port: int, gpus: list[int]) -> Launch | None:
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch | None:
         if self.is_external(spec):
             return None
         o = spec.options
@@ -54,19 +68,15 @@ class OllamaBackend(Backend):
             return spec.host.rstrip("/")
         return super().base_url(spec, port)
 
-    def prepare(self, spec, base_url, report):
-        from modelctl.ollama_models import ensure_model
+    def prepare(self, spec: ServerSpec, base_url: str, report: ProgressReport) -> dict[str, Any]:
+        from modelctl.backends.ollama.models import ensure_model
 
         return ensure_model(spec, base_url, report)
 
     def is_ready(self, spec: ServerSpec, base_url: str) -> tuple[bool, str]:
-        from modelctl.ollama_models import model_present
+        from modelctl.backends.ollama.models import model_present
 
         return model_present(spec, base_url)
 
     def model_label(self, spec: ServerSpec) -> str:
         return normalize_model_name(spec.options["model"])
-
-
-def _bad_keep_alive(value: Any) -> Any:
-    raise ValueError(f"must be a duration like 5m or a number of seconds, got {value!r}")
