@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install modelctl into a virtual environment (.venv by default).
 #
-#   ./install.sh            install modelctl and the bundled sentence server
-#   ./install.sh --test     also install what the test suite needs
+#   ./install.sh            install modelctl and the bundled sentence server (extra "server")
+#   ./install.sh --test     also install what the test suite and its checks need (extra "test")
 #
 # Environment:
 #   MODELCTL_VENV    where the virtual environment lives (default: .venv beside this script)
@@ -16,10 +16,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${MODELCTL_VENV:-$here/.venv}"
 python="${PYTHON:-python3}"
-extras=""
+extras="[server]"
 for arg in "$@"; do
     case "$arg" in
-        --test) extras="[test]" ;;
+        --test) extras="[server,test]" ;;
         -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac

@@ -25,10 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modelctl.control import Controller  # noqa: E402
-from modelctl.profile import load_profile  # noqa: E402
-from modelctl.state import StateStore  # noqa: E402
-from tests.sentence_fixtures import free_port  # noqa: E402
+from modelctl.control import Controller
+from modelctl.names import ServerRef
+from modelctl.profile import load_profile
+from modelctl.state import ServerRecord, StateStore
+from tests.sentence_fixtures import free_port
 
 TOY = [sys.executable, str(ROOT / "tests" / "servers" / "toy_server.py")]
 
@@ -55,6 +56,12 @@ def cold_start(runs: int) -> list[float]:
     return times
 
 
+def record(ctl: Controller, ref: ServerRef) -> ServerRecord:
+    rec = ctl.store.load(ref)
+    assert isinstance(rec, ServerRecord), rec
+    return rec
+
+
 def crash_to_ready(runs: int, backoff: float) -> tuple[list[float], list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "bench.yaml"
@@ -63,19 +70,22 @@ def crash_to_ready(runs: int, backoff: float) -> tuple[list[float], list[float]]
                                             "restart": {"backoff": backoff, "max_failures": runs + 5, "stable_after": 0}}}})
         )  # fmt: skip
         ctl = Controller(StateStore(Path(tmp) / "state"))
-        ctl.up(load_profile(profile))
-        ctl.wait_ready(["toy"])
+        prof = load_profile(profile)
+        ref = prof.servers["toy"].ref
+        ctl.up(prof)
+        ctl.wait_ready([ref])
         answer, ready = [], []
         try:
             for _ in range(runs):
-                rec = ctl.store.load("toy")
+                rec = record(ctl, ref)
                 time.sleep(0.3)
                 t0 = time.perf_counter()
+                assert rec.pid is not None
                 os.kill(rec.pid, signal.SIGKILL)
                 while (pid := answering_pid(rec.url)) is None or pid == rec.pid:
                     time.sleep(0.002)
                 answer.append(time.perf_counter() - t0)
-                while (r := ctl.store.load("toy")).state != "ready" or r.pid == rec.pid:
+                while (r := record(ctl, ref)).state != "ready" or r.pid == rec.pid:
                     time.sleep(0.002)
                 ready.append(time.perf_counter() - t0)
         finally:

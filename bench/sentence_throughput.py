@@ -24,9 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.sentence_fixtures import minilm_path, sentence_server  # noqa: E402
+from tests.sentence_fixtures import minilm_path, sentence_server
 
-WORDS = "the a cat dog model server fast slow batch token embed vector query answer river stone light city music data".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "model",
+    "server",
+    "fast",
+    "slow",
+    "batch",
+    "token",
+    "embed",
+    "vector",
+    "query",
+    "answer",
+    "river",
+    "stone",
+    "light",
+    "city",
+    "music",
+    "data",
+]
 
 
 def make_sentences(n: int) -> list[str]:

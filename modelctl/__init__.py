@@ -1,3 +1,3 @@
 """modelctl: a supervisor and process manager for model servers on one machine."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

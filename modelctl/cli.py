@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -78,7 +78,9 @@ def controller() -> Controller:
     return Controller(ctx_state.store)
 
 
-ProfileFile = typer.Option(None, "--profile", "-p", envvar="MODELCTL_PROFILE", help="Profile YAML (default: $MODELCTL_PROFILE, else the bundled default).")
+ProfileFile = typer.Option(
+    None, "--profile", "-p", envvar="MODELCTL_PROFILE", help="Profile YAML (default: $MODELCTL_PROFILE, else the bundled default)."
+)
 ProfileScope = typer.Option(
     None, "--profile", "-p", envvar="MODELCTL_PROFILE", help="Only this profile's servers (a profile file or a profile name)."
 )
@@ -90,7 +92,7 @@ def _load(profile: Optional[Path]) -> Any:
     return load_profile(profile)
 
 
-def _scope(profile: Optional[str], names: Optional[List[str]]) -> Scope:
+def _scope(profile: Optional[str], names: Optional[list[str]]) -> Scope:
     return Scope(profile_name_of(profile) if profile else None, tuple(names or ()))
 
 
@@ -123,7 +125,9 @@ class UpDisplay:
                 grid = Table.grid(padding=(0, 1))
                 grid.add_row(
                     ProgressBar(total=total, completed=done, width=30),
-                    Text(f"{rec.progress.get('status', '')} {format_bytes(done)}/{format_bytes(total)} {self._rate(rec.label, done, total)}"),
+                    Text(
+                        f"{rec.progress.get('status', '')} {format_bytes(done)}/{format_bytes(total)} {self._rate(rec.label, done, total)}"
+                    ),
                 )
                 cell = grid
             t.add_row(rec.label, _styled(rec.state), f"{max(elapsed, 0):.1f}s", cell)
@@ -152,7 +156,7 @@ class UpDisplay:
 
 @app.command()
 def up(
-    servers: Optional[List[str]] = typer.Argument(None, help="Servers to start (default: all in the profile)."),
+    servers: Optional[list[str]] = typer.Argument(None, help="Servers to start (default: all in the profile)."),
     profile: Optional[Path] = ProfileFile,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the servers are ready."),
     remove_orphans: bool = typer.Option(False, "--remove-orphans", help="Stop servers of this profile that it no longer lists."),
@@ -217,7 +221,7 @@ def _print_summary(ctl: Controller, scope: Scope) -> None:
 # ---------------------------------------------------------------------------- down / restart
 @app.command()
 def down(
-    servers: Optional[List[str]] = typer.Argument(None, help="Servers to stop: PROFILE/SERVER, or SERVER within -p."),
+    servers: Optional[list[str]] = typer.Argument(None, help="Servers to stop: PROFILE/SERVER, or SERVER within -p."),
     profile: Optional[str] = ProfileScope,
 ) -> None:
     """Stop servers: SIGTERM the whole process group, then SIGKILL after stop_timeout.
@@ -247,7 +251,7 @@ def down(
 
 @app.command()
 def restart(
-    servers: Optional[List[str]] = typer.Argument(None, help="Servers to restart (default: all in -p's profile)."),
+    servers: Optional[list[str]] = typer.Argument(None, help="Servers to restart (default: all in -p's profile)."),
     profile: Optional[str] = ProfileScope,
     wait: bool = typer.Option(True, "--wait/--no-wait"),
 ) -> None:
@@ -361,7 +365,12 @@ def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
         for col in ("when", "exit", "class", "why"):
             e.add_column(col)
         for x in reversed(r["exits"]):
-            e.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["at"])) if x.get("at") else "-", x.get("exit") or "-", x.get("class") or "", x.get("line") or "")
+            e.add_row(
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["at"])) if x.get("at") else "-",
+                x.get("exit") or "-",
+                x.get("class") or "",
+                x.get("line") or "",
+            )
         console.print(e)
     if r["state"] not in ("broken",):
         tail = ctl.log_tail(ServerRef(r["profile"], r["name"]), 10)
@@ -385,7 +394,10 @@ def logs(
         raise ModelctlError(f"{rec.label}: broken record {rec.path}: {rec.error}")
     if rec.managed_by == "systemd":
         unit = rec.info.get("systemd_unit", f"modelctl-{rec.profile}-{rec.name}.service")
-        console.print(f"{rec.label} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)", highlight=False)
+        console.print(
+            f"{rec.label} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)",
+            highlight=False,
+        )
         return
     try:
         source = ctl.follow_log(rec.ref, lines) if follow else iter(ctl.log_tail(rec.ref, lines))
@@ -400,6 +412,7 @@ def logs(
 def supervise(
     stop: bool = typer.Option(False, "--stop", help="Stop the running supervisor (servers keep running)."),
     stay: bool = typer.Option(False, "--stay", help="Keep running when no server is wanted (for systemd)."),
+    timeout: float = typer.Option(10.0, "--timeout", help="With --stop: seconds to wait for it to exit."),
 ) -> None:
     """Run the supervisor in the foreground, logging to stderr."""
     import signal as _signal
@@ -413,11 +426,11 @@ def supervise(
         if pid is None:
             console.print("no supervisor is running")
             return
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and supervisor_info(store) is not None:
             time.sleep(0.05)
         if supervisor_info(store) is not None:
-            raise ModelctlError(f"supervisor pid {pid} did not stop within 10s (stopped with SIGSTOP? hung?)")
+            raise ModelctlError(f"supervisor pid {pid} did not stop within {timeout:g}s (stopped with SIGSTOP? hung?)")
         console.print(f"supervisor pid {pid} stopped")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

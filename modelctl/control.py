@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from modelctl import lifecycle as lc
 from modelctl import logfiles
@@ -127,7 +128,9 @@ class Controller:
         return found
 
     # ------------------------------------------------------------------ up
-    def plan_up(self, profile: Profile, specs: list[ServerSpec], managed_by: str = SUPERVISOR, force: bool = False) -> tuple[UpPlan, list[ServerRecord]]:
+    def plan_up(
+        self, profile: Profile, specs: list[ServerSpec], managed_by: str = SUPERVISOR, force: bool = False
+    ) -> tuple[UpPlan, list[ServerRecord]]:
         """Decide what to start and allocate ports and GPUs; raise before anything changes.
 
         Called with the state lock held. Returns the plan and the records to write. `force`
@@ -236,7 +239,7 @@ class Controller:
         self,
         refs: list[ServerRef],
         on_update: Callable[[list[ServerRecord]], None] | None = None,
-        poll: float = 0.2,
+        poll: float = 0.05,
         timeout: float | None = None,
     ) -> list[ServerRecord]:
         """Wait until every server runs its current spec and is ready, or failed, or timed out."""

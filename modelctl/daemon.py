@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -31,11 +31,14 @@ from modelctl.errors import ModelctlError
 from modelctl.process import INSTANCE_VAR, ProcessIdentity, describe_exit, identity_of, is_alive, set_child_subreaper, spawn_detached
 from modelctl.spec import LogSpec
 from modelctl.state import StateStore, acquire_flock, write_atomic
-from modelctl.supervisor import HOUSEKEEPING_SECONDS, Supervisor
+
+if TYPE_CHECKING:
+    from modelctl.supervisor import Supervisor
 
 log = logging.getLogger("modelctl.daemon")
 
 TICK_SECONDS = 0.25
+HOUSEKEEPING_SECONDS = 5.0
 HEARTBEAT_STALE_SECONDS = 5.0  # twenty ticks without a heartbeat: not responding
 SUPERVISOR_LOG = LogSpec(max_bytes=10 * 1024 * 1024, keep=2)
 
@@ -79,8 +82,9 @@ def supervisor_info(store: StateStore) -> SupervisorInfo | None:
     finally:
         os.close(fd)
     try:
-        st = os.stat(_info_path(store))
-        data = json.loads(open(_info_path(store)).read())
+        with open(_info_path(store)) as f:
+            st = os.fstat(f.fileno())
+            data = json.loads(f.read())
         return SupervisorInfo(int(data["pid"]), float(data["create_time"]), max(0.0, time.time() - st.st_mtime))
     except (OSError, ValueError, KeyError, TypeError):
         return SupervisorInfo(None, None, None)
@@ -141,6 +145,10 @@ class Daemon:
         self.attributed: set[int] = set()
 
     def serve(self) -> int:
+        # handlers first: a command wakes us (SIGUSR1) as soon as supervisor.json appears, and
+        # SIGUSR1's default action would end us
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
         lock = SupervisorLock(self.store)
         if not lock.acquire():
             log.info("another supervisor is running for %s", self.store.root)
@@ -153,8 +161,6 @@ class Daemon:
         signal.set_wakeup_fd(wfd)
         self.wake_fd = wfd
         self.sup.on_wake = self.wake
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(sig, self._on_signal)
         log.info("supervisor pid %s watching %s", os.getpid(), self.store.root)
         try:
             while True:
@@ -227,9 +233,6 @@ class Daemon:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(child.pid, os.WNOHANG)
                     continue
-                cmd = child.cmdline()
-                if cmd and cmd[-1] == "supervise":
-                    continue
                 token = child.environ().get(INSTANCE_VAR)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -247,9 +250,16 @@ class Daemon:
 def start_supervisor(store: StateStore) -> int:
     """Start a detached supervisor for this state directory (it exits at once if one runs)."""
     store.ensure()
-    argv = [sys.executable, "-m", "modelctl", "--state-dir", str(store.root), "supervise"]
+    # straight to the daemon: the supervisor needs neither typer nor rich
+    argv = [sys.executable, "-m", "modelctl.daemon", "--state-dir", str(store.root)]
     log_path = store.root / "supervisor.log"
-    fd = logfiles.open_for_append(log_path)
+    try:
+        fd = logfiles.open_for_append(log_path)
+    except OSError as e:
+        raise ModelctlError(
+            f"cannot open the supervisor's log {log_path}: {e.strerror or e} (modelctl never writes through a "
+            "symlink or into a file others may write); remove it and run the command again"
+        ) from None
     try:
         popen, ident = spawn_detached(argv, dict(os.environ), fd)
     finally:
@@ -268,6 +278,12 @@ def start_supervisor(store: StateStore) -> int:
 
 def ensure_supervisor(store: StateStore) -> int:
     info = supervisor_info(store)
+    if info is not None and info.ident is not None and not is_alive(info.ident):
+        # killed: its leader is a zombie while its other threads still hold the lock for a moment
+        deadline = time.monotonic() + 2.0
+        while info is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            info = supervisor_info(store)
     if info is None:
         return start_supervisor(store)
     return info.pid or -1
@@ -286,3 +302,25 @@ def signal_supervisor(store: StateStore, sig: int) -> int | None:
 
 def wake_supervisor(store: StateStore) -> None:
     signal_supervisor(store, signal.SIGUSR1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m modelctl.daemon --state-dir DIR`: what `up` starts (`modelctl supervise` in the foreground)."""
+    import argparse
+
+    from modelctl.supervisor import Supervisor
+
+    parser = argparse.ArgumentParser(prog="python -m modelctl.daemon")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--stay", action="store_true", help="keep running when no server is wanted")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return Daemon(Supervisor(StateStore(args.state_dir)), exit_when_idle=not args.stay).serve()
+    except ModelctlError as e:
+        log.error("%s", e)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,11 @@ class Failure:
 
 # first match wins; (class, retry, pattern)
 _PATTERNS: list[tuple[str, bool, re.Pattern[str]]] = [
-    ("cuda-oom", True, re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation|out of memory", re.I)),
+    (
+        "cuda-oom",
+        True,
+        re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation|out of memory", re.I),
+    ),
     ("address-in-use", True, re.compile(r"address already in use|EADDRINUSE|\[Errno 98\]", re.I)),
     (
         "model-not-found",
@@ -47,7 +51,10 @@ _PATTERNS: list[tuple[str, bool, re.Pattern[str]]] = [
     (
         "bad-argument",
         False,
-        re.compile(r"error: unrecognized arguments|error: argument |the following arguments are required|No such option|unknown (option|argument|flag)", re.I),
+        re.compile(
+            r"error: unrecognized arguments|error: argument |the following arguments are required|No such option|unknown (option|argument|flag)",
+            re.I,
+        ),
     ),
     ("permission-denied", False, re.compile(r"Permission denied|\[Errno 13\]")),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from modelctl.errors import GpuAllocationError
 
@@ -54,9 +54,7 @@ def _nvidia_smi_ids() -> list[int] | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run(
-            [exe, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run([exe, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:

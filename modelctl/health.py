@@ -45,7 +45,7 @@ def probe(health: HealthSpec, base_url: str) -> ProbeResult:
         if 200 <= resp.status < 300:
             return ProbeResult(True, f"GET {path} → {resp.status}", connected=True)
         return ProbeResult(False, f"GET {path} → {resp.status} {body.strip()[:120]}", connected=True)
-    except socket.timeout:
+    except TimeoutError:
         return ProbeResult(False, f"GET {path}: no answer within {health.timeout:g}s", connected=True)
     except OSError as e:
         return ProbeResult(False, f"GET {path}: {e.strerror or e}", connected=True)

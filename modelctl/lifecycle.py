@@ -11,7 +11,8 @@ table (repairing a record whose state cannot be trusted) go through `force`, whi
 from __future__ import annotations
 
 import logging
-from typing import Collection, Protocol
+from collections.abc import Collection
+from typing import Protocol
 
 STOPPED = "stopped"
 STARTING = "starting"

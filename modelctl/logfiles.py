@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from modelctl.spec import LogSpec
 from modelctl.state import open_private

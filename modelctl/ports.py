@@ -18,9 +18,9 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import psutil
 
@@ -89,11 +89,7 @@ class PortLeases:
         except OSError as e:
             log.warning("port leases disabled: %s: %s", self.dir, e.strerror or e)
             return False
-        safe = (
-            stat.S_ISDIR(st.st_mode)
-            and st.st_uid in (0, os.geteuid())
-            and (not st.st_mode & 0o002 or st.st_mode & stat.S_ISVTX)
-        )
+        safe = stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid()) and (not st.st_mode & 0o002 or st.st_mode & stat.S_ISVTX)
         if not safe:
             log.warning("port leases disabled: %s is not a sticky directory of root or yours", self.dir)
         return bool(safe)
@@ -172,7 +168,7 @@ class PortLeases:
             return True
         if self.holder(port, ref) is not None:
             return False
-        data, st = self._read(port)
+        _data, st = self._read(port)
         body = json.dumps({"uid": os.geteuid(), "state_dir": self.state_dir, "server": str(ref), "time": time.time()})
         if st is not None:
             if st.st_uid != os.geteuid():
@@ -199,7 +195,7 @@ class PortLeases:
             return
         with self.locked():
             for port, ref in held:
-                data, st = self._read(port)
+                data, _st = self._read(port)
                 if data is not None and self._is_mine(data, ref):
                     with contextlib.suppress(OSError):
                         os.utime(self._path(port))

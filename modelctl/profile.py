@@ -8,9 +8,10 @@ alias expansion, nesting), so a hostile file fails fast instead of eating memory
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -181,9 +182,10 @@ def parse_profile(data: Any, source: str) -> Profile:
             raise ProfileError(source, f"must be [low, high] with 1024 <= low <= high <= 65535, got {describe(pr)}", key="port_range")
         port_range = (pr[0], pr[1])
 
-    name = data.get("name") if data.get("name") is not None else Path(source).stem
-    if not is_valid_name(name):
-        raise ProfileError(source, f"must be a simple name ({NAME_RULE}), got {describe(name)}", key="name")
+    raw_name = data.get("name") if data.get("name") is not None else Path(source).stem
+    if not is_valid_name(raw_name):
+        raise ProfileError(source, f"must be a simple name ({NAME_RULE}), got {describe(raw_name)}", key="name")
+    name = str(raw_name)
     servers = {str(n): parse_server(str(n), raw, source, name) for n, raw in servers_raw.items()}
     seen: dict[int, str] = {}
     for spec in servers.values():

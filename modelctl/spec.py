@@ -11,8 +11,9 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 from modelctl.names import ServerRef
 
@@ -118,11 +119,9 @@ def check_env(value: Any) -> dict[str, str]:
     for k, v in value.items():
         if not isinstance(k, str) or not _ENV_NAME.fullmatch(k):
             raise ValueError(f"{describe(k)} is not a valid environment variable name")
-        if isinstance(v, bool):
-            v = "1" if v else "0"
         if not isinstance(v, (str, int, float)):
             raise ValueError(f"value of {k} must be a string or number, got {describe(v)}")
-        text = str(v)
+        text = ("1" if v else "0") if isinstance(v, bool) else str(v)
         if _CONTROL.search(text):
             raise ValueError(f"value of {k} must not contain newlines or control characters, got {describe(text)}")
         clean[k] = text

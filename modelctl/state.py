@@ -27,9 +27,10 @@ import tempfile
 import threading
 import time
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from modelctl import lifecycle
 from modelctl.errors import ModelctlError

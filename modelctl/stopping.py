@@ -11,10 +11,12 @@ and carries it out itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from modelctl import lifecycle as lc
 from modelctl.process import ProcessIdentity, StopResult, StopTarget, identity_of, is_alive, stop_processes
@@ -108,7 +110,7 @@ class Stopped:
 
 def stop_servers(
     store: StateStore,
-    records: list[ServerRecord | BrokenRecord],
+    records: Sequence[ServerRecord | BrokenRecord],
     desired_after: str = "stopped",
     before_release: Callable[[], Any] | None = None,
 ) -> list[Stopped]:
@@ -150,7 +152,7 @@ def stop_servers(
             note = ""
             if readable:
                 ref = next(r.ref for r in records if r.label == label)
-                store.update(ref, lambda r: _finish(r, instance, result))
+                store.update(ref, functools.partial(_finish, instance=instance, result=result))
             else:
                 note = "broken record: left in place to fix or remove"
             out.append(Stopped(label, result, note))

@@ -17,9 +17,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from modelctl import lifecycle as lc
 from modelctl import logfiles
@@ -34,8 +35,8 @@ from modelctl.process import (
     ProcessIdentity,
     StopResult,
     StopTarget,
-    describe_exit,
     descendants,
+    describe_exit,
     identity_of,
     is_alive,
     spawn_detached,
@@ -52,7 +53,6 @@ STARTUP_PROBE_SECONDS = 0.1
 UNHEALTHY_PROBE_SECONDS = 1.0
 EXITS_KEPT = 10
 MEMBERS_KEPT = 256
-HOUSEKEEPING_SECONDS = 5.0
 
 
 @dataclass
@@ -100,7 +100,7 @@ class InlineExecutor:
         fut: Future[Any] = Future()
         try:
             fut.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 — handed to the caller through the future
+        except BaseException as e:
             fut.set_exception(e)
         return fut
 
@@ -190,7 +190,7 @@ class Supervisor:
             except LockTimeout as e:
                 log.warning("%s; trying again next tick", e)
                 break
-            except Exception:  # noqa: BLE001 — one bad record never stops the supervision of the others
+            except Exception:
                 log.exception("%s: error while supervising it; trying again next tick", ref)
         for ref in list(self.slots):
             if ref not in seen and not self.slots[ref].busy():
@@ -218,9 +218,7 @@ class Supervisor:
         if any(slot.busy() for slot in self.slots.values()):
             return True
         for rec in self.store.records():
-            if rec.managed_by == self.managed_by and (
-                rec.desired == "running" or rec.state in (lc.STOPPING, lc.CRASHED)
-            ):
+            if rec.managed_by == self.managed_by and (rec.desired == "running" or rec.state in (lc.STOPPING, lc.CRASHED)):
                 return True
         return False
 
@@ -267,10 +265,10 @@ class Supervisor:
         """Notice an exit (→ crashed); adopt a live server an earlier supervisor started."""
         if slot.external:
             return True
-        if slot.handle is None or slot.handle.ident.pid != rec.pid:
-            if rec.pid is None or rec.create_time is None or not self._adopt(rec, slot):
-                self._crashed(rec, slot, spec, now, describe_exit(None), Failure("crash", "exited while no supervisor was watching", True))
-                return False
+        unknown = slot.handle is None or slot.handle.ident.pid != rec.pid
+        if unknown and (rec.pid is None or rec.create_time is None or not self._adopt(rec, slot)):
+            self._crashed(rec, slot, spec, now, describe_exit(None), Failure("crash", "exited while no supervisor was watching", True))
+            return False
         exited, rc = self._reap(rec, slot)
         if exited:
             lines = logfiles.since_last_start(self.store.log_path(rec.ref)) if self.log_to_files else []
@@ -292,7 +290,9 @@ class Supervisor:
         """A failure: count it, remember it, and stop what is left of the instance first."""
         if exit_text is not None:
             rec.last_exit = exit_text
-        rec.exits = [*rec.exits, {"at": now, "exit": exit_text, "class": failure.cls, "line": failure.line, "retry": failure.retry}][-EXITS_KEPT:]
+        rec.exits = [*rec.exits, {"at": now, "exit": exit_text, "class": failure.cls, "line": failure.line, "retry": failure.retry}][
+            -EXITS_KEPT:
+        ]
         rec.last_error = failure.describe()
         policy = spec.restart
         if rec.ready_at is not None and now - rec.ready_at >= policy.stable_after:
@@ -385,7 +385,10 @@ class Supervisor:
     def _fail_at_start(self, rec: ServerRecord, reason: str) -> None:
         lc.move(rec, lc.FAILED, expect=lc.STARTING)
         rec.last_error, rec.detail = reason, None
-        rec.exits = [*rec.exits, {"at": rec.started_at, "exit": None, "class": reason.split(":")[0], "line": reason, "retry": False}][-EXITS_KEPT:]
+        rec.exits = [
+            *rec.exits,
+            {"at": rec.started_at, "exit": None, "class": reason.split(":", maxsplit=1)[0], "line": reason, "retry": False},
+        ][-EXITS_KEPT:]
         rec.running_fingerprint = None
         log.error("%s: %s", rec.label, reason)
 
@@ -413,7 +416,7 @@ class Supervisor:
         rec.progress = None
         try:
             rec.info = fut.result() or {}
-        except Exception as e:  # noqa: BLE001 — a preparation error becomes the server's error
+        except Exception as e:
             log.error("%s: preparation failed: %s", rec.label, e)
             # what a preparation says (no such model, unsupported file) does not heal by retrying
             self._crashed(rec, slot, spec, now, None, Failure("prepare", str(e), False))
@@ -429,7 +432,7 @@ class Supervisor:
         fut, slot.probe = slot.probe, None
         try:
             result = fut.result()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             result = ProbeResult(False, f"probe error: {e}")
         interval = STARTUP_PROBE_SECONDS if rec.state == lc.STARTING else spec.health.interval
         if rec.state == lc.UNHEALTHY:
@@ -489,11 +492,11 @@ class Supervisor:
             else:
                 self._crashed(rec, slot, spec, now, None, Failure("startup-timeout", reason, True))
             return True
-        if rec.state == lc.UNHEALTHY and slot.unhealthy_since is not None and not slot.external:
-            if now - slot.unhealthy_since > spec.health.grace:
-                reason = f"unhealthy for {now - slot.unhealthy_since:.0f}s ({rec.detail}); restarting"
-                self._crashed(rec, slot, spec, now, None, Failure("unhealthy", reason, True))
-                return True
+        since = slot.unhealthy_since
+        if rec.state == lc.UNHEALTHY and since is not None and not slot.external and now - since > spec.health.grace:
+            reason = f"unhealthy for {now - since:.0f}s ({rec.detail}); restarting"
+            self._crashed(rec, slot, spec, now, None, Failure("unhealthy", reason, True))
+            return True
         return False
 
     def _schedule_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
@@ -572,7 +575,7 @@ class Supervisor:
         slot.after_stop, slot.stop_instance = "", None
         try:
             result = fut.result() if fut is not None else StopResult("not running")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.error("%s: stopping failed: %s", rec.label, e)
             result = StopResult("failed")
         if rec.instance != instance:
@@ -581,9 +584,8 @@ class Supervisor:
             spec = self._spec(rec, slot)
             if spec is not None:
                 self._after_crash(rec, slot, spec, now)
-        elif after == AFTER_STOP and rec.state == lc.STOPPING:
-            if mark_stopped(rec, instance) and not result.ok:
-                rec.last_error = f"after stopping, the port still answers: {result.port_holder}"
+        elif after == AFTER_STOP and rec.state == lc.STOPPING and mark_stopped(rec, instance) and not result.ok:
+            rec.last_error = f"after stopping, the port still answers: {result.port_holder}"
 
     def _spec(self, rec: ServerRecord, slot: Slot) -> ServerSpec | None:
         if slot.spec is None or slot.spec_key != rec.fingerprint:
@@ -603,7 +605,7 @@ class Supervisor:
         for chore in (self.rotate_logs, self.refresh_leases):
             try:
                 chore()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("housekeeping: %s failed", chore.__name__)
 
     def rotate_logs(self) -> None:
@@ -625,19 +627,18 @@ class Supervisor:
         """A process re-parented to us (we are a subreaper): add it to its server's members."""
         if token is None:
             return None
-        for rec in self.store.records():
-            if rec.instance == token:
-                ident = identity_of(pid)
-                if ident is None:
-                    return None
+        owner = next((r for r in self.store.records() if r.instance == token), None)
+        ident = identity_of(pid)
+        if owner is None or ident is None:
+            return None
+        member = [ident.pid, ident.create_time]
 
-                def add(r: ServerRecord) -> None:
-                    if [ident.pid, ident.create_time] not in r.members:
-                        r.members = [*r.members, [ident.pid, ident.create_time]][-MEMBERS_KEPT:]
+        def add(r: ServerRecord) -> None:
+            if member not in r.members:
+                r.members = [*r.members, member][-MEMBERS_KEPT:]
 
-                self.store.update(rec.ref, add)
-                return rec.ref
-        return None
+        self.store.update(owner.ref, add)
+        return owner.ref
 
     # ------------------------------------------------------------------ plumbing
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:

@@ -8,12 +8,11 @@ profile (modelctl-<profile>-<server>.service), so two profiles' servers never co
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import re
 
 from modelctl.backends import get_backend
 from modelctl.errors import ModelctlError
@@ -22,7 +21,7 @@ from modelctl.gpus import allocate_gpus, discover_gpus
 from modelctl.ports import PortRequest, allocate_ports
 from modelctl.profile import Profile
 from modelctl.spec import ServerSpec
-from modelctl.state import ServerRecord, StateStore
+from modelctl.state import StateStore
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -49,7 +48,7 @@ def _quote(value: str) -> str:
     """
     if _CONTROL.search(value):
         raise ModelctlError(f"cannot write {value[:60]!r} into a systemd unit: it contains a newline or control character")
-    if value and not any(c in value for c in ' \t"\'\\$%;'):
+    if value and not any(c in value for c in " \t\"'\\$%;"):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%")
     return f'"{escaped}"'

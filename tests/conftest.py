@@ -12,8 +12,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -42,6 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -59,6 +62,14 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     return found
 
 
+def is_gone(proc: psutil.Process) -> bool:
+    """Dead: gone, or a zombie (dead, waiting for a parent to reap it; init may take a second)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def kill_tagged(tag: str) -> list[int]:
     """SIGKILL every process carrying the tag; return the pids that were still alive."""
     procs = tagged_processes(tag)
@@ -67,7 +78,9 @@ def kill_tagged(tag: str) -> list[int]:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(is_gone(p) for p in procs):
+        time.sleep(0.01)
     return [p.pid for p in procs]
 
 
@@ -96,7 +109,9 @@ def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tup
         return status, body.decode("utf-8", "replace")
 
 
-def http_post(url: str, payload: Any, timeout: float = 30.0, headers: dict | None = None, raw: bytes | None = None) -> tuple[int, Any, dict]:
+def http_post(
+    url: str, payload: Any, timeout: float = 30.0, headers: dict | None = None, raw: bytes | None = None
+) -> tuple[int, Any, dict]:
     data = raw if raw is not None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json", **(headers or {})})
     try:
@@ -108,6 +123,23 @@ def http_post(url: str, payload: Any, timeout: float = 30.0, headers: dict | Non
         return status, json.loads(body), hdrs
     except ValueError:
         return status, body.decode("utf-8", "replace"), hdrs
+
+
+def wait_ticks(state_dir: Path, n: int = 2, timeout: float = 10.0) -> None:
+    """Wait until the supervisor has gone round its loop n more times (its heartbeat moved n times)."""
+    info = state_dir / "supervisor.json"
+    seen = [info.stat().st_mtime_ns]
+    wait_for(
+        lambda: (m := info.stat().st_mtime_ns) != seen[-1] and seen.append(m) is None and len(seen) > n,
+        timeout,
+        interval=0.02,
+        what=f"{n} supervisor ticks",
+    )
+
+
+def wait_text(path: Path, text: str, count: int = 1, timeout: float = 20.0) -> None:
+    """Wait until a (log) file holds `text` at least `count` times."""
+    wait_for(lambda: path.exists() and path.read_text(errors="replace").count(text) >= count, timeout, what=f"{text!r} in {path}")
 
 
 class Harness:

@@ -100,7 +100,16 @@ def make_app() -> web.Application:
         record(request)
         out = []
         for name, m in store.models().items():
-            out.append({"name": name, "model": name, "modified_at": m["modified_at"], "size": m["size"], "digest": m["digest"], "details": m["details"]})
+            out.append(
+                {
+                    "name": name,
+                    "model": name,
+                    "modified_at": m["modified_at"],
+                    "size": m["size"],
+                    "digest": m["digest"],
+                    "details": m["details"],
+                }
+            )
         return web.json_response({"models": out})
 
     async def read_json(request) -> dict | web.Response:
@@ -210,7 +219,7 @@ def make_app() -> web.Application:
         got = "sha256:" + h.hexdigest()
         if got != digest:
             tmp.unlink()
-            return error(400, f"digest mismatch, expected \"{digest}\", got \"{got}\"")
+            return error(400, f'digest mismatch, expected "{digest}", got "{got}"')
         tmp.rename(store.blob_path(digest))
         return web.Response(status=201)
 
@@ -245,7 +254,7 @@ def make_app() -> web.Application:
                 config = json.loads(store.blob_path(files["config.json"]).read_text())
                 arch = (config.get("architectures") or ["?"])[0]
                 if arch not in SUPPORTED_ARCHITECTURES:
-                    yield {"error": f"unsupported architecture \"{arch}\""}
+                    yield {"error": f'unsupported architecture "{arch}"'}
                     return
                 yield {"status": "converting model"}
                 family, fmt = arch.removesuffix("ForCausalLM").lower(), "safetensors"
@@ -266,13 +275,23 @@ def make_app() -> web.Application:
             return error(404, f"model '{name}' not found")
         loaded[name] = time.time()
         if not body.get("prompt"):
-            return web.json_response({"model": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "response": "", "done": True, "done_reason": "load"})
+            return web.json_response(
+                {"model": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "response": "", "done": True, "done_reason": "load"}
+            )
         return web.json_response({"model": name, "response": "fake answer", "done": True, "done_reason": "stop"})
 
     async def ps(request):
         record(request)
         models = store.models()
-        return web.json_response({"models": [{"name": n, "model": n, "size": models[n]["size"], "digest": models[n]["digest"], "size_vram": 0} for n in loaded if n in models]})
+        return web.json_response(
+            {
+                "models": [
+                    {"name": n, "model": n, "size": models[n]["size"], "digest": models[n]["digest"], "size_vram": 0}
+                    for n in loaded
+                    if n in models
+                ]
+            }
+        )
 
     async def delete(request):
         body = await read_json(request)

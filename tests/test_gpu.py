@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.gpu, pytest.mark.skipif(not _nvidia_
 
 
 def gpu_pids() -> set[int]:
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True, check=True
+    ).stdout
     return {int(x) for x in out.split() if x.strip().isdigit()}
 
 
@@ -34,7 +36,9 @@ def test_a_sentence_server_runs_on_its_gpu_and_down_frees_it(mc, monkeypatch):
     model = build_tiny_sentence_model(mc.tmp / "tiny-st")
     path = mc.profile({"emb": {"kind": "sentence", "model": model, "gpus": 1, "startup_timeout": 300}})
     env = {k: v for k, v in mc.env.items() if k not in ("MODELCTL_GPUS", "CUDA_VISIBLE_DEVICES")}
-    res = subprocess.run(["python3", "-m", "modelctl", "up", "-p", str(path)], capture_output=True, text=True, env=env, cwd=mc.tmp, timeout=600)
+    res = subprocess.run(
+        ["python3", "-m", "modelctl", "up", "-p", str(path)], capture_output=True, text=True, env=env, cwd=mc.tmp, timeout=600
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     row = mc.row("emb")
     assert row["gpus"] == [0]
@@ -46,7 +50,7 @@ def test_a_sentence_server_runs_on_its_gpu_and_down_frees_it(mc, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
     texts = ["the cat", "a fast model server"]
-    status, body, _ = http_post(row["url"] + "/v1/embeddings", {"input": texts})
+    _status, body, _ = http_post(row["url"] + "/v1/embeddings", {"input": texts})
     want = SentenceTransformer(model, device="cpu").encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose([d["embedding"] for d in body["data"]], want, atol=2e-3)
 

@@ -41,9 +41,11 @@ class FakeOllama:
         self.proc: subprocess.Popen | None = None
         self.mc = mc
 
-    def start(self) -> "FakeOllama":
+    def start(self) -> FakeOllama:
         env = {**self.mc.env, **self.env, "OLLAMA_HOST": f"127.0.0.1:{self.port}"}
-        self.proc = subprocess.Popen([sys.executable, str(FAKE), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(FAKE), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
         wait_for(lambda: _answers(self.url), 30, what="the stand-in Ollama")
         return self
 
@@ -64,7 +66,7 @@ class FakeOllama:
     def wrapper(self) -> str:
         """An `ollama`-like executable for a managed server: `<wrapper> serve`."""
         path = self.mc.tmp / "ollama"
-        path.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
         path.chmod(0o755)
         return str(path)
 

@@ -63,7 +63,10 @@ def test_bad_server_key_names_file_server_and_key(tmp_path, body, server, key, w
 
 
 def test_duplicate_ports_name_both_servers(tmp_path):
-    path = write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n    port: 9000\n  b:\n    kind: command\n    command: [y, '{port}']\n    port: 9000\n")
+    path = write(
+        tmp_path,
+        "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n    port: 9000\n  b:\n    kind: command\n    command: [y, '{port}']\n    port: 9000\n",
+    )
     with pytest.raises(ProfileError) as e:
         load_profile(path)
     assert "server 'b'" in str(e.value) and "key 'port'" in str(e.value) and "server 'a'" in str(e.value)
@@ -89,3 +92,89 @@ def test_fingerprint_changes_with_the_spec(tmp_path):
     a = load_profile(write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n")).servers["a"]
     b = load_profile(write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [y, '{port}']\n")).servers["a"]
     assert a.fingerprint != b.fingerprint
+
+
+# ---------------------------------------------------------------------- hostile and careless input
+@pytest.mark.parametrize(
+    "body, key",
+    [
+        ("    restart: {backoff: .nan}\n", "restart.backoff"),
+        ("    stop_timeout: .inf\n", "stop_timeout"),
+        ("    startup_timeout: 1e20\n", "startup_timeout"),
+        ("    health: {http: /health, interval: .nan}\n", "health.interval"),
+        ("    restart: {max_failures: 100000000000}\n", "restart.max_failures"),
+        ("    restart: {window: -.inf}\n", "restart.window"),
+    ],
+)
+def test_numbers_must_be_finite_and_bounded(tmp_path, body, key):
+    path = write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n" + body)
+    with pytest.raises(ProfileError) as e:
+        load_profile(path)
+    assert f"key '{key}'" in str(e.value) and "server 'a'" in str(e.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 12):
+        prev = f"*a{i - 1}"
+        lines.append(f"a{i}: &a{i} [{', '.join([prev] * 10)}]")
+    lines.append("servers: {web: {kind: command, command: *a11}}")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    t0 = time.monotonic()
+    with pytest.raises(ProfileError, match="alias bomb"):
+        load_profile(path)
+    assert time.monotonic() - t0 < 5  # 10^12 values if expanded: refused before expanding
+
+
+def test_a_self_referring_alias_is_refused(tmp_path):
+    path = write(tmp_path, "servers: &s {web: {kind: command, command: [x, '{port}'], env: *s}}\n")
+    with pytest.raises(ProfileError, match="refers to a node that contains it"):
+        load_profile(path)
+
+
+def test_an_error_never_prints_a_huge_value_in_full(tmp_path):
+    path = write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [x, '{port}']\n    port: '" + "9" * 100_000 + "'\n")
+    with pytest.raises(ProfileError) as e:
+        load_profile(path)
+    assert "key 'port'" in str(e.value) and len(str(e.value)) < 500
+
+
+def test_a_huge_profile_file_is_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# " + "x" * (2 << 20) + "\nservers: {}\n")
+    with pytest.raises(ProfileError, match="larger than"):
+        load_profile(path)
+
+
+@pytest.mark.parametrize("name", ["ok\n", "-dash", "a/b", "x" * 64, ""])
+def test_server_names_must_match_in_full(tmp_path, name):
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"servers": {name: {"kind": "command", "command": ["x", "{port}"]}}}))
+    with pytest.raises(ProfileError, match="server names use"):
+        load_profile(path)
+
+
+def test_env_values_may_not_contain_newlines(tmp_path):
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    evil = {"kind": "command", "command": ["x", "{port}"], "env": {"A": "1\nExecStartPre=/bin/sh -c 'id > /tmp/pwned'\n[Install]"}}
+    path.write_text(yaml.safe_dump({"servers": {"web": evil}}))
+    with pytest.raises(ProfileError, match=r"key 'env'.*newlines"):
+        load_profile(path)
+
+
+def test_a_command_that_never_uses_its_port_is_refused(tmp_path):
+    path = write(tmp_path, "servers:\n  a:\n    kind: command\n    command: [python3, -m, http.server]\n")
+    with pytest.raises(ProfileError, match=r"key 'command'.*never uses \{port\}"):
+        load_profile(path)
+
+
+@pytest.mark.parametrize("extra", ["    port_env: PORT\n", "    port: 8123\n    command: [python3, -m, http.server, '8123']\n"])
+def test_a_port_from_the_environment_or_a_fixed_port_in_the_argv_is_fine(tmp_path, extra):
+    body = "servers:\n  a:\n    kind: command\n" + ("" if "command" in extra else "    command: [python3, -m, http.server]\n") + extra
+    assert load_profile(write(tmp_path, body)).servers["a"].kind == "command"

@@ -23,7 +23,12 @@ pytestmark = pytest.mark.slow
 
 KEY = "test-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SENTENCES = ["The cat sits on the mat.", "A dog barks at the mailman.", "Stock markets fell sharply today.", "Quantum computers use qubits."]
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A dog barks at the mailman.",
+    "Stock markets fell sharply today.",
+    "Quantum computers use qubits.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,20 @@ def logs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embed_url(logs):
-    args = ["--task-type", "embedding", "--model-name", "minilm", "--api-key", KEY, "--max-inputs", "100", "--max-body-bytes", "200000", "--max-queue", "300"]
+    args = [
+        "--task-type",
+        "embedding",
+        "--model-name",
+        "minilm",
+        "--api-key",
+        KEY,
+        "--max-inputs",
+        "100",
+        "--max-body-bytes",
+        "200000",
+        "--max-queue",
+        "300",
+    ]
     with sentence_server(logs, minilm_path(), *args) as url:
         yield url
 
@@ -132,7 +150,7 @@ def test_vectors_equal_in_process_encode(embed_url, st_model):
 
 
 def test_usage_counts_real_tokens(embed_url, st_model):
-    status, body, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES})
+    _status, body, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES})
     want = sum(len(ids) for ids in st_model.tokenizer(SENTENCES)["input_ids"])
     assert body["usage"] == {"prompt_tokens": want, "total_tokens": want}
 
@@ -155,7 +173,7 @@ def test_token_id_input_equals_text_input(embed_url, st_model):
 def test_base64_encoding_is_little_endian_float32(embed_url):
     _, floats, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES})
     _, b64, _ = post(embed_url, "/v1/embeddings", {"input": SENTENCES, "encoding_format": "base64"})
-    for f, b in zip(floats["data"], b64["data"]):
+    for f, b in zip(floats["data"], b64["data"], strict=True):
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
         np.testing.assert_allclose(decoded, f["embedding"], atol=1e-7)
 
@@ -241,7 +259,13 @@ def test_a_chunked_body_over_the_limit_is_413(embed_url):
     parts = urlsplit(embed_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     chunk = json.dumps({"input": ["y" * 1000] * 300}).encode()
-    conn.request("POST", "/v1/embeddings", body=iter([chunk[i : i + 10000] for i in range(0, len(chunk), 10000)]), headers={**AUTH, "Content-Type": "application/json"}, encode_chunked=True)
+    conn.request(
+        "POST",
+        "/v1/embeddings",
+        body=iter([chunk[i : i + 10000] for i in range(0, len(chunk), 10000)]),
+        headers={**AUTH, "Content-Type": "application/json"},
+        encode_chunked=True,
+    )
     resp = conn.getresponse()
     body = json.loads(resp.read())
     conn.close()
@@ -283,7 +307,12 @@ def test_the_server_keeps_serving_after_bad_requests(embed_url):
 
 
 # ------------------------------------------------------------------ rerank (cross-encoder)
-DOCS = ["Paris is the capital of France.", "The mitochondria is the powerhouse of the cell.", "Berlin is in Germany.", "Bananas are yellow."]
+DOCS = [
+    "Paris is the capital of France.",
+    "The mitochondria is the powerhouse of the cell.",
+    "Berlin is in Germany.",
+    "Bananas are yellow.",
+]
 QUERY = "What is the capital of France?"
 
 

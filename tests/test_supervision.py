@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import psutil
+import pytest
 
 from modelctl.daemon import supervisor_pid as running_supervisor
 
-from .conftest import http_get, wait_for
+from .conftest import http_get, wait_for, wait_text, wait_ticks
 from .test_cli import status_json, toy_pids
 
 
@@ -23,7 +23,9 @@ def supervisor_pid(mc) -> int | None:
 
 
 def test_a_killed_server_is_ready_again_on_the_same_port(mc):
-    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health", "interval": 0.5}, "restart": {"backoff": 0.2}}})
+    path = mc.profile(
+        {"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health", "interval": 0.5}, "restart": {"backoff": 0.2}}}
+    )
     assert mc.cli("up", "-p", str(path)).returncode == 0
     before = status_json(mc)["web"]
     os.kill(before["pid"], signal.SIGKILL)
@@ -50,6 +52,7 @@ def test_a_server_that_exits_at_once_ends_failed_with_its_log_tail(mc):
     assert res.returncode == 1 and mc.row("broken")["state"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_hung_server_is_restarted(mc):
     hang = mc.tmp / "hang"
     path = mc.profile(
@@ -91,14 +94,17 @@ def test_servers_outlive_a_killed_supervisor_and_are_adopted(mc):
     assert res.returncode == 0
     new = wait_for(lambda: supervisor_pid(mc), 10, what="a new supervisor")
     assert new != old
-    time.sleep(1.5)  # several ticks: an adopting supervisor must not start duplicates
+    wait_text(mc.state_dir / "supervisor.log", "adopted running pid", count=2)
+    wait_ticks(mc.state_dir, 3)  # an adopting supervisor must not start duplicates
     after = status_json(mc)
     assert {n: r["pid"] for n, r in after.items()} == {n: r["pid"] for n, r in before.items()}
     assert sorted(toy_pids(mc)) == sorted(r["pid"] for r in before.values())
 
     # the adopted servers are still supervised: a crash is noticed and repaired
     os.kill(before["a"]["pid"], signal.SIGKILL)
-    row = wait_for(lambda: (r := mc.row("a"))["state"] == "ready" and r["pid"] != before["a"]["pid"] and r, 20, what="restart of an adopted server")
+    row = wait_for(
+        lambda: (r := mc.row("a"))["state"] == "ready" and r["pid"] != before["a"]["pid"] and r, 20, what="restart of an adopted server"
+    )
     assert row["port"] == before["a"]["port"]
 
 
@@ -108,12 +114,17 @@ def test_down_during_backoff_leaves_nothing_running(mc):
     os.kill(mc.row("web")["pid"], signal.SIGKILL)
     wait_for(lambda: mc.row("web")["state"] == "backoff", 10, what="backoff")
     assert mc.cli("down").returncode == 0
-    time.sleep(4)  # past the backoff
+    # with nothing left to supervise the supervisor exits: nothing can start the server again
+    wait_for(lambda: supervisor_pid(mc) is None, 10, what="the supervisor to exit")
     assert toy_pids(mc) == [] and mc.row("web")["state"] == "stopped"
+    assert mc.record("web").next_start_at is None
 
 
+@pytest.mark.slow
 def test_a_restart_onto_a_taken_port_says_who_holds_it(mc):
-    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}, "restart": {"backoff": 1, "max_failures": 3}}})
+    path = mc.profile(
+        {"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}, "restart": {"backoff": 1, "max_failures": 3}}}
+    )
     assert mc.cli("up", "-p", str(path)).returncode == 0
     row = mc.row("web")
     os.kill(row["pid"], signal.SIGKILL)
@@ -148,15 +159,16 @@ def test_supervise_stop_ends_the_supervisor_and_a_foreground_one_adopts(mc):
     assert supervisor_pid(mc) is None
     assert http_get(row["url"] + "/health")[0] == 200  # servers keep serving without it
 
-    fg = subprocess.Popen([sys.executable, "-m", "modelctl", "supervise"], env=mc.env, stderr=subprocess.PIPE, text=True)
+    stderr = mc.tmp / "supervise.err"
+    with open(stderr, "w") as err_file:
+        fg = subprocess.Popen([sys.executable, "-m", "modelctl", "supervise"], env=mc.env, stderr=err_file, text=True)
     try:
         wait_for(lambda: supervisor_pid(mc) == fg.pid, 10, what="the foreground supervisor")
-        time.sleep(1)
+        wait_text(stderr, f"test/web: adopted running pid {row['pid']}")  # it logs to stderr
+        wait_ticks(mc.state_dir, 2)
         assert toy_pids(mc) == [row["pid"]]  # adopted, not duplicated
         fg.send_signal(signal.SIGTERM)
         assert fg.wait(10) == 0
-        err = fg.stderr.read()
-        assert f"web: adopted running pid {row['pid']}" in err  # it logs to stderr
     finally:
         if fg.poll() is None:
             fg.kill()

@@ -20,7 +20,7 @@ from modelctl.supervisor import Handle, InlineExecutor, Supervisor
 
 
 class FakePopen:
-    def __init__(self, procs: "FakeProcs", pid: int):
+    def __init__(self, procs: FakeProcs, pid: int):
         self.procs, self.pid = procs, pid
 
     def poll(self):
@@ -79,7 +79,16 @@ class FakeProcs:
 def add_server(store: StateStore, name: str = "s", port: int = 9100, **extra) -> ServerRecord:
     raw = {"kind": "command", "command": ["srv", "{port}"], "health": {"http": "/health", "interval": 1, "grace": 5}, **extra}
     spec = parse_server(name, raw, "test.yaml", "test")
-    rec = ServerRecord(profile="test", name=name, kind="command", source="test.yaml", spec=raw, fingerprint=spec.fingerprint, port=port, url=f"http://127.0.0.1:{port}")
+    rec = ServerRecord(
+        profile="test",
+        name=name,
+        kind="command",
+        source="test.yaml",
+        spec=raw,
+        fingerprint=spec.fingerprint,
+        port=port,
+        url=f"http://127.0.0.1:{port}",
+    )
     store.save(rec)
     return rec
 

@@ -22,7 +22,7 @@ from modelctl.systemd import generate_units, write_units
 
 from .conftest import ROOT, http_get, wait_for
 
-PROFILES = sorted((ROOT / "profiles" / "examples").glob("*.yaml")) + [ROOT / "profiles" / "default.yaml"]
+PROFILES = [*sorted((ROOT / "profiles" / "examples").glob("*.yaml")), ROOT / "profiles" / "default.yaml"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -74,14 +74,22 @@ class NotifySocket:
             try:
                 data = self.sock.recv(4096)
                 self.messages.append((time.monotonic(), data.decode()))
-            except socket.timeout:
+            except TimeoutError:
                 continue
         raise AssertionError(f"no {text!r} within {timeout}s; got {self.messages}")
 
 
+@pytest.mark.slow
 def test_run_notifies_ready_only_once_healthy_and_sigterm_stops_the_group(mc):
     path = mc.profile(
-        {"web": {"kind": "command", "command": mc.toy("--ready-delay", "1.5", "--spawn-child"), "health": {"http": "/health"}, "stop_timeout": 3}},
+        {
+            "web": {
+                "kind": "command",
+                "command": mc.toy("--ready-delay", "1.5", "--spawn-child"),
+                "health": {"http": "/health"},
+                "stop_timeout": 3,
+            }
+        },
         name="sd",
     )
     notify = NotifySocket(mc.tmp / "notify.sock")
@@ -115,7 +123,13 @@ def test_run_notifies_ready_only_once_healthy_and_sigterm_stops_the_group(mc):
 
 def test_run_exits_with_failure_when_its_server_dies(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
-    proc = subprocess.Popen([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)],
+        env=mc.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         row = wait_for(lambda: (r := mc.row("web") if mc.record("web", "sd") else None) and r["state"] == "ready" and r, 60, what="ready")
         os.kill(row["pid"], signal.SIGKILL)
@@ -129,7 +143,9 @@ def test_run_exits_with_failure_when_its_server_dies(mc):
 
 def test_up_refuses_a_server_that_systemd_runs(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
-    proc = subprocess.Popen([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for(lambda: mc.record("web", "sd") and mc.row("web")["state"] == "ready", 60, what="ready")
         res = mc.cli("up", "-p", str(path))
@@ -137,3 +153,14 @@ def test_up_refuses_a_server_that_systemd_runs(mc):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_path_with_a_newline_cannot_inject_unit_directives(tmp_path):
+    evil_dir = tmp_path / "x\nExecStartPre=touch pwned\n[Install]"
+    evil_dir.mkdir()
+    path = evil_dir / "p.yaml"
+    path.write_text("servers:\n  web:\n    kind: command\n    command: [x, '{port}']\n")
+    from modelctl.errors import ModelctlError
+
+    with pytest.raises(ModelctlError, match="newline or control character"):
+        generate_units(load_profile(path), StateStore(tmp_path / "state"))

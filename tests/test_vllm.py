@@ -48,7 +48,10 @@ def test_an_executable_runs_vllm_serve():
 
 def test_tensor_parallel_size_can_be_set_and_health_is_the_open_route():
     spec = vllm_spec(tensor_parallel_size=4)
-    assert "--tensor-parallel-size" in (argv := get_backend("vllm").launch(spec, 1, [0]).argv) and argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    assert (
+        "--tensor-parallel-size" in (argv := get_backend("vllm").launch(spec, 1, [0]).argv)
+        and argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    )
     assert spec.health.kind == "http" and spec.health.path == "/health"
     assert spec.startup_timeout >= 600  # big models take minutes
 
@@ -65,6 +68,7 @@ def vllm_family(mc) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow
 def test_a_crash_and_a_down_leave_no_engine_or_worker_behind(mc):
     path = mc.profile(
         {
@@ -93,7 +97,9 @@ def test_a_crash_and_a_down_leave_no_engine_or_worker_behind(mc):
     assert again["port"] == row["port"]
     now = {p.pid for p in vllm_family(mc)}
     assert now.isdisjoint(first) and len(now) == 4  # the orphans were reaped before the restart
-    status, body, _ = http_post(again["url"] + "/v1/completions", {"model": "llm", "prompt": "hi"}, headers={"Authorization": "Bearer secret"})
+    status, body, _ = http_post(
+        again["url"] + "/v1/completions", {"model": "llm", "prompt": "hi"}, headers={"Authorization": "Bearer secret"}
+    )
     assert status == 200 and body["model"] == "llm"
 
     assert mc.cli("down").returncode == 0
@@ -134,7 +140,9 @@ def test_real_vllm_on_cpu_serves_restarts_and_stops_clean(mc):
     assert res.returncode == 0, res.stdout + res.stderr + "\n".join(mc.ctl.log_tail("llm", 60))
     row = mc.row("llm")
     auth = {"Authorization": "Bearer secret"}
-    status, body, _ = http_post(row["url"] + "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 5}, headers=auth, timeout=120)
+    status, body, _ = http_post(
+        row["url"] + "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 5}, headers=auth, timeout=120
+    )
     assert status == 200 and body["choices"][0]["text"] is not None
 
     family = {p.pid for p in tagged_processes(mc.tag) if p.pid != row["pid"] and _in_group(p, row["pid"])}
@@ -143,7 +151,9 @@ def test_real_vllm_on_cpu_serves_restarts_and_stops_clean(mc):
     again = wait_for(lambda: (r := mc.row("llm"))["state"] == "ready" and r["pid"] != row["pid"] and r, 900, interval=0.5, what="restart")
     crash_to_ready = time.monotonic() - t1
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in family)
-    status, _, _ = http_post(again["url"] + "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3}, headers=auth, timeout=120)
+    status, _, _ = http_post(
+        again["url"] + "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3}, headers=auth, timeout=120
+    )
     assert status == 200
 
     assert mc.cli("down", timeout=120).returncode == 0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, ClassVar
 
 from modelctl.spec import HealthSpec, Key, ServerSpec
 
@@ -26,7 +27,7 @@ class Backend:
 
     kind = ""
     summary = ""
-    keys: dict[str, Key] = {}
+    keys: ClassVar[dict[str, Key]] = {}
     startup_timeout = 120.0
     cluster_port = 8000  # the container port when the profile says `port: auto` (Kubernetes)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import string
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, Launch
 from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_str, check_str_list, required
@@ -43,7 +44,7 @@ class CommandBackend(Backend):
     summary = "any server, as an argv with {port} {host} {gpus} {model} {name} placeholders"
     startup_timeout = 60.0
     cluster_port = 8080
-    keys = {
+    keys: ClassVar[dict[str, Key]] = {
         "command": required(check_str_list, "argv list with {port} {host} {gpus} {model} {name} placeholders"),
         "model": Key(check_str, None, "value of the {model} placeholder"),
         "cwd": Key(check_str, None, "working directory"),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, Launch
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_bool, check_choice, check_count, check_size, check_str, check_str_list
@@ -29,7 +30,7 @@ def servers_root() -> str:
     spec = importlib.util.find_spec("servers")
     if spec is None or not spec.submodule_search_locations:
         return str(Path(__file__).resolve().parents[2])
-    return str(Path(list(spec.submodule_search_locations)[0]).parent)
+    return str(Path(next(iter(spec.submodule_search_locations))).parent)
 
 
 class SentenceBackend(Backend):
@@ -37,7 +38,7 @@ class SentenceBackend(Backend):
     summary = "the bundled embeddings / rerank server (OpenAI, Cohere, Jina and TEI request shapes)"
     startup_timeout = 300.0
     cluster_port = 8080
-    keys = {
+    keys: ClassVar[dict[str, Key]] = {
         "model": Key(check_str, BUNDLED_MODEL, "model directory, hub name, or package:MODULE/subdir"),
         "task": Key(check_choice("embedding", "rerank"), "embedding", "embedding or rerank"),
         "device": Key(check_str, None, "cpu, cuda, cuda:0, mps (default: cuda with gpus, else cpu)"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, Launch
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_count, check_str, check_str_list, required
@@ -16,7 +17,7 @@ class VllmBackend(Backend):
     summary = "vLLM's OpenAI-compatible server, tensor parallel over the server's GPUs"
     startup_timeout = 900.0  # big models take minutes to load and compile
     cluster_port = 8000
-    keys = {
+    keys: ClassVar[dict[str, Key]] = {
         "model": required(check_str, "model path or hub name"),
         "served_model_name": Key(check_str, None, "name clients use (default: the server name)"),
         "python": Key(check_str, "python3", "interpreter of the environment vLLM is installed in"),

@@ -13,8 +13,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -48,7 +49,15 @@ def json_response(content: Any, status: int = 200, headers: dict | None = None) 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
 
@@ -76,13 +85,19 @@ class GuardMiddleware:
         if self.key is not None and scope["path"] != "/health":
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.key):
-                return await self._reject(send, ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key"))
+                return await self._reject(
+                    send, ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+                )
         if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
             # curl -d and some clients send no (or a form) content type: the body is JSON all the same
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")])
+            scope = dict(
+                scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]
+            )
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send, ApiError(413, f"request body of {int(length)} bytes is over the limit of {self.limit}", code="body_too_large"))
+            return await self._reject(
+                send, ApiError(413, f"request body of {int(length)} bytes is over the limit of {self.limit}", code="body_too_large")
+            )
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         # read the body here, against the limit, whatever its framing (chunked bodies have no length)
@@ -94,7 +109,9 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             seen += len(chunk)
             if seen > self.limit:
-                return await self._reject(send, ApiError(413, f"request body is over the limit of {self.limit} bytes", code="body_too_large"))
+                return await self._reject(
+                    send, ApiError(413, f"request body is over the limit of {self.limit} bytes", code="body_too_large")
+                )
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
@@ -112,7 +129,13 @@ class GuardMiddleware:
     @staticmethod
     async def _reject(send: Callable, e: ApiError) -> None:
         body = dumps(error_body(e.message, e.type, e.param, e.code))
-        await send({"type": "http.response.start", "status": e.status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": e.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -136,7 +159,13 @@ class ModelState:
         if s.warmup:
             model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
         self.model = model
-        log.info("model %s loaded on %s in %.1fs (%s)", s.model_path, s.device, time.perf_counter() - t0, "cross-encoder" if model.cross_encoder else "bi-encoder")
+        log.info(
+            "model %s loaded on %s in %.1fs (%s)",
+            s.model_path,
+            s.device,
+            time.perf_counter() - t0,
+            "cross-encoder" if model.cross_encoder else "bi-encoder",
+        )
 
 
 def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderModel] = EncoderModel) -> FastAPI:
@@ -149,7 +178,7 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
         def load() -> None:
             try:
                 state.load()
-            except Exception as e:  # noqa: BLE001 — a model that cannot load ends the server with its reason
+            except Exception as e:
                 state.error = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
                 print(f"sentence server: cannot load model {settings.model_path!r}: {state.error}", file=sys.stderr, flush=True)
@@ -203,7 +232,9 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
     # --------------------------------------------------------------- helpers
     def ready_model(task: str) -> tuple[EncoderModel, Batcher]:
         if not state.ready or state.model is None or state.batcher is None:
-            raise ApiError(503, "the model is still loading; retry shortly", type="server_error", code="model_loading", headers={"Retry-After": "1"})
+            raise ApiError(
+                503, "the model is still loading; retry shortly", type="server_error", code="model_loading", headers={"Retry-After": "1"}
+            )
         if state.model.task != task:
             raise ApiError(404, f"this server serves the {state.model.task} task, not {task}", code="wrong_task")
         return state.model, state.batcher
@@ -262,7 +293,9 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
     @app.get("/v1/models")
     async def models() -> Response:
         """The one model this server serves."""
-        return json_response({"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(STARTED), "owned_by": "modelctl"}]})
+        return json_response(
+            {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(STARTED), "owned_by": "modelctl"}]}
+        )
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> Response:
@@ -270,7 +303,12 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
         model, batcher = ready_model("embedding")
         truncate = settings.truncate if req.truncate is None else req.truncate
         if req.dimensions is not None and model.dimensions is not None and req.dimensions > model.dimensions:
-            raise ApiError(400, f"dimensions is {req.dimensions}, more than this model's {model.dimensions}", param="dimensions", code="invalid_dimensions")
+            raise ApiError(
+                400,
+                f"dimensions is {req.dimensions}, more than this model's {model.dimensions}",
+                param="dimensions",
+                code="invalid_dimensions",
+            )
         raw = req.input
         if isinstance(raw, str):
             raw = [raw]
@@ -288,10 +326,15 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             vectors = normalize(vectors[:, : req.dimensions])
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if req.encoding_format == "base64":
-            data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()} for i, v in enumerate(vectors)]
+            data = [
+                {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
+                for i, v in enumerate(vectors)
+            ]
         else:
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        return json_response({"object": "list", "data": data, "model": settings.model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return json_response(
+            {"object": "list", "data": data, "model": settings.model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        )
 
     @app.post("/embed")
     async def tei_embed(req: TeiEmbedRequest) -> Response:
@@ -318,7 +361,7 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             rows, raw = await run(batcher, len(docs), model.tokenize_pairs, req.query, docs, truncate)
             scores = model.activate(raw)
         else:
-            rows, vectors = await run(batcher, len(docs) + 1, model.tokenize, [req.query] + docs, truncate)
+            rows, vectors = await run(batcher, len(docs) + 1, model.tokenize, [req.query, *docs], truncate)
             vectors = normalize(vectors)
             raw = scores = vectors[1:] @ vectors[0]
         tokens = sum(len(r.ids) for r in rows)
@@ -333,7 +376,15 @@ def create_app(settings: ServerSettings, model_factory: Callable[..., EncoderMod
             {"index": i, "relevance_score": float(scores[i]), **({"document": {"text": docs[i]}} if req.return_documents else {})}
             for i in order
         ]
-        return json_response({"id": str(uuid.uuid4()), "model": settings.model_name, "results": results, "usage": {"total_tokens": tokens}, "meta": {"billed_units": {"search_units": 1}}})
+        return json_response(
+            {
+                "id": str(uuid.uuid4()),
+                "model": settings.model_name,
+                "results": results,
+                "usage": {"total_tokens": tokens},
+                "meta": {"billed_units": {"search_units": 1}},
+            }
+        )
 
     @app.post("/v1/rerank")
     async def rerank_v1(req: RerankRequest) -> Response:

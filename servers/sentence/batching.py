@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -103,14 +103,14 @@ class Batcher:
                 continue
             try:
                 prepared.append(w.prepare())
-            except Exception as e:  # noqa: BLE001 — this request's own error (too long, bad ids)
+            except Exception as e:
                 prepared.append(e)
         rows = [r for p in prepared if not isinstance(p, BaseException) for r in p]
         if not rows:
             return prepared, np.zeros((0, 1), dtype=np.float32)
         try:
             return prepared, self.run(rows)
-        except Exception as e:  # noqa: BLE001 — the model failed: every request of the batch gets it
+        except Exception as e:
             return prepared, e
 
     async def _run(self, batch: list[_Work], n: int) -> None:
@@ -118,7 +118,7 @@ class Batcher:
         try:
             prepared, result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
             start = 0
-            for w, rows in zip(batch, prepared):
+            for w, rows in zip(batch, prepared, strict=True):
                 if w.future.done():
                     if not isinstance(rows, BaseException):
                         start += len(rows)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-
 
 # a batch is split where its longest row would exceed its shortest by this ratio (padding is
 # wasted compute), once the part has at least MIN_SPLIT_ROWS rows
@@ -26,10 +25,7 @@ MIN_SPLIT_ROWS = 8
 class InputTooLong(ValueError):
     def __init__(self, index: int, length: int, limit: int):
         self.index, self.length, self.limit = index, length, limit
-        super().__init__(
-            f"input {index} has {length} tokens, more than this model's limit of {limit}; "
-            "shorten it or send truncate: true"
-        )
+        super().__init__(f"input {index} has {length} tokens, more than this model's limit of {limit}; shorten it or send truncate: true")
 
 
 @dataclass(frozen=True)
@@ -44,11 +40,11 @@ def resolve_model_path(spec: str) -> str:
     """`package:MODULE/sub/dir` → the directory inside an installed package; anything else as is."""
     if not spec.startswith("package:"):
         return spec
-    module, _, sub = spec[len("package:"):].partition("/")
+    module, _, sub = spec[len("package:") :].partition("/")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(f"model {spec!r}: Python package {module!r} is not installed")
-    path = Path(list(found.submodule_search_locations)[0]) / sub
+    path = Path(next(iter(found.submodule_search_locations))) / sub
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r}: {path} does not exist")
     return str(path)
@@ -96,14 +92,23 @@ class EncoderModel:
 
     # ---------------------------------------------------------------- tokenizing
     def tokenize(self, texts: list[str], truncate: bool) -> list[Row]:
-        enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        enc = self.tokenizer(
+            texts, add_special_tokens=True, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+        )
         ids = enc["input_ids"]
         long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
         if long:
             if not truncate:
                 raise InputTooLong(long[0], len(ids[long[0]]), self.max_length)
-            cut = self.tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=self.max_length, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-            for i, x in zip(long, cut):
+            cut = self.tokenizer(
+                [texts[i] for i in long],
+                add_special_tokens=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+            for i, x in zip(long, cut, strict=True):
                 ids[i] = x
         return [Row(x) for x in ids]
 
@@ -119,18 +124,35 @@ class EncoderModel:
             if len(ids) > self.max_length:
                 if not truncate:
                     raise InputTooLong(i, len(ids), self.max_length)
-                ids = ids[: self.max_length]
+                rows.append(Row(ids[: self.max_length]))
+                continue
             rows.append(Row(ids))
         return rows
 
     def tokenize_pairs(self, query: str, docs: list[str], truncate: bool) -> list[Row]:
-        enc = self.tokenizer([query] * len(docs), docs, add_special_tokens=True, truncation=False, return_attention_mask=False, return_token_type_ids=True, verbose=False)
+        enc = self.tokenizer(
+            [query] * len(docs),
+            docs,
+            add_special_tokens=True,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=True,
+            verbose=False,
+        )
         ids, types = enc["input_ids"], enc.get("token_type_ids")
         long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
         if long:
             if not truncate:
                 raise InputTooLong(long[0], len(ids[long[0]]), self.max_length)
-            cut = self.tokenizer([query] * len(long), [docs[i] for i in long], add_special_tokens=True, truncation=True, max_length=self.max_length, return_attention_mask=False, return_token_type_ids=True)
+            cut = self.tokenizer(
+                [query] * len(long),
+                [docs[i] for i in long],
+                add_special_tokens=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=True,
+            )
             for j, i in enumerate(long):
                 ids[i] = cut["input_ids"][j]
                 if types is not None:
@@ -156,7 +178,7 @@ class EncoderModel:
                 end += 1
             chunk = order[start:end]
             result = self._forward([rows[i] for i in chunk])
-            for i, vec in zip(chunk, result):
+            for i, vec in zip(chunk, result, strict=True):
                 out[i] = vec
             start = end
         return np.stack(out) if out else np.zeros((0, self.dimensions or 1), dtype=np.float32)

@@ -1,6 +1,6 @@
 """Build a tiny random Llama that vLLM can serve on the CPU: hidden 128, 4 heads (head_dim 32), 2 layers.
 
-    python tests/vllm/make_tiny_llama.py OUT_DIR     (run with the vLLM environment's python)
+python tests/vllm/make_tiny_llama.py OUT_DIR     (run with the vLLM environment's python)
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 def main(out: str) -> None:

@@ -6,7 +6,8 @@ when a server is prepared.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, Launch, ProgressReport
 from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, describe, required
@@ -31,7 +32,7 @@ class OllamaBackend(Backend):
     summary = "a model made present in an Ollama server: listed, else imported from model_path, else pulled"
     startup_timeout = 600.0  # a pull can take a while
     cluster_port = 11434
-    keys = {
+    keys: ClassVar[dict[str, Key]] = {
         "model": required(check_str, "model name, e.g. qwen2.5:0.5b"),
         "model_path": Key(check_str, None, "a .gguf file or a Safetensors directory to import"),
         "executable": Key(check_str, "ollama", "the ollama binary for a managed server"),

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from modelctl.backends.ollama import normalize_model_name
 from modelctl.spec import ServerSpec
@@ -27,7 +28,7 @@ class OllamaError(RuntimeError):
     pass
 
 
-def _client(base_url: str, timeout: float | None = None):
+def _client(base_url: str, timeout: float | None = None) -> Any:
     import ollama
 
     return ollama.Client(host=base_url, timeout=timeout)
@@ -54,7 +55,7 @@ def _explain(e: Exception, what: str, base_url: str) -> OllamaError:
 def list_models(base_url: str) -> list[str]:
     try:
         return [normalize_model_name(m.model or "") for m in _client(base_url, timeout=10).list().models]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _explain(e, "listing models", base_url) from None
 
 
@@ -85,7 +86,7 @@ def ensure_model(spec: ServerSpec, base_url: str, report: Report) -> dict[str, A
         report({"status": f"loading {name}"})
         try:
             client.generate(model=name, keep_alive=o.get("keep_alive"))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise _explain(e, f"loading {name}", base_url) from None
     info: dict[str, Any] = {"model": name, "action": action, "ollama_url": base_url}
     try:
@@ -93,7 +94,7 @@ def ensure_model(spec: ServerSpec, base_url: str, report: Report) -> dict[str, A
         if details is not None:
             info.update({k: v for k, v in {"family": details.family, "parameter_size": details.parameter_size,
                                            "quantization": details.quantization_level}.items() if v})  # fmt: skip
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _explain(e, f"showing {name}", base_url) from None
     return info
 
@@ -111,7 +112,7 @@ def pull_model(client: Any, name: str, base_url: str, report: Report) -> None:
                 total = sum(t for _, t in layers.values())
                 report({"status": f"pulling {name}", "completed": done, "total": total or None, "detail": part.status})
             return
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             last = _explain(e, f"pulling {name}", base_url)
             import ollama
 
@@ -141,7 +142,7 @@ def upload_blob(client: Any, path: Path, base_url: str) -> tuple[str, bool]:
         return digest, False
     try:
         got = client.create_blob(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _explain(e, f"uploading {path.name}", base_url) from None
     if got != digest:
         raise OllamaError(f"uploading {path.name}: digest mismatch ({got} != {digest}); the file changed while uploading")
@@ -172,5 +173,5 @@ def import_model(client: Any, name: str, path: Path, base_url: str, report: Repo
     try:
         for part in client.create(model=name, files=mapping, stream=True):
             report({"status": f"creating {name}: {part.status}", "completed": total, "total": total})
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _explain(e, f"creating {name} from {path}", base_url) from None

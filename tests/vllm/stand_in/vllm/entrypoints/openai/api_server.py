@@ -37,9 +37,13 @@ def main() -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--api-key", default=None)
-    a, unknown = p.parse_known_args()
-    print(f"stand-in vLLM pid {os.getpid()} args {sys.argv[1:]} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
-    engine = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--engine-core", str(a.tensor_parallel_size), "EngineCore"])
+    a, _unknown = p.parse_known_args()
+    print(
+        f"stand-in vLLM pid {os.getpid()} args {sys.argv[1:]} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True
+    )
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--engine-core", str(a.tensor_parallel_size), "EngineCore"]
+    )
     time.sleep(float(os.environ.get("STAND_IN_LOAD_SECONDS", "0.5")))  # "loading the model": nothing listens yet
     name = a.served_model_name or a.model
 
@@ -66,7 +70,15 @@ def main() -> None:
             if self.path == "/v1/models":
                 return self._send(200, {"object": "list", "data": [{"id": name, "object": "model"}]})
             if self.path == "/info":
-                return self._send(200, {"pid": os.getpid(), "engine": engine.pid, "args": sys.argv[1:], "env": {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}})
+                return self._send(
+                    200,
+                    {
+                        "pid": os.getpid(),
+                        "engine": engine.pid,
+                        "args": sys.argv[1:],
+                        "env": {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")},
+                    },
+                )
             self._send(404, {"error": "not found"})
 
         def do_POST(self):
@@ -75,7 +87,15 @@ def main() -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
             if self.path == "/v1/completions":
-                return self._send(200, {"object": "text_completion", "model": name, "choices": [{"index": 0, "text": " stand-in", "finish_reason": "length"}], "prompt": body.get("prompt")})
+                return self._send(
+                    200,
+                    {
+                        "object": "text_completion",
+                        "model": name,
+                        "choices": [{"index": 0, "text": " stand-in", "finish_reason": "length"}],
+                        "prompt": body.get("prompt"),
+                    },
+                )
             self._send(404, {"error": "not found"})
 
     ThreadingHTTPServer((a.host, a.port), Handler).serve_forever()
