@@ -129,12 +129,14 @@ def wait_ticks(state_dir: Path, n: int = 2, timeout: float = 10.0) -> None:
     """Wait until the supervisor has gone round its loop n more times (its heartbeat moved n times)."""
     info = state_dir / "supervisor.json"
     seen = [info.stat().st_mtime_ns]
-    wait_for(
-        lambda: (m := info.stat().st_mtime_ns) != seen[-1] and seen.append(m) is None and len(seen) > n,
-        timeout,
-        interval=0.02,
-        what=f"{n} supervisor ticks",
-    )
+
+    def moved_n_times() -> bool:
+        mtime = info.stat().st_mtime_ns
+        if mtime != seen[-1]:
+            seen.append(mtime)
+        return len(seen) > n
+
+    wait_for(moved_n_times, timeout, interval=0.02, what=f"{n} supervisor ticks")
 
 
 def wait_text(path: Path, text: str, count: int = 1, timeout: float = 20.0) -> None:

@@ -30,7 +30,7 @@ def build_tiny_cross_encoder(target: Path) -> str:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # num_labels goes through **kwargs
         vocab_size=len(tokenizer),
         hidden_size=64,
         num_hidden_layers=2,
@@ -53,25 +53,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FAKE_SERVER = str(ROOT / "tests" / "servers" / "fake_sentence_server.py")
+
+
 @contextlib.contextmanager
-def sentence_server(log_dir: Path, model: str, *args: str, timeout: float = 180) -> Iterator[str]:
-    """Start `python -m servers.sentence` in its own process group; yield its URL once healthy."""
+def sentence_server(
+    log_dir: Path, model: str, *args: str, timeout: float = 180, fake: bool = False, fd_limit: int | None = None, wait: bool = True
+) -> Iterator[str]:
+    """Start the bundled server (`python -m servers.sentence`, or with the stand-in model when
+    `fake`) in its own process group; yield its URL once healthy."""
     port = free_port()
     tag = uuid.uuid4().hex
     _SESSION_TAGS.add(tag)
     log_path = log_dir / f"sentence-{port}.log"
     env = {**os.environ, TAG_VAR: tag, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    entry = [FAKE_SERVER] if fake else ["-m", "servers.sentence"]
+
+    def limit_fds() -> None:
+        if fd_limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "servers.sentence", "--model-path", model, "--port", str(port), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT,
+            [sys.executable, *entry, "--model-path", model, "--port", str(port), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT, preexec_fn=limit_fds,  # noqa: PLW1509
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if wait else 0)
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"sentence server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if not wait:
+                break
             try:
                 if http_get(url + "/health", timeout=2)[0] == 200:
                     break
@@ -90,8 +106,8 @@ def sentence_server(log_dir: Path, model: str, *args: str, timeout: float = 180)
 def build_tiny_sentence_model(target: Path) -> str:
     """A random 2-layer BERT bi-encoder with its own small vocabulary: needs no downloaded model."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined]
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     target.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]

@@ -1,16 +1,32 @@
-"""`python -m servers.sentence --model-path PATH --task-type embedding|rerank ...`"""
+"""`python -m servers.sentence --model-path PATH --task-type embedding|rerank ...`
+
+Exit code 78 (EX_CONFIG) means "this configuration cannot work": an unknown argument, a model
+path that does not exist, a model that cannot be loaded. modelctl fails such a server at once
+instead of restarting it in a loop.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
 
+from servers.sentence.app import EXIT_CONFIG
+from servers.sentence.service import ModelFactory
 from servers.sentence.settings import ServerSettings
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.Namespace]:
     d = ServerSettings(model_path="")
-    p = argparse.ArgumentParser(prog="python -m servers.sentence", description="Embeddings and rerank over HTTP.")
+    p = _Parser(prog="python -m servers.sentence", description="Embeddings and rerank over HTTP.")
     p.add_argument("--model-path", required=True, help="model directory, hub name, or package:MODULE/subdir")
     p.add_argument("--task-type", choices=["embedding", "rerank"], default=d.task)
     p.add_argument("--device", default=d.device)
@@ -23,10 +39,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--max-inputs", type=int, default=d.max_inputs)
     p.add_argument("--max-queue", type=int, default=d.max_queue)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 422")
+    p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 400")
+    p.add_argument("--allow-token-ids", action="store_true", help="accept token ids not framed by this model's special tokens")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--model-workers", type=int, default=None, help="batches run at once (default: cores on CPU, 1 on GPU)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: cores / model workers on CPU)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout, help="seconds a client has to send its headers")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds a client has to send its body")
+    p.add_argument("--max-connections", type=int, default=None, help="open connections before idle ones are closed")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true")
     a = p.parse_args(argv)
@@ -45,26 +65,47 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         max_queue=a.max_queue,
         max_body_bytes=a.max_body_bytes,
         truncate=a.truncate,
+        allow_token_ids=a.allow_token_ids,
         warmup=not a.no_warmup,
         model_workers=a.model_workers,
         torch_threads=a.torch_threads,
+        header_timeout=a.header_timeout,
+        body_timeout=a.body_timeout,
+        max_connections=a.max_connections,
     ), a
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings, args = parse_args(argv)
+def check_model_path(model_path: str) -> None:
+    """A local path that does not exist fails now, before seconds of importing torch."""
+    if model_path.startswith(("/", "./", "../", "~")) and not Path(model_path).expanduser().exists():
+        print(f"sentence server: configuration error: model path {model_path} does not exist", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = False, model_factory: ModelFactory | None = None) -> None:
     import uvicorn
 
     from servers.sentence.app import create_app
+    from servers.sentence.protocol import connection_cap, guarded_protocol, raise_fd_limit
 
-    uvicorn.run(
-        create_app(settings),
+    cap = connection_cap(settings, raise_fd_limit())
+    config = uvicorn.Config(
+        create_app(settings, model_factory),
         host=settings.host,
         port=settings.port,
-        log_level=args.log_level,
-        access_log=args.access_log,
+        log_level=log_level,
+        access_log=access_log,
         timeout_graceful_shutdown=5,
+        http=guarded_protocol(settings, cap),
     )
+    uvicorn.Server(config).run()
+
+
+def main(argv: list[str] | None = None, model_factory: ModelFactory | None = None) -> None:
+    settings, args = parse_args(argv)
+    if model_factory is None:
+        check_model_path(settings.model_path)
+    serve(settings, args.log_level, args.access_log, model_factory)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class QueueFull(Exception):
 
 @dataclass
 class _Work:
-    prepare: Callable[[], Sequence]  # → rows; may raise (the error goes to this request only)
+    prepare: Callable[[], Sequence[Any]]  # → rows; may raise (the error goes to this request only)
     n_inputs: int
     future: asyncio.Future = field(repr=False)
 
@@ -37,8 +38,16 @@ class Batcher:
     than one worker whose every op is split across them; on a GPU one worker is right.
     """
 
-    def __init__(self, run: Callable[[list], np.ndarray], max_inputs: int, max_queue_inputs: int, workers: int = 1):
+    def __init__(
+        self,
+        run: Callable[[list[Any]], np.ndarray],
+        max_inputs: int,
+        max_queue_inputs: int,
+        workers: int = 1,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.run = run
+        self.on_batch = on_batch  # told the number of inputs of each batch (metrics)
         self.max_inputs = max_inputs
         self.max_queue_inputs = max_queue_inputs
         self.workers = max(1, workers)
@@ -67,7 +76,7 @@ class Batcher:
                     await task
         self._model_threads.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, prepare: Callable[[], Sequence], n_inputs: int) -> tuple[Sequence, np.ndarray]:
+    async def submit(self, prepare: Callable[[], Sequence[Any]], n_inputs: int) -> tuple[Sequence[Any], np.ndarray]:
         """Queue a request; returns its prepared rows and the model's output for them."""
         if self.queued + n_inputs > self.max_queue_inputs:
             raise QueueFull(f"{self.queued} inputs are queued (limit {self.max_queue_inputs}); retry shortly")
@@ -90,13 +99,15 @@ class Batcher:
                 n += work.n_inputs
             self.batches += 1
             self.batched_inputs += n
+            if self.on_batch is not None:
+                self.on_batch(n)
             task = loop.create_task(self._run(batch, n))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _work(self, batch: list[_Work]) -> tuple[list, np.ndarray | Exception]:
+    def _work(self, batch: list[_Work]) -> tuple[list[Sequence[Any] | BaseException], np.ndarray | Exception]:
         """On a model thread: prepare each request, then one model call for all their rows."""
-        prepared: list[Sequence | Exception] = []
+        prepared: list[Sequence[Any] | BaseException] = []
         for w in batch:
             if w.future.cancelled():
                 prepared.append(asyncio.CancelledError())

@@ -1,7 +1,7 @@
-"""The model: load, tokenize (with limits), and run padded batches.
+"""The real model: sentence-transformers on torch, behind the Encoder interface (encoder.py).
 
-Tokenizing happens per request, off the event loop; the batcher then only pads token ids and
-runs the network, so each input is tokenized once.
+Tokenizing happens per request, on a model worker thread; the batcher then only pads token ids
+and runs the network, so each input is tokenized once.
 """
 
 from __future__ import annotations
@@ -9,31 +9,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from servers.sentence.encoder import ConfigurationError, InputTooLong, Row
 
 # a batch is split where its longest row would exceed its shortest by this ratio (padding is
 # wasted compute), once the part has at least MIN_SPLIT_ROWS rows
 PAD_RATIO = 1.3
 MIN_SPLIT_ROWS = 8
-
-
-class InputTooLong(ValueError):
-    def __init__(self, index: int, length: int, limit: int):
-        self.index, self.length, self.limit = index, length, limit
-        super().__init__(f"input {index} has {length} tokens, more than this model's limit of {limit}; shorten it or send truncate: true")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One model input: token ids, and token type ids for a (query, document) pair."""
-
-    ids: Sequence[int]
-    type_ids: Sequence[int] | None = None
 
 
 def resolve_model_path(spec: str) -> str:
@@ -43,10 +30,10 @@ def resolve_model_path(spec: str) -> str:
     module, _, sub = spec[len("package:") :].partition("/")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"model {spec!r}: Python package {module!r} is not installed")
+        raise ConfigurationError(f"model {spec!r}: Python package {module!r} is not installed")
     path = Path(next(iter(found.submodule_search_locations))) / sub
     if not path.exists():
-        raise FileNotFoundError(f"model {spec!r}: {path} does not exist")
+        raise ConfigurationError(f"model {spec!r}: {path} does not exist")
     return str(path)
 
 
@@ -62,49 +49,81 @@ def _is_cross_encoder(path: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs) and not has_st_modules
 
 
-class EncoderModel:
-    """A bi-encoder (SentenceTransformer) or a cross-encoder (CrossEncoder) behind one interface."""
+class SentenceTransformerEncoder:
+    """A bi-encoder (SentenceTransformer) or a cross-encoder (CrossEncoder) behind the Encoder interface."""
 
     def __init__(self, model_path: str, task: str, device: str, max_batch_tokens: int, max_batch_size: int):
+        path = resolve_model_path(model_path)
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+            raise ConfigurationError(f"model path {path} does not exist")
         from sentence_transformers import CrossEncoder, SentenceTransformer
 
-        path = resolve_model_path(model_path)
+        self.model_path = path
         self.task = task
         self.device = device
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.cross_encoder = task == "rerank" and _is_cross_encoder(path)
-        if self.cross_encoder:
-            self.model = CrossEncoder(path, device=device)
-            self.max_length = int(getattr(self.model, "max_length", None) or self.model.tokenizer.model_max_length)
-            self.activation = getattr(self.model, "activation_fn", None) or torch.nn.Sigmoid()
-            self.dimensions = None
-        else:
-            self.model = SentenceTransformer(path, device=device)
-            self.max_length = int(self.model.max_seq_length)
-            self.activation = None
-            self.dimensions = int(self.model.get_sentence_embedding_dimension())
+        self.model: Any
+        try:
+            if self.cross_encoder:
+                self.model = CrossEncoder(path, device=device)
+                self.max_length = int(getattr(self.model, "max_length", None) or self.model.tokenizer.model_max_length)
+                self.activation = getattr(self.model, "activation_fn", None) or torch.nn.Sigmoid()
+                self.dimensions = None
+            else:
+                self.model = SentenceTransformer(path, device=device)
+                self.max_length = int(self.model.max_seq_length)
+                self.activation = None
+                self.dimensions = int(self.model.get_sentence_embedding_dimension())
+        except torch.cuda.OutOfMemoryError:
+            raise  # can heal: another process may free the memory
+        except (OSError, ValueError, KeyError) as e:
+            # a missing or unreadable model, or a hub name that is not cached with HF_HUB_OFFLINE=1
+            raise ConfigurationError(f"cannot load model {model_path!r}: {e}") from e
         self.model.eval()
         self.tokenizer = self.model.tokenizer
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.uses_type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        self.first_id = probe[0] if probe[:1] != bare[:1] else None
+        self.last_id = probe[-1] if probe[-1:] != bare[-1:] else None
+
+    def set_threads(self, workers: int, torch_threads: int | None) -> None:
+        """Torch intra-op threads: cores / workers on a CPU (OMP_NUM_THREADS, when set, rules)."""
+        if torch_threads is None and "OMP_NUM_THREADS" not in os.environ and self.device == "cpu":
+            from servers.sentence.service import cores
+
+            torch_threads = max(1, cores() // workers)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+
+    def describe(self) -> dict[str, Any]:
+        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        kind = "reranker" if self.cross_encoder else "embedding"
+        return {"model_type": kind, "dtype": dtype, "backend": "torch", "path": self.model_path}
 
     # ---------------------------------------------------------------- tokenizing
-    def tokenize(self, texts: list[str], truncate: bool) -> list[Row]:
+    def _limit(self, max_length: int | None) -> int:
+        return min(self.max_length, max_length) if max_length else self.max_length
+
+    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
+        limit = self._limit(max_length)
         enc = self.tokenizer(
             texts, add_special_tokens=True, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
         )
         ids = enc["input_ids"]
-        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        long = [i for i, x in enumerate(ids) if len(x) > limit]
         if long:
             if not truncate:
-                raise InputTooLong(long[0], len(ids[long[0]]), self.max_length)
+                raise InputTooLong(long[0], len(ids[long[0]]), limit)
             cut = self.tokenizer(
                 [texts[i] for i in long],
                 add_special_tokens=True,
                 truncation=True,
-                max_length=self.max_length,
+                max_length=limit,
                 return_attention_mask=False,
                 return_token_type_ids=False,
             )["input_ids"]
@@ -112,24 +131,8 @@ class EncoderModel:
                 ids[i] = x
         return [Row(x) for x in ids]
 
-    def rows_from_ids(self, batches: list[list[int]], truncate: bool) -> list[Row]:
-        """Token ids sent by the client: checked against the vocabulary and the length limit."""
-        rows = []
-        for i, ids in enumerate(batches):
-            if not ids:
-                raise ValueError(f"input {i} is an empty list of token ids")
-            bad = [t for t in ids if t < 0 or t >= self.vocab_size]
-            if bad:
-                raise ValueError(f"input {i} has token id {bad[0]} outside this model's vocabulary (0-{self.vocab_size - 1})")
-            if len(ids) > self.max_length:
-                if not truncate:
-                    raise InputTooLong(i, len(ids), self.max_length)
-                rows.append(Row(ids[: self.max_length]))
-                continue
-            rows.append(Row(ids))
-        return rows
-
-    def tokenize_pairs(self, query: str, docs: list[str], truncate: bool) -> list[Row]:
+    def tokenize_pairs(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
+        limit = self._limit(max_length)
         enc = self.tokenizer(
             [query] * len(docs),
             docs,
@@ -140,16 +143,16 @@ class EncoderModel:
             verbose=False,
         )
         ids, types = enc["input_ids"], enc.get("token_type_ids")
-        long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        long = [i for i, x in enumerate(ids) if len(x) > limit]
         if long:
             if not truncate:
-                raise InputTooLong(long[0], len(ids[long[0]]), self.max_length)
+                raise InputTooLong(long[0], len(ids[long[0]]), limit)
             cut = self.tokenizer(
                 [query] * len(long),
                 [docs[i] for i in long],
                 add_special_tokens=True,
                 truncation=True,
-                max_length=self.max_length,
+                max_length=limit,
                 return_attention_mask=False,
                 return_token_type_ids=True,
             )
@@ -181,7 +184,7 @@ class EncoderModel:
             for i, vec in zip(chunk, result, strict=True):
                 out[i] = vec
             start = end
-        return np.stack(out) if out else np.zeros((0, self.dimensions or 1), dtype=np.float32)
+        return np.stack([v for v in out if v is not None]) if out else np.zeros((0, self.dimensions or 1), dtype=np.float32)
 
     def _forward(self, rows: list[Row]) -> np.ndarray:
         width = max(len(r.ids) for r in rows)
@@ -210,29 +213,3 @@ class EncoderModel:
             return scores
         with torch.inference_mode():
             return self.activation(torch.from_numpy(scores)).numpy()
-
-
-def normalize(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
-
-
-def configure_threads(device: str, workers: int | None, torch_threads: int | None) -> int:
-    """Choose model workers and torch threads; returns the number of workers.
-
-    On a CPU the default is one single-threaded worker per core: separate batches on separate
-    cores beat one batch whose every op is split across cores (measured in bench/). On a GPU,
-    one worker. OMP_NUM_THREADS, when set, is left to rule torch's threads.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    on_cpu = device == "cpu"
-    if workers is None:
-        workers = min(cores, 8) if on_cpu else 1
-    if torch_threads is None and "OMP_NUM_THREADS" not in os.environ:
-        torch_threads = max(1, cores // workers) if on_cpu else None
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    return workers

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
+
+Task = Literal["embedding", "rerank"]
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_path: str
-    task: str = "embedding"  # embedding | rerank
+    task: Task = "embedding"
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -20,10 +23,15 @@ class ServerSettings:
     max_inputs: int = 2048  # inputs (or documents) in one request
     max_queue: int = 8192  # rows waiting for the model before 429
     max_body_bytes: int = 8 * 1024 * 1024
-    truncate: bool = False  # truncate over-long inputs instead of 422
+    truncate: bool = False  # truncate over-long inputs instead of answering 400
+    allow_token_ids: bool = False  # accept token ids that are not framed by this model's special tokens
     warmup: bool = True
     model_workers: int | None = None  # model threads running batches at once (default: cores on CPU, 1 on GPU)
     torch_threads: int | None = None  # torch intra-op threads (default: cores / model_workers on CPU)
+    # connections: slow clients are cut off, idle ones make room, so /health always gets in
+    header_timeout: float = 10.0  # seconds to send the request line and headers
+    body_timeout: float = 30.0  # seconds to send the body once the headers are in
+    max_connections: int | None = None  # default: the fd limit less a reserve
 
     @classmethod
     def api_key_from_env(cls) -> str | None:

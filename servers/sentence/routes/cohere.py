@@ -1,0 +1,170 @@
+"""Cohere rerank: v1 (`POST /v1/rerank`, also Jina's shape) and v2 (`POST /v2/rerank`).
+
+Scores come from a cross-encoder (as CrossEncoder.predict gives them) or, for a bi-encoder
+model, cosine similarity. Results are sorted best first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Union
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+
+from servers.sentence.errors import POST_ERRORS
+from servers.sentence.fields import JsonInt, NonEmptyText, PositiveInt
+from servers.sentence.routes.common import Context, JSONResponse
+from servers.sentence.service import Scores, documents_text
+
+
+class RerankDocument(BaseModel):
+    """A document as an object: its `text` is ranked (other fields via rank_fields)."""
+
+    model_config = ConfigDict(extra="allow")
+    text: StrictStr | None = Field(None, description="The document's text.")
+
+
+Document = Union[NonEmptyText, RerankDocument]
+
+
+class _Exclusive(BaseModel):
+    """Cohere's shape carries `documents`; TEI's carries `texts` — never both."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["texts"]}})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_tei(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "texts" in data:
+            raise ValueError("give documents (Cohere/Jina) or texts (TEI), not both")
+        return data
+
+
+class RerankRequest(_Exclusive):
+    """Cohere v1 and Jina `POST /v1/rerank` (and `POST /rerank` with `documents`)."""
+
+    query: NonEmptyText = Field(..., description="The query the documents are ranked against.", examples=["What is the capital of France?"])
+    documents: list[Document] = Field(..., min_length=1, description="Strings or objects with `text`.")
+    model: str | None = Field(None, description="Ignored beyond a check: this server serves one model.")
+    top_n: PositiveInt | None = Field(None, description="Return only the best N.")
+    return_documents: StrictBool = Field(True, description="Include each document in the results.")
+    rank_fields: list[str] | None = Field(None, description="Fields of object documents to rank (default: text).")
+    max_chunks_per_doc: PositiveInt | None = Field(None, description="Accepted for compatibility; documents are not chunked.")
+    truncate: StrictBool | None = Field(None, description="Extension: truncate over-long documents instead of answering 400.")
+
+
+class ResultDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int = Field(..., description="The document's position in the request.")
+    relevance_score: float
+    document: ResultDocument | None = Field(None, description="With return_documents.")
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class RerankMeta(BaseModel):
+    billed_units: BilledUnits
+
+
+class RerankResponse(BaseModel):
+    """Cohere v1's answer, with Jina's `usage`."""
+
+    id: str
+    model: str
+    results: list[RerankResult] = Field(..., description="Best first.")
+    usage: RerankUsage
+    meta: RerankMeta
+
+
+class V2RerankRequest(_Exclusive):
+    """Cohere v2 `POST /v2/rerank` (cohere.ClientV2 and litellm's cohere/ provider)."""
+
+    model: str | None = Field(None, description="Ignored beyond a check: this server serves one model.")
+    query: NonEmptyText
+    documents: list[Document] = Field(..., min_length=1, description="Strings (objects with `text` are accepted too).")
+    top_n: PositiveInt | None = Field(None)
+    max_tokens_per_doc: PositiveInt | None = Field(
+        None, description="Documents are truncated to this many tokens (Cohere's default: 4096)."
+    )
+    return_documents: StrictBool = Field(False, description="Include each document in the results (litellm asks for it).")
+    rank_fields: list[str] | None = None
+    relevant_spans: Any = Field(None, description="Accepted; no spans are returned.")
+    priority: JsonInt | None = Field(None, description="Accepted and ignored.")
+
+
+class V2RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: ResultDocument | None = None
+
+
+class V2Meta(BaseModel):
+    api_version: dict[str, str] = {"version": "2"}
+    billed_units: BilledUnits
+
+
+class V2RerankResponse(BaseModel):
+    id: str
+    results: list[V2RerankResult] = Field(..., description="Best first.")
+    meta: V2Meta
+
+
+async def rerank_v1(ctx: Context, req: RerankRequest) -> JSONResponse:
+    docs = documents_text(req.documents, req.rank_fields)
+    scores = await _score(ctx, req.query, docs, ctx.settings.truncate if req.truncate is None else req.truncate)
+    order = scores.order()[: req.top_n] if req.top_n else scores.order()
+    results = [
+        {"index": i, "relevance_score": float(scores.scores[i]), **({"document": {"text": docs[i]}} if req.return_documents else {})}
+        for i in order
+    ]
+    return JSONResponse(
+        {
+            "id": str(uuid.uuid4()),
+            "model": ctx.settings.model_name,
+            "results": results,
+            "usage": {"total_tokens": scores.tokens},
+            "meta": {"billed_units": {"search_units": 1}},
+        }
+    )
+
+
+async def _score(ctx: Context, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> Scores:
+    ctx.engine.check_texts([query], "query")
+    ctx.engine.check_texts(docs, "documents")
+    scores = await ctx.engine.score(query, docs, truncate, max_length)
+    ctx.count(len(docs), scores.tokens)
+    return scores
+
+
+def router(ctx: Context) -> APIRouter:
+    api = APIRouter(tags=["Cohere / Jina"])
+
+    @api.post("/v1/rerank", response_model=RerankResponse, responses=POST_ERRORS)
+    async def v1_rerank(req: RerankRequest) -> JSONResponse:
+        """Cohere v1 / Jina rerank: results sorted by relevance_score."""
+        return await rerank_v1(ctx, req)
+
+    @api.post("/v2/rerank", response_model=V2RerankResponse, responses=POST_ERRORS)
+    async def v2_rerank(req: V2RerankRequest) -> JSONResponse:
+        """Cohere v2 rerank. Like Cohere, long documents are truncated (to max_tokens_per_doc or the model's limit)."""
+        docs = documents_text(req.documents, req.rank_fields)
+        scores = await _score(ctx, req.query, docs, True, req.max_tokens_per_doc)
+        order = scores.order()[: req.top_n] if req.top_n else scores.order()
+        results = [
+            {"index": i, "relevance_score": float(scores.scores[i]), **({"document": {"text": docs[i]}} if req.return_documents else {})}
+            for i in order
+        ]
+        meta: dict[str, Any] = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
+        return JSONResponse({"id": str(uuid.uuid4()), "results": results, "meta": meta})
+
+    return api

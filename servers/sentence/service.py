@@ -1,0 +1,261 @@
+"""The work every API family shares: the model and its batcher, the checks on inputs, and the
+mapping of model errors to HTTP errors. Routers (routes/*.py) only translate request and
+response shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import numpy as np
+
+from servers.sentence.batching import Batcher, QueueFull
+from servers.sentence.encoder import Encoder, InputTooLong, Row, normalize
+from servers.sentence.errors import ApiError
+from servers.sentence.settings import ServerSettings
+
+log = logging.getLogger("servers.sentence")
+
+T = TypeVar("T")
+ModelFactory = Callable[[str, str, str, int, int], Encoder]
+
+LANGCHAIN_HINT = (
+    "token ids of another tokenizer (langchain-openai's OpenAIEmbeddings sends OpenAI's cl100k ids by default: "
+    "create it with check_embedding_ctx_length=False so that it sends text)"
+)
+
+
+class Engine:
+    """The model, loaded in the background so that /health can answer 503 meanwhile."""
+
+    def __init__(self, settings: ServerSettings, model_factory: ModelFactory, observe_batch: Callable[[int], None] | None = None):
+        self.settings = settings
+        self.model_factory = model_factory
+        self.observe_batch = observe_batch
+        self.model: Encoder | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.workers = 1
+        self.error: str | None = None
+        self.started = time.time()
+
+    def load(self) -> None:
+        """Load (and warm up) the model; runs on a thread of its own."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.workers = model_workers(s.device, s.model_workers)
+        model = self.model_factory(s.model_path, s.task, s.device, s.max_batch_tokens, s.max_batch_size)
+        set_threads = getattr(model, "set_threads", None)
+        if set_threads is not None:
+            set_threads(self.workers, s.torch_threads)
+        if s.warmup:
+            model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
+        self.model = model
+        kind = "cross-encoder" if model.cross_encoder else "bi-encoder"
+        log.info("model %s loaded on %s in %.1fs (%s)", s.model_path, s.device, time.perf_counter() - t0, kind)
+
+    def start_batcher(self) -> None:
+        assert self.model is not None
+        self.batcher = Batcher(self.model.run, self.settings.max_batch_size * 4, self.settings.max_queue, self.workers, self.observe_batch)
+        self.batcher.start()
+        self.ready = True
+
+    def ready_model(self) -> tuple[Encoder, Batcher]:
+        if not self.ready or self.model is None or self.batcher is None:
+            raise ApiError(
+                503, "the model is still loading; retry shortly", type="server_error", code="model_loading", headers={"Retry-After": "1"}
+            )
+        return self.model, self.batcher
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.depth if self.batcher is not None else 0
+
+    # ---------------------------------------------------------------- checks
+    def check_count(self, n: int, param: str) -> None:
+        if n == 0:
+            raise ApiError(400, f"{param} must not be empty", param=param, code="empty_input")
+        if n > self.settings.max_inputs:
+            raise ApiError(
+                422, f"{param} has {n} items, more than the limit of {self.settings.max_inputs}", param=param, code="too_many_inputs"
+            )
+
+    def check_texts(self, texts: Sequence[str], param: str) -> None:
+        self.check_count(len(texts), param)
+        for i, text in enumerate(texts):
+            check_text(text, f"{param}[{i}]" if len(texts) > 1 else param, param)
+
+    def rows_from_ids(self, model: Encoder, id_lists: list[list[int]], truncate: bool) -> list[Row]:
+        """Token ids sent by the client: only this model's own tokenization (or with --allow-token-ids)."""
+        rows = []
+        for i, ids in enumerate(id_lists):
+            if not ids:
+                raise ValueError(f"input {i} is an empty list of token ids")
+            bad = [t for t in ids if t < 0 or t >= model.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"input {i} has token id {bad[0]} outside this model's vocabulary (0-{model.vocab_size - 1}); {LANGCHAIN_HINT}"
+                )
+            if not self.settings.allow_token_ids:
+                framed = model.first_id is not None or model.last_id is not None
+                ok = framed and (model.first_id is None or ids[0] == model.first_id) and (model.last_id is None or ids[-1] == model.last_id)
+                if not ok:
+                    frame = (
+                        f"starting with {model.first_id} and ending with {model.last_id}"
+                        if framed
+                        else "(this model's tokenizer adds no marks)"
+                    )
+                    raise ApiError(
+                        400,
+                        f"input {i}: token ids are accepted only as this model's own tokenization, {frame}; these look like "
+                        f"{LANGCHAIN_HINT}, or start the server with --allow-token-ids",
+                        param="input",
+                        code="foreign_token_ids",
+                    )
+            if len(ids) > model.max_length:
+                if not truncate:
+                    raise InputTooLong(i, len(ids), model.max_length)
+                # keep the closing special token: it is part of this model's input
+                rows.append(Row(ids[: model.max_length - 1] + ids[-1:] if model.last_id is not None else ids[: model.max_length]))
+                continue
+            rows.append(Row(ids))
+        return rows
+
+    # ---------------------------------------------------------------- work
+    async def run(self, n_inputs: int, prepare: Callable[[], Sequence[Row]], param: str = "input") -> tuple[Sequence[Row], np.ndarray]:
+        """Tokenize (prepare) and run on a model worker; map their errors to HTTP errors."""
+        _, batcher = self.ready_model()
+        try:
+            return await batcher.submit(prepare, n_inputs)
+        except QueueFull as e:
+            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except InputTooLong as e:
+            message = (
+                f"{param}[{e.index}] has {e.length} tokens, more than this model's limit of {e.limit}; shorten it or send truncate: true"
+            )
+            raise ApiError(400, message, param=param, code="input_too_long") from None
+        except ApiError:
+            raise
+        except ValueError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_input") from None
+
+    async def embed_input(
+        self, raw: str | list[str] | list[int] | list[list[int]], truncate: bool, param: str
+    ) -> tuple[np.ndarray, int, int]:
+        """An embedding request's input: a string, strings, token ids, or lists of them.
+        Returns the vectors, the tokens used and the number of inputs."""
+        if isinstance(raw, str):
+            batch: list[str] | list[list[int]] = [raw]
+        elif raw and all(isinstance(x, int) for x in raw):
+            batch = [cast(list[int], raw)]  # one input given as a list of token ids
+        else:
+            batch = cast(list[str] | list[list[int]], raw)
+        self.check_count(len(batch), param)
+        if isinstance(batch[0], str):
+            texts = batch
+            self.check_texts(texts, param)
+            vectors, tokens = await self.embed_texts(texts, truncate, param)
+        else:
+            vectors, tokens = await self.embed_ids(batch, truncate)
+        return vectors, tokens, len(batch)
+
+    async def embed_texts(self, texts: list[str], truncate: bool, param: str = "input") -> tuple[np.ndarray, int]:
+        model = self.model_for("embedding")
+        rows, vectors = await self.run(len(texts), lambda: model.tokenize(texts, truncate), param)
+        return vectors, sum(len(r.ids) for r in rows)
+
+    async def embed_ids(self, id_lists: list[list[int]], truncate: bool) -> tuple[np.ndarray, int]:
+        model = self.model_for("embedding")
+        rows, vectors = await self.run(len(id_lists), lambda: self.rows_from_ids(model, id_lists, truncate))
+        return vectors, sum(len(r.ids) for r in rows)
+
+    async def score(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None, param: str = "documents") -> Scores:
+        """Relevance of each document to the query: cross-encoder pair scores, or cosine similarity."""
+        model = self.model_for("rerank")
+        if model.cross_encoder:
+            rows, raw = await self.run(len(docs), lambda: model.tokenize_pairs(query, docs, truncate, max_length), param)
+            return Scores(model.activate(raw), raw, sum(len(r.ids) for r in rows))
+        rows, vectors = await self.run(len(docs) + 1, lambda: model.tokenize([query, *docs], truncate, max_length), param)
+        vectors = normalize(vectors)
+        cosine = vectors[1:] @ vectors[0]
+        return Scores(cosine, cosine, sum(len(r.ids) for r in rows))
+
+    async def predict_pairs(self, pairs: list[tuple[str, str]], truncate: bool) -> Scores:
+        """Scores of (query, document) pairs, each its own query (TEI's /predict)."""
+        model = self.model_for("rerank")
+        if not model.cross_encoder:
+            raise ApiError(
+                400, "predict needs a cross-encoder model; this server reranks by cosine similarity: use /rerank", code="not_supported"
+            )
+
+        def prepare() -> list[Row]:
+            return [row for q, d in pairs for row in model.tokenize_pairs(q, [d], truncate)]
+
+        rows, raw = await self.run(len(pairs), prepare, "inputs")
+        return Scores(model.activate(raw), raw, sum(len(r.ids) for r in rows))
+
+    def model_for(self, task: str) -> Encoder:
+        model, _ = self.ready_model()
+        if model.task != task:
+            raise ApiError(404, f"this server serves the {model.task} task, not {task}", code="wrong_task")
+        return model
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def model_workers(device: str, workers: int | None) -> int:
+    """Batches run at once: on a CPU one single-threaded worker per core (separate batches on
+    separate cores beat one batch whose every op is split across them, measured in bench/);
+    on a GPU one."""
+    if workers is not None:
+        return max(1, workers)
+    return min(cores(), 8) if device == "cpu" else 1
+
+
+class Scores:
+    """Relevance scores (after the activation), the raw ones (logits), and the tokens used."""
+
+    def __init__(self, scores: np.ndarray, raw: np.ndarray, tokens: int):
+        self.scores, self.raw, self.tokens = scores, raw, tokens
+
+    def order(self) -> list[int]:
+        return sorted(range(len(self.scores)), key=lambda i: -float(self.scores[i]))
+
+
+def check_text(text: str, where: str, param: str) -> None:
+    if not text or not text.strip():
+        raise ApiError(400, f"{where} is an empty string", param=param, code="empty_input")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # JSON can carry a lone surrogate ("\ud800"); it is not text any tokenizer can read
+        raise ApiError(400, f"{where} is not valid Unicode ({e.reason} at position {e.start})", param=param, code="invalid_text") from None
+
+
+def documents_text(docs: Sequence[Any], rank_fields: list[str] | None, param: str = "documents") -> list[str]:
+    """Cohere documents: strings, {text}, or objects whose rank_fields are ranked."""
+    out = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, str):
+            out.append(doc)
+            continue
+        fields = doc if isinstance(doc, dict) else doc.model_dump()
+        text = "\n".join(f"{f}: {fields[f]}" for f in rank_fields if f in fields) if rank_fields else fields.get("text")
+        if not isinstance(text, str):
+            raise ApiError(
+                400,
+                f"{param}[{i}] has no text (give a 'text' field, or rank_fields naming the fields to rank)",
+                param=param,
+                code="invalid_input",
+            )
+        out.append(text)
+    return out

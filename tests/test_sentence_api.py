@@ -1,0 +1,498 @@
+"""The bundled server's HTTP contract — routes, shapes, errors, limits, abuse — against a real
+server process with the stand-in model (tests/fake_encoder.py): no torch, so it runs in the quick
+suite. tests/test_sentence_server.py checks the same server on the real MiniLM."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.client
+import json
+import resource
+import socket
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fake_encoder import CLS, SEP, FakeEncoder
+
+from .conftest import http_get, http_post, wait_for
+from .sentence_fixtures import sentence_server
+
+KEY = "test-secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("fake-sentence-logs")
+
+
+@pytest.fixture(scope="module")
+def embed_url(logs):
+    args = ["--model-name", "fake-embed", "--api-key", KEY, "--max-inputs", "100", "--max-body-bytes", "200000", "--model-workers", "1"]
+    with sentence_server(logs, "fake:dims=16,max_length=32", *args, fake=True) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def rerank_url(logs):
+    with sentence_server(
+        logs, "fake:max_length=32", "--task-type", "rerank", "--model-name", "fake-ce", "--max-inputs", "50", fake=True
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FakeEncoder("fake:dims=16,max_length=32", "embedding", "cpu", 0, 0)
+
+
+def post(url, path, payload, **kw):
+    return http_post(url + path, payload, headers=AUTH, **kw)
+
+
+def want_vectors(model, texts):
+    v = model.run(model.tokenize(texts, truncate=False))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def assert_error(body, code=None):
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
+    if code is not None:
+        assert err["code"] == code, body
+
+
+# ------------------------------------------------------------------ health, models, auth
+def test_health_is_503_while_the_model_loads_then_200(logs):
+    with sentence_server(logs, "fake:load=1.5", fake=True, wait=False) as url:
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and 200 not in seen:
+            try:
+                status, body = http_get(url + "/health", timeout=2)
+                seen.append(status)
+                assert body["status"] == ("ok" if status == 200 else "loading")
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert 503 in seen and seen[-1] == 200, seen
+
+
+def test_health_is_open_and_says_what_runs(embed_url):
+    status, body = http_get(embed_url + "/health")
+    assert status == 200 and body["status"] == "ok" and body["model"] == "fake-embed" and body["task"] == "embedding"
+    assert body["dimensions"] == 16 and body["max_input_tokens"] == 32 and body["backend"] == "fake"
+
+
+def test_models_list_and_retrieve(embed_url):
+    assert [m["id"] for m in http_get(embed_url + "/v1/models", headers=AUTH)[1]["data"]] == ["fake-embed"]
+    status, body = http_get(embed_url + "/v1/models/fake-embed", headers=AUTH)
+    assert status == 200 and body["id"] == "fake-embed" and body["object"] == "model"
+    status, body = http_get(embed_url + "/v1/models/gpt-4", headers=AUTH)
+    assert status == 404
+    assert_error(body, "model_not_found")
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/metrics", "/info", "/openapi.json"])
+def test_the_api_key_guards_every_route_but_health(embed_url, path):
+    status, body = http_get(embed_url + path, headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    assert_error(body, "invalid_api_key")
+    assert body["error"]["type"] == "authentication_error"
+
+
+# ------------------------------------------------------------------ OpenAI embeddings
+def test_vectors_and_usage(embed_url, model):
+    texts = ["The cat sits on the mat.", "A dog barks."]
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": texts})
+    assert status == 200 and body["object"] == "list" and body["model"] == "fake-embed"
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], want_vectors(model, texts), atol=1e-5)
+    tokens = sum(len(r.ids) for r in model.tokenize(texts, False))
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_base64_and_dimensions(embed_url, model):
+    _, floats, _ = post(embed_url, "/v1/embeddings", {"input": ["hello"]})
+    _, b64, _ = post(embed_url, "/v1/embeddings", {"input": ["hello"], "encoding_format": "base64"})
+    decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, floats["data"][0]["embedding"], atol=1e-7)
+    _, short, _ = post(embed_url, "/v1/embeddings", {"input": "hello", "dimensions": 4})
+    prefix = np.array(floats["data"][0]["embedding"][:4])
+    np.testing.assert_allclose(short["data"][0]["embedding"], prefix / np.linalg.norm(prefix), atol=1e-6)
+
+
+def test_this_models_own_token_ids_are_embedded_like_the_text(embed_url, model):
+    ids = list(model.tokenize(["hello world"], False)[0].ids)
+    assert ids[0] == CLS and ids[-1] == SEP
+    _, by_ids, _ = post(embed_url, "/v1/embeddings", {"input": [ids]})
+    _, by_text, _ = post(embed_url, "/v1/embeddings", {"input": "hello world"})
+    np.testing.assert_allclose(by_ids["data"][0]["embedding"], by_text["data"][0]["embedding"], atol=1e-6)
+
+
+def test_another_tokenizers_ids_are_refused_with_the_langchain_fix(embed_url):
+    cl100k_hello_world = [15339, 1917]  # what langchain-openai sends by default
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": [cl100k_hello_world]})
+    assert status == 400
+    assert_error(body, "foreign_token_ids")
+    assert "check_embedding_ctx_length=False" in body["error"]["message"]
+
+
+def test_unframed_token_ids_are_accepted_when_the_server_allows_them(logs):
+    with sentence_server(logs, "fake:dims=8", "--allow-token-ids", fake=True) as url:
+        status, body, _ = http_post(url + "/v1/embeddings", {"input": [15339, 1917]})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 8
+
+
+def test_over_long_input_is_400_with_the_limit_unless_truncation_is_asked(embed_url):
+    long = " ".join(["word"] * 40)
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
+    assert status == 400
+    assert_error(body, "input_too_long")
+    assert "limit of 32" in body["error"]["message"]
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
+    assert status == 200 and body["usage"]["prompt_tokens"] == 32
+
+
+def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(logs):
+    long = " ".join(["word"] * 40)
+    with sentence_server(logs, "fake:max_length=32", "--truncate", fake=True) as url:
+        assert http_post(url + "/embed", {"inputs": long})[0] == 200
+        status, body, _ = http_post(url + "/embed", {"inputs": long, "truncate": False})
+        assert status == 400
+        assert_error(body, "input_too_long")
+
+
+@pytest.mark.parametrize(
+    "payload, status, param",
+    [
+        ({"input": 42}, 422, "input"),
+        ({"input": "x", "encoding_format": "hex"}, 422, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, 422, "dimensions"),
+        ({}, 422, "input"),
+        ({"input": ""}, 400, "input"),
+        ({"input": []}, 400, "input"),
+        ({"input": ["ok", " "]}, 400, "input"),
+        ({"input": [[CLS, 5, SEP], [999999999]]}, 400, "input"),
+        ({"input": "x", "dimensions": 999}, 400, "dimensions"),
+        ({"input": ["x"] * 101}, 422, "input"),
+        ({"input": "x", "truncate": 0.0}, 422, "truncate"),  # booleans are strict
+        ({"input": "\ud800"}, 400, "input"),  # a lone surrogate is not text
+        ({"input": ["fine", "bad \udfff"]}, 400, "input"),
+    ],
+)
+def test_bad_requests_get_an_openai_error(embed_url, payload, status, param):
+    got, body, _ = post(embed_url, "/v1/embeddings", payload)
+    assert got == status, body
+    assert_error(body)
+    assert body["error"]["param"] == param
+
+
+def test_malformed_json_is_400(embed_url):
+    status, body, _ = http_post(embed_url + "/v1/embeddings", None, headers=AUTH, raw=b'{"input": ')
+    assert status == 400
+    assert_error(body, "invalid_json")
+
+
+def test_bodies_over_the_limit_are_413_also_when_chunked(embed_url):
+    status, body, _ = post(embed_url, "/v1/embeddings", {"input": ["x" * 1000] * 300})
+    assert status == 413
+    assert_error(body, "body_too_large")
+    parts = urlsplit(embed_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    chunk = json.dumps({"input": ["y" * 1000] * 300}).encode()
+    conn.request(
+        "POST",
+        "/v1/embeddings",
+        body=iter([chunk[i : i + 10000] for i in range(0, len(chunk), 10000)]),
+        headers={**AUTH, "Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "body_too_large"
+    conn.close()
+
+
+def test_a_full_queue_is_429_with_retry_after(logs):
+    with sentence_server(logs, "fake:delay=0.3", "--max-queue", "20", "--model-workers", "1", fake=True) as url:
+
+        def one(i):
+            return http_post(url + "/v1/embeddings", {"input": [f"text {i}"] * 8}, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+    statuses = [r[0] for r in results]
+    assert 429 in statuses and 200 in statuses, statuses
+    refused = next(r for r in results if r[0] == 429)
+    assert_error(refused[1], "queue_full")
+    assert refused[2].get("retry-after") == "1"
+
+
+def test_wrong_task_unknown_route_and_wrong_method(embed_url):
+    status, body, _ = post(embed_url, "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 404
+    assert_error(body, "wrong_task")
+    status, body = http_get(embed_url + "/v2/nothing", headers=AUTH)
+    assert status == 404
+    assert_error(body, "not_found")
+    conn = http.client.HTTPConnection(urlsplit(embed_url).hostname, urlsplit(embed_url).port, timeout=10)
+    conn.request("GET", "/v1/embeddings", headers=AUTH)
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 405 and resp.getheader("Allow") == "POST"
+    assert_error(body, "method_not_allowed")
+
+
+def test_the_server_keeps_serving_after_garbage(embed_url):
+    for raw in (b"", b"[", b"null", b'{"input": {"a": 1}}', b"\xff\xfe", b'"\\ud800"'):
+        status, _, _ = http_post(embed_url + "/v1/embeddings", None, headers=AUTH, raw=raw)
+        assert 400 <= status < 500
+    assert http_get(embed_url + "/health")[0] == 200
+    assert post(embed_url, "/v1/embeddings", {"input": "still here"})[0] == 200
+
+
+# ------------------------------------------------------------------ TEI on an embedding server
+def test_tei_embed_root_and_invocations(embed_url, model):
+    want = want_vectors(model, ["a b", "c"])
+    for path in ("/embed", "/", "/invocations"):
+        status, body, _ = post(embed_url, path, {"inputs": ["a b", "c"]})
+        assert status == 200 and isinstance(body, list), (path, body)
+        np.testing.assert_allclose(body, want, atol=1e-5)
+    # huggingface_hub's InferenceClient sends its options under "parameters"
+    _, raw, _ = post(embed_url, "/", {"inputs": "a b", "parameters": {"normalize": False}})
+    np.testing.assert_allclose(raw[0], model.run(model.tokenize(["a b"], False))[0], atol=1e-5)
+
+
+def test_tei_info(embed_url):
+    status, info = http_get(embed_url + "/info", headers=AUTH)
+    assert status == 200
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_input_length"] == 32
+    assert info["served_model_name"] == "fake-embed" and info["max_client_batch_size"] == 100 and info["version"]
+
+
+# ------------------------------------------------------------------ rerank
+DOCS = ["paris is the capital of france", "bananas are yellow", "the capital of germany is berlin"]
+QUERY = "what is the capital of france"
+
+
+def test_cohere_v1_and_jina_rerank(rerank_url):
+    status, body, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": DOCS, "model": "fake-ce"})
+    assert status == 200 and body["model"] == "fake-ce" and body["usage"]["total_tokens"] > 0
+    assert [r["index"] for r in body["results"]] == [0, 2, 1]
+    assert body["results"][0]["document"] == {"text": DOCS[0]}
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    status, top, _ = http_post(
+        rerank_url + "/rerank", {"query": QUERY, "documents": [{"text": d} for d in DOCS], "top_n": 1, "return_documents": False}
+    )
+    assert status == 200 and top["results"] == [{"index": 0, "relevance_score": scores[0]}]
+
+
+def test_rank_fields_select_what_is_ranked(rerank_url):
+    docs = [{"title": "bananas", "body": "yellow fruit"}, {"title": "france", "body": "paris is its capital"}]
+    status, body, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": docs, "rank_fields": ["body"]})
+    assert status == 200 and body["results"][0]["index"] == 1
+
+
+def test_cohere_v2_rerank_truncates_long_documents_like_cohere(rerank_url):
+    long_doc = "paris " + " ".join(["filler"] * 100)
+    payload = {"model": "fake-ce", "query": QUERY, "documents": [long_doc, DOCS[1]], "max_tokens_per_doc": 16}
+    status, body, _ = http_post(rerank_url + "/v2/rerank", payload)
+    assert status == 200 and set(body) == {"id", "results", "meta"}
+    assert [set(r) for r in body["results"]] == [{"index", "relevance_score"}] * 2 and body["results"][0]["index"] == 0
+    status, body, _ = http_post(rerank_url + "/v2/rerank", {**payload, "return_documents": True, "top_n": 1})
+    assert body["results"][0]["document"] == {"text": long_doc}
+
+
+def test_tei_rerank_predict_and_root(rerank_url):
+    status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": DOCS, "return_text": True})
+    assert status == 200 and [r["index"] for r in body] == [0, 2, 1] and body[0]["text"] == DOCS[0]
+    _, raw, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
+    assert raw[0]["score"] > 1  # logits, not probabilities
+    _, root, _ = http_post(rerank_url + "/", {"query": QUERY, "texts": DOCS})
+    assert [r["index"] for r in root] == [0, 2, 1]
+    status, one, _ = http_post(rerank_url + "/predict", {"inputs": [QUERY, DOCS[0]]})
+    assert status == 200 and one[0]["score"] == pytest.approx(body[0]["score"], abs=1e-6) and one[0]["label"]
+    status, batch, _ = http_post(rerank_url + "/invocations", {"inputs": [[QUERY, DOCS[0]], [QUERY, DOCS[1]]]})
+    assert status == 200 and len(batch) == 2 and batch[0][0]["score"] > batch[1][0]["score"]
+    status, err, _ = http_post(rerank_url + "/predict", {"inputs": "just one text"})
+    assert status == 400
+    assert_error(err, "invalid_input")
+
+
+@pytest.mark.parametrize(
+    "path, payload, status",
+    [
+        ("/v1/rerank", {"query": QUERY}, 422),
+        ("/v1/rerank", {"query": QUERY, "documents": []}, 400),
+        ("/v1/rerank", {"query": "", "documents": ["a"]}, 400),
+        ("/v1/rerank", {"query": QUERY, "documents": [{"txt": "a"}]}, 400),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"] * 51}, 422),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"], "top_n": 0}, 422),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"], "return_documents": 0}, 422),
+        ("/rerank", {"query": QUERY, "documents": ["a"], "texts": ["a"]}, 422),
+        ("/v2/rerank", {"query": "\ud800", "documents": ["a"]}, 400),
+        ("/rerank", {"query": QUERY, "texts": ["ok", "\udfff"]}, 400),
+    ],
+)
+def test_bad_rerank_requests(rerank_url, path, payload, status):
+    got, body, _ = http_post(rerank_url + path, payload)
+    assert got == status, body
+    assert_error(body)
+
+
+def test_a_bi_encoder_reranks_by_cosine(logs):
+    with sentence_server(logs, "fake:cross=0,dims=16", "--task-type", "rerank", fake=True) as url:
+        status, body, _ = http_post(url + "/v1/rerank", {"query": "a b c", "documents": ["a b c", "x y z"]})
+        assert status == 200 and body["results"][0]["index"] == 0
+        assert body["results"][0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
+        status, body, _ = http_post(url + "/predict", {"inputs": ["a", "b"]})
+        assert status == 400
+        assert_error(body, "not_supported")
+
+
+# ------------------------------------------------------------------ the OpenAPI document
+def test_each_server_documents_only_its_tasks_routes_with_their_errors(embed_url, rerank_url):
+    embed_spec = http_get(embed_url + "/openapi.json", headers=AUTH)[1]
+    rerank_spec = http_get(rerank_url + "/openapi.json")[1]
+    assert "/v1/embeddings" in embed_spec["paths"] and "/v1/rerank" not in embed_spec["paths"]
+    assert {"/v1/rerank", "/v2/rerank", "/rerank", "/predict"} <= set(rerank_spec["paths"]) and "/v1/embeddings" not in rerank_spec["paths"]
+    op = embed_spec["paths"]["/v1/embeddings"]["post"]
+    for status in ("400", "401", "413", "422", "429", "503"):
+        ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse"), (status, ref)
+    assert "Retry-After" in op["responses"]["429"]["headers"]
+    schemas = embed_spec["components"]["schemas"]
+    assert schemas["EmbeddingResponse"]["properties"]["data"]["items"]["$ref"].endswith("/Embedding")
+    rerank_schemas = rerank_spec["components"]["schemas"]
+    assert {"RerankRequest", "RerankResponse", "V2RerankRequest", "V2RerankResponse", "TeiRerankRequest", "PredictRequest"} <= set(
+        rerank_schemas
+    )
+    assert rerank_schemas["TeiRerankRequest"]["not"] == {"required": ["documents"]}  # documents or texts, never both
+    assert rerank_schemas["RerankRequest"]["properties"]["documents"]["minItems"] == 1
+
+
+# ------------------------------------------------------------------ metrics
+def test_metrics_count_requests_inputs_and_batches(logs):
+    with sentence_server(logs, "fake:dims=8", fake=True) as url:
+        for _ in range(3):
+            http_post(url + "/v1/embeddings", {"input": ["a", "b c"]})
+        http_post(url + "/v1/embeddings", {"input": ""})
+        status, text = http_get(url + "/metrics")
+        assert status == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        route = ("route", "/v1/embeddings")
+        assert samples[("sentence_requests_total", (route, ("status", "200")))] == 3
+        assert samples[("sentence_requests_total", (route, ("status", "400")))] == 1
+        assert samples[("sentence_inputs_total", (route,))] == 6
+        assert samples[("sentence_tokens_total", (route,))] == 3 * (3 + 4)
+        assert samples[("sentence_request_duration_seconds_count", (route,))] == 4
+        assert samples[("sentence_batch_inputs_sum", ())] >= 6 and samples[("sentence_model_ready", ())] == 1
+        assert ("sentence_queue_depth", ()) in samples
+
+
+# ------------------------------------------------------------------ abuse
+def test_work_for_a_client_that_disconnected_never_reaches_the_model(logs, tmp_path):
+    seen = tmp_path / "model-rows.jsonl"
+    with sentence_server(logs, f"fake:dims=8,delay=1.0,log={seen}", "--model-workers", "1", "--no-warmup", fake=True) as url:
+        port = urlsplit(url).port
+        busy = concurrent.futures.ThreadPoolExecutor(1).submit(http_post, url + "/v1/embeddings", {"input": "first"})
+        wait_for(lambda: seen.exists() and seen.read_text(), 10, what="the first batch to reach the model")
+        body = json.dumps({"input": "abandoned request"}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
+            time.sleep(0.2)  # queued behind the first batch
+        assert busy.result(timeout=30)[0] == 200
+        after = http_post(url + "/v1/embeddings", {"input": "after"})  # the worker is free again
+        assert after[0] == 200
+    abandoned = FakeEncoder.words("abandoned request")
+    rows = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert not any(r[1:-1] == abandoned for r in rows), rows
+    assert any(r[1:-1] == FakeEncoder.words("after") for r in rows)
+
+
+def _half_open(port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        socks.append(s)
+    return socks
+
+
+def _raise_own_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+
+
+def test_half_open_connections_never_starve_health(logs):
+    """Past max_connections the oldest idle connections are closed, so the probe always gets in."""
+    _raise_own_fd_limit(2000)
+    with sentence_server(logs, "fake:dims=8", "--max-connections", "200", "--header-timeout", "60", fake=True) as url:
+        socks = _half_open(urlsplit(url).port, 600)
+        try:
+            t0 = time.monotonic()
+            status, body = http_get(url + "/health", timeout=5)
+            assert status == 200 and body["status"] == "ok" and time.monotonic() - t0 < 5
+            closed = 0
+            for s in socks[:100]:
+                s.settimeout(2)
+                try:
+                    closed += s.recv(1) == b""
+                except (ConnectionResetError, TimeoutError):
+                    closed += 1
+            assert closed > 90  # the oldest were made room for
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_the_fd_soft_limit_is_raised_to_the_hard_one(logs):
+    _raise_own_fd_limit(1200)
+    with sentence_server(logs, "fake:dims=8", "--header-timeout", "60", fake=True, fd_limit=256) as url:
+        assert _soft_fd_limit(_listener_pid(urlsplit(url).port)) > 256
+        socks = _half_open(urlsplit(url).port, 800)  # far more than the 256 it was started with
+        try:
+            assert http_get(url + "/health", timeout=5)[0] == 200
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(logs):
+    with sentence_server(logs, "fake:dims=8", "--header-timeout", "1", fake=True) as url:
+        (s,) = _half_open(urlsplit(url).port, 1)
+        s.settimeout(10)
+        t0 = time.monotonic()
+        assert s.recv(1) == b""
+        assert time.monotonic() - t0 < 5
+        s.close()
+
+
+def _listener_pid(port: int) -> int:
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return conn.pid
+    raise AssertionError(f"nobody listens on {port}")
+
+
+def _soft_fd_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no open-files limit")
