@@ -164,3 +164,22 @@ def test_a_path_with_a_newline_cannot_inject_unit_directives(tmp_path):
 
     with pytest.raises(ModelctlError, match="newline or control character"):
         generate_units(load_profile(path), StateStore(tmp_path / "state"))
+
+
+def test_down_leaves_a_server_that_systemd_runs_to_systemctl(mc):
+    """systemd would start it again at once: down refuses it by name and skips it otherwise."""
+    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: mc.record("web", "sd") and mc.row("web")["state"] == "ready", 60, what="ready")
+        pid = mc.row("web")["pid"]
+        res = mc.cli("down", "sd/web")
+        assert res.returncode == 1 and "systemctl" in res.stderr and "modelctl-sd-web.service" in res.stderr
+        res = mc.cli("down")
+        assert res.returncode == 0 and "sd/web: runs under systemd; not touched" in res.stdout
+        assert psutil.pid_exists(pid) and mc.row("web")["state"] == "ready"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -178,12 +178,19 @@ def test_the_supervisor_keeps_supervising_the_others_past_a_garbage_record(mc):
         }
     )
     assert mc.cli("up", "-p", str(path)).returncode == 0
-    mc.store.record_path(mc.ref("bad")).write_bytes(b'{"name": "bad", "state": "rea')  # truncated
+    bad = mc.store.record_path(mc.ref("bad"))
+    data = json.loads(bad.read_text())
+    data["pid"] = "not-a-pid"  # wrong JSON type where the supervisor adopts from
+    bad.write_text(json.dumps(data))
     before = mc.row("good")
     os.kill(before["pid"], signal.SIGKILL)
     row = wait_for(lambda: (r := mc.row("good"))["state"] == "ready" and r["pid"] != before["pid"] and r, 20, what="a restart")
     assert row["restarts"] == 1
     assert status_json(mc, "id")["test/bad"]["state"] == "broken"
+    bad.write_bytes(b'{"name": "bad", "state": "rea')  # and truncated
+    before = mc.row("good")
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_for(lambda: (r := mc.row("good"))["state"] == "ready" and r["pid"] != before["pid"], 20, what="another restart")
 
 
 def test_deleting_or_replacing_the_lock_file_never_yields_two_supervisors(mc):
@@ -540,3 +547,26 @@ def test_a_supervisor_woken_the_moment_it_starts_keeps_running(mc):
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_a_sentence_server_whose_model_is_missing_fails_at_once_with_the_cause(mc):
+    """Before: five attempts and 81 s of backoff for a model that will never appear."""
+    path = mc.profile({"emb": {"kind": "sentence", "model": str(mc.tmp / "no-such-model"), "restart": {"backoff": 1, "max_failures": 5}}})
+    t0 = time.monotonic()
+    res = mc.cli("up", "-p", str(path))
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 1
+    row = mc.row("emb")
+    assert row["state"] == "failed" and row["restarts"] == 0 and len(row["exits"]) == 1
+    assert row["last_exit"] == "exit code 78" and row["exits"][0]["class"] == "config"
+    assert "does not exist" in row["last_error"] and "configuration error" in res.stdout + res.stderr
+    assert elapsed < 20  # one attempt, no backoff
+
+
+@pytest.mark.slow
+def test_a_hub_model_that_is_not_available_offline_fails_at_once(mc):
+    path = mc.profile({"emb": {"kind": "sentence", "model": "modelctl-test/no-such-model", "env": {"HF_HUB_OFFLINE": "1"}}})
+    res = mc.cli("up", "-p", str(path), timeout=300)
+    assert res.returncode == 1
+    row = mc.row("emb")
+    assert row["state"] == "failed" and row["restarts"] == 0 and row["last_exit"] == "exit code 78"

@@ -75,7 +75,8 @@ class SentenceTransformerEncoder:
                 self.model = SentenceTransformer(path, device=device)
                 self.max_length = int(self.model.max_seq_length)
                 self.activation = None
-                self.dimensions = int(self.model.get_sentence_embedding_dimension())
+                dims = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+                self.dimensions = int(dims())
         except torch.cuda.OutOfMemoryError:
             raise  # can heal: another process may free the memory
         except (OSError, ValueError, KeyError) as e:
