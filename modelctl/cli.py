@@ -32,6 +32,8 @@ app = typer.Typer(
 )
 systemd_app = typer.Typer(help="Run a profile's servers under systemd.", no_args_is_help=True)
 app.add_typer(systemd_app, name="systemd")
+k8s_app = typer.Typer(help="Run a profile's servers on Kubernetes (which then does the supervising).", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
 
 # wide enough that URLs are not cut when the output is a pipe or a file
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
@@ -488,6 +490,90 @@ def systemd_install(
         console.print(f"wrote {p}", highlight=False)
     console.print(systemd.daemon_reload(user), highlight=False)
     console.print(f"enable and start with: systemctl {'--user ' if user else ''}enable --now {systemd.target_name(prof)}", highlight=False)
+
+
+# ---------------------------------------------------------------------------- Kubernetes
+NamespaceOption = typer.Option(None, "--namespace", "-n", help="Namespace (default: the profile's k8s.namespace).")
+ImageOption = typer.Option(None, "--image", help="The bundled server's image (default: modelctl-sentence:VERSION).")
+
+
+def _generated(profile: Optional[Path], namespace: Optional[str], image: Optional[str], create_namespace: bool = False) -> Any:
+    from modelctl.k8s.manifests import ClusterOptions, generate
+
+    generated = generate(_load(profile), ClusterOptions(namespace=namespace, image=image, create_namespace=create_namespace))
+    for note in generated.skipped:
+        err_console.print(f"skipped {note}", highlight=False, markup=False)
+    return generated
+
+
+@k8s_app.command("generate")
+def k8s_generate(
+    profile: Optional[Path] = ProfileFile,
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory to write the manifests to (default: print them)."),
+    namespace: Optional[str] = NamespaceOption,
+    image: Optional[str] = ImageOption,
+    create_namespace: bool = typer.Option(False, "--create-namespace", help="Also write the Namespace object."),
+) -> None:
+    """Per server a Deployment and a Service (and a model cache PVC), plus kustomization.yaml."""
+    generated = _generated(profile, namespace, image, create_namespace)
+    if out is None:
+        for name, text in generated.render().items():
+            print(f"---\n# {name}\n{text}", end="")
+        return
+    for path in generated.write(out):
+        console.print(f"wrote {path}", highlight=False)
+    console.print(f"apply with: kubectl apply -k {out}", highlight=False)
+
+
+@k8s_app.command("apply")
+def k8s_apply(
+    profile: Optional[Path] = ProfileFile,
+    namespace: Optional[str] = NamespaceOption,
+    image: Optional[str] = ImageOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="Keep the manifests in this directory."),
+    create_namespace: bool = typer.Option(False, "--create-namespace"),
+) -> None:
+    """Generate the manifests and `kubectl apply -k` them."""
+    from modelctl.k8s import kubectl
+
+    print(kubectl.apply(_generated(profile, namespace, image, create_namespace), out), end="")
+
+
+@k8s_app.command("delete")
+def k8s_delete(
+    profile: Optional[Path] = ProfileFile,
+    namespace: Optional[str] = NamespaceOption,
+    image: Optional[str] = ImageOption,
+) -> None:
+    """`kubectl delete -k` the profile's objects (the model cache volumes too)."""
+    from modelctl.k8s import kubectl
+
+    print(kubectl.delete(_generated(profile, namespace, image)), end="")
+
+
+@k8s_app.command("status")
+def k8s_status(
+    profile: Optional[Path] = ProfileFile,
+    namespace: Optional[str] = NamespaceOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The profile's Deployments in the cluster: replicas ready, rollout state."""
+    from modelctl.k8s import kubectl
+
+    prof = _load(profile)
+    rows = kubectl.status(prof.name, namespace or prof.k8s.get("namespace"))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print(f"no Deployments of profile {prof.name} in the cluster", highlight=False)
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("deployment", "server", "state", "ready", "detail"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["server"], _styled(r["state"]), f"{r['ready']}/{r['replicas']}", r["detail"])
+    console.print(t)
 
 
 def main() -> None:

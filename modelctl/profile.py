@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import yaml
 
 from modelctl.backends import KINDS
 from modelctl.errors import ProfileError
+from modelctl.k8s.keys import check_profile_k8s, check_server_k8s
 from modelctl.names import DEFAULT_PROFILE_NAME, NAME_RULE, is_valid_name
 from modelctl.spec import (
     Key,
@@ -61,6 +62,7 @@ class Profile:
     name: str
     servers: Mapping[str, ServerSpec]
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    k8s: Mapping[str, Any] = field(default_factory=dict)  # defaults for every server's k8s: keys
 
 
 COMMON_KEYS: dict[str, Key] = {
@@ -75,10 +77,11 @@ COMMON_KEYS: dict[str, Key] = {
     "health": Key(lambda v: v, None, "http: /path | tcp: true | none"),
     "restart": Key(lambda v: v, None, "restart policy"),
     "log": Key(lambda v: v, None, "log rotation: {max_bytes: 50MB, keep: 3}"),
+    "k8s": Key(lambda v: v, None, "Kubernetes: image, resources, node_selector, tolerations, cache, ..."),
     "description": Key(check_str, None, "free text"),
 }
-_NESTED = ("kind", "health", "restart", "log")  # checked by their own parsers below
-TOP_LEVEL_KEYS = ("servers", "name", "port_range")
+_NESTED = ("kind", "health", "restart", "log", "k8s")  # checked by their own parsers below
+TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s")
 
 
 def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
@@ -110,6 +113,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         health = parse_health(raw.get("health"), backend.default_health(options))
         restart = parse_restart(raw.get("restart"))
         log = parse_log(raw.get("log"))
+        k8s = check_server_k8s(raw["k8s"]) if raw.get("k8s") is not None else {}
     except KeyProblem as e:
         raise err(e.key, e.message) from None
 
@@ -130,6 +134,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         restart=restart,
         log=log,
         options=options,
+        k8s=k8s,
     )
 
 
@@ -186,6 +191,11 @@ def parse_profile(data: Any, source: str) -> Profile:
     if not is_valid_name(raw_name):
         raise ProfileError(source, f"must be a simple name ({NAME_RULE}), got {describe(raw_name)}", key="name")
     name = str(raw_name)
+    try:
+        k8s = check_profile_k8s(data["k8s"]) if data.get("k8s") is not None else {}
+    except KeyProblem as e:
+        raise ProfileError(source, e.message, key=e.key) from None
+
     servers = {str(n): parse_server(str(n), raw, source, name) for n, raw in servers_raw.items()}
     seen: dict[int, str] = {}
     for spec in servers.values():
@@ -194,7 +204,7 @@ def parse_profile(data: Any, source: str) -> Profile:
         if spec.port in seen:
             raise ProfileError(source, f"port {spec.port} is already used by server '{seen[spec.port]}'", server=spec.name, key="port")
         seen[spec.port] = spec.name
-    return Profile(path=str(source), name=name, servers=servers, port_range=port_range)
+    return Profile(path=str(source), name=name, servers=servers, port_range=port_range, k8s=k8s)
 
 
 def read_yaml(path: Path) -> Any:

@@ -332,6 +332,7 @@ class ServerSpec:
     restart: RestartPolicy
     log: LogSpec = LogSpec()
     options: Mapping[str, Any] = field(default_factory=dict)
+    k8s: Mapping[str, Any] = field(default_factory=dict)  # the server's checked k8s: keys
 
     @property
     def ref(self) -> ServerRef:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from modelctl.spec import HealthSpec, Key, ServerSpec
+from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec
 
 # A callback through which a long preparation (an Ollama pull) reports progress:
 # {"status": str, "completed": int | None, "total": int | None}
@@ -20,6 +20,22 @@ class Launch:
     argv: list[str]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterContainer:
+    """How a server runs in a Kubernetes pod; modelctl/k8s/manifests.py builds the objects around it."""
+
+    image: str
+    args: list[str]
+    command: list[str] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    secret_env: Mapping[str, str] = field(default_factory=dict)  # put in a Secret, never in the pod spec
+    cache_path: str | None = None  # where the engine keeps models: the cache volume's mount
+    downloads: bool = False  # fetches models at start: gets a cache volume unless told otherwise
+    init_script: str | None = None  # run first, in the same image with the same volumes (an Ollama pull)
+    shm: bool = False  # tensor parallelism: /dev/shm as a memory volume
+    working_dir: str | None = None
 
 
 class Backend:
@@ -63,6 +79,10 @@ class Backend:
 
     def model_label(self, spec: ServerSpec) -> str:
         return str(spec.options.get("model") or "")
+
+    def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer | None:
+        """How the server runs on Kubernetes, listening on 0.0.0.0:port; None if it lives outside."""
+        raise KeyProblem("k8s.image", f"kind '{self.kind}' cannot run on Kubernetes")
 
 
 def connect_host(bind_host: str) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from modelctl.backends.base import Backend, Launch
+from modelctl.backends.base import Backend, ClusterContainer, Launch
 from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_str, check_str_list, required
 
 PLACEHOLDERS = ("port", "host", "gpus", "model", "name")
@@ -68,6 +69,18 @@ class CommandBackend(Backend):
                 "never uses {port}: add it to the argv (--port {port}), or set port_env: NAME for a server "
                 "that reads its port from the environment, or give a fixed port: that the argv already uses",
             )
+
+    def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer:
+        image = spec.k8s.get("image")
+        if not image:
+            raise KeyProblem("k8s.image", "required on Kubernetes for kind 'command': the image that has the program to run")
+        cluster_spec = dataclasses.replace(spec, host="0.0.0.0")
+        argv_template = spec.k8s.get("command") or spec.options["command"]
+        placeholders_in(argv_template, "k8s.command")
+        # the device plugin makes the pod's GPUs 0..N-1
+        argv = fill_placeholders(argv_template, cluster_spec, port, list(range(spec.gpu_count)))
+        env = {spec.options["port_env"]: str(port)} if spec.options.get("port_env") else {}
+        return ClusterContainer(image=image, command=argv, args=[], env=env, cache_path="/cache", working_dir=spec.options.get("cwd"))
 
     def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
         env = {spec.options["port_env"]: str(port)} if spec.options.get("port_env") else {}

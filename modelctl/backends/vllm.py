@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from modelctl.backends.base import Backend, Launch
+from modelctl.backends.base import Backend, ClusterContainer, Launch
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_count, check_str, check_str_list, required
 
+OFFICIAL_IMAGE = "vllm/vllm-openai:latest"  # pin a version with k8s: {image: vllm/vllm-openai:vX.Y.Z}
 # flags modelctl sets itself, from the profile's keys
 MANAGED_FLAGS = {"--host", "--port", "--served-model-name", "--tensor-parallel-size", "-tp", "--model"}
 
@@ -39,6 +40,22 @@ class VllmBackend(Backend):
 
     def tensor_parallel(self, spec: ServerSpec, gpus: int) -> int:
         return int(spec.options.get("tensor_parallel_size") or gpus)
+
+    def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer:
+        """vLLM's official image, run as the production-stack chart runs it: `vllm serve MODEL`."""
+        o = spec.options
+        args = [o["model"], "--host", "0.0.0.0", "--port", str(port), "--served-model-name", self.served_name(spec)]
+        tp = self.tensor_parallel(spec, spec.gpu_count)
+        if tp:
+            args += ["--tensor-parallel-size", str(tp)]
+        return ClusterContainer(
+            image=spec.k8s.get("image") or OFFICIAL_IMAGE,
+            command=["vllm", "serve"],
+            args=args + list(o.get("args") or []),
+            cache_path="/root/.cache/huggingface",
+            downloads=True,
+            shm=tp > 1,
+        )
 
     def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
         o = spec.options

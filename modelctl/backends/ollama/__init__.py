@@ -6,11 +6,14 @@ when a server is prepared.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from modelctl.backends.base import Backend, Launch, ProgressReport
+from modelctl.backends.base import Backend, ClusterContainer, Launch, ProgressReport
 from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, describe, required
+
+OFFICIAL_IMAGE = "ollama/ollama:latest"  # pin a version with k8s: {image: ollama/ollama:X.Y.Z}
 
 
 def normalize_model_name(name: str) -> str:
@@ -63,6 +66,39 @@ class OllamaBackend(Backend):
         if o.get("keep_alive") is not None:
             env["OLLAMA_KEEP_ALIVE"] = str(o["keep_alive"])
         return Launch(argv=[o["executable"], "serve"], env=env)
+
+    def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer | None:
+        """The official image; an init container makes the model present in the shared volume
+        first (pull, or import from a mounted file), so the probes never race the download."""
+        if self.is_external(spec):
+            return None
+        o = spec.options
+        name = shlex.quote(normalize_model_name(o["model"]))
+        if o.get("model_path"):
+            fetch = f"{{ printf 'FROM %s\\n' {shlex.quote(o['model_path'])} > /tmp/Modelfile && ollama create {name} -f /tmp/Modelfile; }}"
+        else:
+            fetch = f"ollama pull {name}"
+        script = "\n".join(
+            [
+                "set -e",
+                "OLLAMA_HOST=127.0.0.1:11434 ollama serve & server=$!",
+                "export OLLAMA_HOST=127.0.0.1:11434",
+                "until ollama list >/dev/null 2>&1; do sleep 1; done",
+                f"ollama show {name} >/dev/null 2>&1 || {fetch}",
+                "kill $server; wait $server || true",
+            ]
+        )
+        env = {"OLLAMA_HOST": f"0.0.0.0:{port}"}
+        if o.get("keep_alive") is not None:
+            env["OLLAMA_KEEP_ALIVE"] = str(o["keep_alive"])
+        return ClusterContainer(
+            image=spec.k8s.get("image") or OFFICIAL_IMAGE,
+            args=["serve"],
+            env=env,
+            cache_path="/root/.ollama",
+            downloads=True,
+            init_script=script,
+        )
 
     def base_url(self, spec: ServerSpec, port: int | None) -> str:
         if self.is_external(spec):
