@@ -292,12 +292,27 @@ def status(
     by_profile: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_profile.setdefault(r["profile"], []).append(r)
+    gpu_column = any(r.get("gpu_memory") is not None for r in rows)
     for name, group in by_profile.items():
         t = Table(box=None, pad_edge=False, title=f"profile {name}", title_justify="left", title_style="bold")
-        for col in ("server", "kind", "state", "pid", "url", "gpus", "uptime", "restarts", "memory", "started in", "model"):
-            t.add_column(col, justify="right" if col in ("pid", "restarts", "memory", "uptime", "started in") else "left")
+        columns = [
+            "server",
+            "kind",
+            "state",
+            "pid",
+            "url",
+            "gpus",
+            "uptime",
+            "restarts",
+            "memory",
+            *(["gpu mem"] if gpu_column else []),
+            "started in",
+            "model",
+        ]
+        for col in columns:
+            t.add_column(col, justify="right" if col in ("pid", "restarts", "memory", "gpu mem", "uptime", "started in") else "left")
         for r in group:
-            t.add_row(
+            cells = [
                 r["name"],
                 r["kind"],
                 _styled(r["state"]),
@@ -307,9 +322,11 @@ def status(
                 format_duration(r["uptime"]),
                 str(r["restarts"]),
                 format_bytes(r["rss"]),
+                *([format_bytes(r.get("gpu_memory"))] if gpu_column else []),
                 format_duration(r["startup"]["total"], precise=True) if r.get("startup") and "total" in r["startup"] else "-",
                 r["model"] or "",
-            )
+            ]
+            t.add_row(*cells)
         console.print(t)
         console.print()
     for r in rows:
@@ -358,6 +375,8 @@ def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
     t.add_row("restarts", str(r.get("restarts", 0)))
     if r.get("rss"):
         t.add_row("memory", format_bytes(r["rss"]))
+    if r.get("gpu_memory") is not None:
+        t.add_row("gpu memory", format_bytes(r["gpu_memory"]))
     if r.get("startup"):
         t.add_row("startup", format_startup(r["startup"]))
     console.print(t)
@@ -409,12 +428,42 @@ def logs(
         pass
 
 
+# ---------------------------------------------------------------------------- metrics / top
+@app.command()
+def metrics(profile: Optional[str] = ProfileScope) -> None:
+    """The supervisor's view as Prometheus metrics (also in STATE/metrics.prom while it runs)."""
+    from modelctl.metrics import exposition
+
+    ctl = controller()
+    sys.stdout.write(exposition(lambda: ctl.status(_scope(profile, None))).decode())
+
+
+@app.command()
+def top(
+    profile: Optional[str] = ProfileScope,
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between frames."),
+    once: bool = typer.Option(False, "--once", help="Print one frame (rates over --interval) and exit."),
+) -> None:
+    """A live view of every server: state, memory, GPU memory, request rate and latency (q quits)."""
+    from modelctl import top as top_view
+
+    ctl = controller()
+    if once:
+        console.print(top_view.once(ctl, _scope(profile, None), interval))
+        return
+    try:
+        top_view.run(ctl, _scope(profile, None), interval, console)
+    except KeyboardInterrupt:
+        pass
+
+
 # ---------------------------------------------------------------------------- supervise / run
 @app.command()
 def supervise(
     stop: bool = typer.Option(False, "--stop", help="Stop the running supervisor (servers keep running)."),
     stay: bool = typer.Option(False, "--stay", help="Keep running when no server is wanted (for systemd)."),
     timeout: float = typer.Option(10.0, "--timeout", help="With --stop: seconds to wait for it to exit."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
 ) -> None:
     """Run the supervisor in the foreground, logging to stderr."""
     import signal as _signal
@@ -436,7 +485,7 @@ def supervise(
         console.print(f"supervisor pid {pid} stopped")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    raise typer.Exit(Daemon(Supervisor(store), exit_when_idle=not stay).serve())
+    raise typer.Exit(Daemon(Supervisor(store), exit_when_idle=not stay, metrics_port=metrics_port).serve())
 
 
 @app.command()

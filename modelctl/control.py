@@ -18,10 +18,10 @@ from modelctl import logfiles
 from modelctl.backends import get_backend
 from modelctl.daemon import ensure_supervisor, supervisor_info, wake_supervisor
 from modelctl.errors import ModelctlError, UnknownServerError
-from modelctl.gpus import allocate_gpus, discover_gpus
+from modelctl.gpus import allocate_gpus, discover_gpus, gpu_memory_by_pid, group_gpu_memory
 from modelctl.names import ServerRef, is_valid_name
 from modelctl.ports import PortLeases, PortRequest, allocate_ports
-from modelctl.process import ProcessIdentity, group_rss, is_alive
+from modelctl.process import ProcessIdentity, group_usage, is_alive
 from modelctl.profile import Profile, peek_profile_name, record_spec
 from modelctl.spec import ServerSpec
 from modelctl.state import AnyRecord, BrokenRecord, ServerRecord, StateStore
@@ -334,21 +334,23 @@ class Controller:
         """One row per server, as observed now (read-only, no lock)."""
         rows = []
         now = time.time()
-        for rec in self.resolve(scope):
+        records = self.resolve(scope)
+        gpu_usage = gpu_memory_by_pid() if any(isinstance(r, ServerRecord) and r.gpus for r in records) else None
+        for rec in records:
             if isinstance(rec, BrokenRecord):
                 rows.append(broken_row(rec))
                 continue
-            rows.append(self.row(rec, now))
+            rows.append(self.row(rec, now, gpu_usage))
         return rows
 
-    def row(self, rec: ServerRecord, now: float) -> dict[str, Any]:
+    def row(self, rec: ServerRecord, now: float, gpu_usage: dict[int, int] | None = None) -> dict[str, Any]:
         ident = record_identity(rec)
         alive = is_alive(ident)
         state, detail = rec.state, rec.detail
         if state in lc.ALIVE and ident is not None and not alive:
             # dead, or its pid now belongs to another process: either way not running
             state, detail = lc.STOPPED, f"not running: recorded pid {rec.pid} is gone or is another process"
-        target = target_of(rec)
+        pids, rss = group_usage(target_of(rec)) if alive else ([], None)
         return {
             "id": rec.label,
             "profile": rec.profile,
@@ -365,8 +367,8 @@ class Controller:
             "model": rec.info.get("model") or model_label(rec),
             "uptime": (now - rec.started_at) if alive and rec.started_at else None,
             "restarts": rec.restarts,
-            "rss": group_rss(target) if alive else None,
-            "gpu_memory": None,
+            "rss": rss,
+            "gpu_memory": group_gpu_memory(pids, gpu_usage) if alive else None,
             "last_exit": rec.last_exit,
             "last_error": rec.last_error,
             "detail": detail,

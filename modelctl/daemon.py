@@ -161,6 +161,8 @@ class Daemon:
         signal.set_wakeup_fd(wfd)
         self.wake_fd = wfd
         self.sup.on_wake = self.wake
+        if self.metrics_port is not None:
+            self._serve_metrics()
         log.info("supervisor pid %s watching %s", os.getpid(), self.store.root)
         try:
             while True:
@@ -184,6 +186,25 @@ class Daemon:
             os.close(wfd)
             self.sup.executor.shutdown(wait=False)
             lock.release()
+
+    def _rows(self) -> list[dict[str, Any]]:
+        from modelctl.control import Controller
+
+        return Controller(self.store).status()
+
+    def _serve_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        from modelctl.metrics import registry_for
+
+        start_http_server(self.metrics_port or 0, addr="127.0.0.1", registry=registry_for(self._rows))
+        log.info("metrics on http://127.0.0.1:%s/metrics", self.metrics_port)
+
+    def write_metrics(self) -> None:
+        """The textfile-collector file: written whole and renamed, so a reader never sees half."""
+        from modelctl.metrics import exposition
+
+        write_atomic(self.store.root / "metrics.prom", exposition(self._rows).decode(), mode=0o644)
 
     def _sleep(self, rfd: int) -> None:
         timeout = TICK_SECONDS
@@ -215,6 +236,10 @@ class Daemon:
         self.next_housekeeping = now + HOUSEKEEPING_SECONDS
         self.reap_orphans()
         self.sup.housekeeping()
+        try:
+            self.write_metrics()
+        except Exception:
+            log.exception("writing metrics.prom failed")
         with contextlib.suppress(OSError):
             logfiles.rotate_if_needed(self.store.root / "supervisor.log", SUPERVISOR_LOG)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -106,3 +107,66 @@ def allocate_gpus(
                 taken[g] = name
         result[name] = ids
     return result
+
+
+def gpu_memory_by_pid() -> dict[int, int] | None:
+    """GPU memory each process holds, summed over the GPUs (bytes); None without NVIDIA GPUs.
+
+    NVML's per-process accounting (nvidia-ml-py), else nvidia-smi's compute apps.
+    """
+    usage = _nvml_memory()
+    return usage if usage is not None else _nvidia_smi_memory()
+
+
+def _nvml_memory() -> dict[int, int] | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        usage: dict[int, int] = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            procs = list(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+            procs += list(pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
+            for p in procs:
+                used = p.usedGpuMemory
+                if used is not None:  # None where the driver does not account per process
+                    usage[p.pid] = usage.get(p.pid, 0) + int(used)
+        return usage
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _nvidia_smi_memory() -> dict[int, int] | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    usage: dict[int, int] = {}
+    for line in out.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            usage[int(parts[0])] = usage.get(int(parts[0]), 0) + int(parts[1]) * 1024 * 1024  # MiB
+    return usage
+
+
+def group_gpu_memory(pids: list[int], usage: dict[int, int] | None) -> int | None:
+    """A server's GPU memory: its processes' (vLLM's engine and workers hold it, not the API process)."""
+    if usage is None:
+        return None
+    return sum(usage.get(pid, 0) for pid in pids)

@@ -172,14 +172,16 @@ def provable_members(target: StopTarget, scan_environments: bool = True) -> list
     return [p for p in members.values() if _live(p)]
 
 
-def group_rss(target: StopTarget) -> int:
-    total = 0
+def group_usage(target: StopTarget) -> tuple[list[int], int]:
+    """The live members' pids and their resident memory, summed (a model lives in the children too)."""
+    pids, total = [], 0
     for proc in live_members(target):
         try:
             total += proc.memory_info().rss
+            pids.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+    return pids, total
 
 
 def _signal(procs: Iterable[psutil.Process], sig: int) -> list[int]:

@@ -461,7 +461,6 @@ class Supervisor:
             rec.detail = f"warming up: {result.detail}"
             return
         rec.startup.setdefault("port_open", round(now - started, 3))
-        rec.startup["healthy"] = round(now - started - rec.startup["port_open"], 3)
         backend = get_backend(spec.kind)
         if not slot.prepared and backend.has_prepare:
             rec.detail = "preparing"
@@ -472,14 +471,16 @@ class Supervisor:
 
             slot.prepare = self._submit(backend.prepare, spec, self._url(rec, spec), report)
             return
-        rec.startup.setdefault("prepare", 0.0)
         self._mark_ready(rec, slot, spec, now)
 
     def _mark_ready(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
         lc.move(rec, lc.READY, expect=lc.STARTING)
         rec.ready_at, rec.detail = now, None
-        rec.startup.setdefault("prepare", 0.0)
-        rec.startup["total"] = round(now - (rec.started_at or now), 3)
+        # the phases add up to the total: spawn → port open → healthy → prepared
+        total = round(now - (rec.started_at or now), 3)
+        port_open = min(rec.startup.get("port_open", total), total)
+        prepare = min(rec.startup.get("prepare", 0.0), total - port_open)
+        rec.startup = {"port_open": port_open, "healthy": round(total - port_open - prepare, 3), "prepare": prepare, "total": total}
         slot.next_probe_at = now + spec.health.interval
         log.info("%s: ready after %.1fs", rec.label, now - (rec.started_at or now))
 

@@ -65,3 +65,50 @@ def test_more_gpus_than_the_machine_has_is_refused_before_starting(mc, monkeypat
     mc.env.pop("MODELCTL_GPUS", None)
     res = mc.cli("up", "-p", str(path))
     assert res.returncode != 0 and f"needs {n + 1} GPU(s)" in res.stderr
+
+
+GPU_CHILD = """
+import os, subprocess, sys, time
+if len(sys.argv) > 2 and sys.argv[2] == 'child':
+    import torch
+    held = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device='cuda')  # 256 MiB, like vLLM's workers
+    print('allocated', flush=True)
+    time.sleep(3600)
+subprocess.Popen([sys.executable, __file__, sys.argv[1], 'child'])
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')
+ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_gpu_memory_is_summed_over_the_servers_processes(mc, monkeypatch):
+    """The API process holds no GPU memory; its child does (as vLLM's EngineCore and workers)."""
+    monkeypatch.delenv("MODELCTL_GPUS", raising=False)
+    script = mc.tmp / "gpu_child.py"
+    script.write_text(GPU_CHILD)
+    path = mc.profile({"g": {"kind": "command", "command": ["python3", str(script), "{port}"], "gpus": 1, "health": {"http": "/"}}})
+    env = {k: v for k, v in mc.env.items() if k not in ("MODELCTL_GPUS", "CUDA_VISIBLE_DEVICES")}
+    res = subprocess.run(
+        ["python3", "-m", "modelctl", "up", "-p", str(path)], capture_output=True, text=True, env=env, cwd=mc.tmp, timeout=300
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = wait_for_gpu_memory(mc)
+    assert row["gpu_memory"] >= 256 * 2**20
+    assert row["pid"] not in gpu_pids()  # the leader itself holds none
+    out = subprocess.run(["python3", "-m", "modelctl", "status"], capture_output=True, text=True, env=env, cwd=mc.tmp).stdout
+    assert "gpu mem" in out
+    subprocess.run(["python3", "-m", "modelctl", "down"], env=env, cwd=mc.tmp, timeout=120)
+
+
+def wait_for_gpu_memory(mc):
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        row = mc.row("g")
+        if row.get("gpu_memory"):
+            return row
+        time.sleep(0.5)
+    raise AssertionError(f"no GPU memory seen: {mc.row('g')}")
