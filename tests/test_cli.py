@@ -151,6 +151,7 @@ def test_auto_ports_are_distinct_in_range_and_kept(mc):
     assert again["a"]["port"] == rows["a"]["port"] and again["b"]["port"] == rows["b"]["port"]
 
 
+@pytest.mark.slow
 def test_gpus_are_assigned_exclusively_and_exported(mc):
     env = {"MODELCTL_GPUS": "0,1,2"}
     path = mc.profile(
@@ -224,6 +225,7 @@ def test_two_concurrent_ups_start_one_server(mc):
     assert status_json(mc)["web"]["pid"] == toy_pids(mc)[0]
 
 
+@pytest.mark.slow
 def test_down_ends_a_server_that_ignores_sigterm_and_its_grandchild(mc):
     path = mc.profile(
         {

@@ -27,6 +27,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+@pytest.mark.slow
 def test_metrics_carry_the_right_values_after_a_crash_and_a_restart(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}, "restart": {"backoff": 0.1}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
@@ -52,6 +53,7 @@ def test_metrics_carry_the_right_values_after_a_crash_and_a_restart(mc):
     )
 
 
+@pytest.mark.slow
 def test_supervise_serves_metrics_on_a_port(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
@@ -88,6 +90,7 @@ def test_startup_phases_add_up_and_are_ordered(mc):
     assert re.search(r"startup\s+\d+\.\ds = port open \d+\.\ds \+ healthy \d+\.\ds \+ prepare 0\.0s", out), out
 
 
+@pytest.mark.slow
 def test_a_model_pull_is_its_own_phase(mc):
     from .test_ollama import FakeOllama
 
@@ -119,6 +122,7 @@ def test_failures_are_kept_with_their_class_and_the_line_that_explains_them(mc):
     assert "last exits" in out and out.count("exiting on purpose") >= 2 and "exit code 3" in out
 
 
+@pytest.mark.slow
 def test_top_once_shows_every_server_with_request_rate_and_latency(mc):
     path = mc.profile(
         {
@@ -157,6 +161,7 @@ def test_top_once_shows_every_server_with_request_rate_and_latency(mc):
     assert re.match(r"test/toy\s+ready\s+\S+\s+0\s+[\d.]+ MiB\s+\S+\s+-\s+-\s+-\s+-$", toy), toy
 
 
+@pytest.mark.slow
 def test_top_runs_live_until_q(mc):
     path = mc.profile({"toy": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
@@ -191,6 +196,7 @@ def test_exit_codes_sparklines_and_quantiles():
     assert quantile({0.1: 50.0, 0.5: 95.0, 1.0: 100.0, float("inf"): 100.0}, 0.95) == 0.5
 
 
+@pytest.mark.slow
 def test_the_supervisor_log_says_where_metrics_are_served(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0

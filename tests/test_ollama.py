@@ -168,6 +168,7 @@ def test_pull_reports_byte_progress(mc, fake):
     assert "tiny:latest" in [m["name"] for m in http_get(fake.url + "/api/tags")[1]["models"]]
 
 
+@pytest.mark.slow
 def test_a_dropped_pull_is_retried_and_resumes(mc):
     server = FakeOllama(mc, FAKE_OLLAMA_FAIL_PULL_AT="2000000").start()
     try:
@@ -192,6 +193,7 @@ def test_a_pull_error_inside_the_stream_fails_the_server_with_its_message(mc, fa
     assert len(fake.requests("/api/pull")) == 1  # an error line is final: no blind retries
 
 
+@pytest.mark.slow
 def test_an_unreachable_ollama_is_reported_with_its_url(mc):
     url = f"http://127.0.0.1:{free_port()}"
     path = mc.profile({"llm": {"kind": "ollama", "model": "tiny", "host": url, "startup_timeout": 2}})
@@ -202,6 +204,7 @@ def test_an_unreachable_ollama_is_reported_with_its_url(mc):
 
 
 # ------------------------------------------------------------------ managed server
+@pytest.mark.slow
 def test_a_managed_server_pulls_serves_restarts_and_stops(mc, fake):
     path = mc.profile(
         {

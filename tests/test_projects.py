@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from modelctl import __version__
 from modelctl.state import ServerRecord
 
@@ -50,6 +52,7 @@ def test_down_and_status_take_a_profile(mc):
     assert toy_pids(mc) == [b_pid]
 
 
+@pytest.mark.slow
 def test_a_bare_name_in_two_profiles_is_ambiguous_and_a_full_name_is_not(mc):
     a, b = two_profiles(mc)
     assert mc.cli("up", "-p", str(a)).returncode == 0 and mc.cli("up", "-p", str(b)).returncode == 0
@@ -62,6 +65,7 @@ def test_a_bare_name_in_two_profiles_is_ambiguous_and_a_full_name_is_not(mc):
     assert rows["a/web"]["state"] == "ready" and rows["b/web"]["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_up_after_editing_one_profile_replaces_only_its_server(mc):
     a, b = two_profiles(mc, env={"TOY_VALUE": "one"})
     assert mc.cli("up", "-p", str(a)).returncode == 0 and mc.cli("up", "-p", str(b)).returncode == 0
@@ -74,6 +78,7 @@ def test_up_after_editing_one_profile_replaces_only_its_server(mc):
     assert after["b/web"]["pid"] == before["b/web"]["pid"]  # untouched
 
 
+@pytest.mark.slow
 def test_a_server_removed_from_its_profile_is_reported_as_orphaned_and_can_be_removed(mc):
     toy = {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}
     path = mc.profile({"web": toy, "old": dict(toy)}, name="lab")
@@ -124,6 +129,7 @@ def test_an_old_record_without_a_source_is_in_the_default_profile(mc):
     assert [r["id"] for r in json.loads(mc.cli("status", "--json").stdout)] == ["default/ghost"]
 
 
+@pytest.mark.slow
 def test_status_name_shows_one_server_in_detail(mc):
     path = mc.profile(
         {"web": {"kind": "command", "command": mc.toy("--ready-delay", "0.3"), "health": {"http": "/health"}, "restart": {"backoff": 0.1}}},
@@ -153,6 +159,7 @@ def test_version_and_shell_completion(mc):
     assert res.returncode == 0 and "complete" in res.stdout
 
 
+@pytest.mark.slow
 def test_down_without_a_profile_still_stops_everything(mc):
     a, b = two_profiles(mc)
     assert mc.cli("up", "-p", str(a)).returncode == 0 and mc.cli("up", "-p", str(b)).returncode == 0
@@ -162,6 +169,7 @@ def test_down_without_a_profile_still_stops_everything(mc):
     assert toy_pids(mc) == []
 
 
+@pytest.mark.slow
 def test_the_profile_env_var_scopes_commands_too(mc):
     a, b = two_profiles(mc)
     assert mc.cli("up", "-p", str(a)).returncode == 0 and mc.cli("up", "-p", str(b)).returncode == 0

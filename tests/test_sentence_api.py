@@ -398,6 +398,7 @@ def test_metrics_count_requests_inputs_and_batches(logs):
 
 
 # ------------------------------------------------------------------ abuse
+@pytest.mark.slow
 def test_work_for_a_client_that_disconnected_never_reaches_the_model(logs, tmp_path):
     seen = tmp_path / "model-rows.jsonl"
     with sentence_server(logs, f"fake:dims=8,delay=1.0,log={seen}", "--model-workers", "1", "--no-warmup", fake=True) as url:
@@ -437,6 +438,7 @@ def _raise_own_fd_limit(need: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
 
 
+@pytest.mark.slow
 def test_half_open_connections_never_starve_health(logs):
     """Past max_connections the oldest idle connections are closed, so the probe always gets in."""
     _raise_own_fd_limit(2000)
@@ -459,6 +461,7 @@ def test_half_open_connections_never_starve_health(logs):
                 s.close()
 
 
+@pytest.mark.slow
 def test_the_fd_soft_limit_is_raised_to_the_hard_one(logs):
     _raise_own_fd_limit(1200)
     with sentence_server(logs, "fake:dims=8", "--header-timeout", "60", fake=True, fd_limit=256) as url:

@@ -37,6 +37,7 @@ def test_a_killed_server_is_ready_again_on_the_same_port(mc):
     assert toy_pids(mc) == [row["pid"]]
 
 
+@pytest.mark.slow
 def test_a_server_that_exits_at_once_ends_failed_with_its_log_tail(mc):
     path = mc.profile(
         {"broken": {"kind": "command", "command": mc.toy("--exit-code", "3"), "restart": {"backoff": 0.1, "max_failures": 3}}}
@@ -75,6 +76,7 @@ def test_a_hung_server_is_restarted(mc):
     assert not psutil.pid_exists(first["pid"]) or psutil.Process(first["pid"]).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
 def test_servers_outlive_a_killed_supervisor_and_are_adopted(mc):
     path = mc.profile(
         {

@@ -81,6 +81,7 @@ def test_a_dead_leaders_leftovers_are_stopped_only_with_proof(mc):
             p.wait()
 
 
+@pytest.mark.slow
 def test_a_daemon_that_escapes_the_group_reparents_to_the_supervisor_and_is_stopped_with_it(mc):
     pid_file = mc.tmp / "daemon.pid"
     path = mc.profile(
@@ -170,6 +171,7 @@ def test_a_broken_record_is_shown_never_hidden_and_up_does_not_start_a_second_co
     assert record.exists()  # left to fix or remove, never overwritten
 
 
+@pytest.mark.slow
 def test_the_supervisor_keeps_supervising_the_others_past_a_garbage_record(mc):
     path = mc.profile(
         {
@@ -193,6 +195,7 @@ def test_the_supervisor_keeps_supervising_the_others_past_a_garbage_record(mc):
     wait_for(lambda: (r := mc.row("good"))["state"] == "ready" and r["pid"] != before["pid"], 20, what="another restart")
 
 
+@pytest.mark.slow
 def test_deleting_or_replacing_the_lock_file_never_yields_two_supervisors(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
@@ -213,6 +216,7 @@ def test_deleting_or_replacing_the_lock_file_never_yields_two_supervisors(mc):
     assert [p.pid for p in supervisors] == [first.pid]
 
 
+@pytest.mark.slow
 def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
     """Two state directories (two users, say) running up at once with the same port range."""
     other = {**mc.env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
@@ -230,6 +234,7 @@ def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
         mc.cli("down", env=other)
 
 
+@pytest.mark.slow
 def test_a_port_held_by_a_server_in_backoff_is_not_handed_out(mc, tmp_path):
     other = {**mc.env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
     crashing = mc.profile(
@@ -278,6 +283,7 @@ def test_concurrent_up_down_restart_never_print_a_traceback(mc):
 
 
 # ---------------------------------------------------------------------- never hang
+@pytest.mark.slow
 def test_a_held_state_lock_makes_commands_fail_fast_and_name_the_holder(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     holder = subprocess.Popen(
@@ -510,6 +516,7 @@ def test_logs_n_reads_from_the_end_of_a_big_log_and_cuts_long_lines(mc):
 
 
 # ---------------------------------------------------------------------- the supervisor is a subreaper
+@pytest.mark.slow
 def test_escaped_daemons_are_reaped_by_the_supervisor(mc):
     pid_file = mc.tmp / "daemon.pid"
     path = mc.profile(
