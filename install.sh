@@ -2,6 +2,7 @@
 # Install modelctl into a virtual environment (.venv by default).
 #
 #   ./install.sh            install modelctl and the bundled sentence server (extra "server")
+#   ./install.sh --fast     also the bundled server's ONNX Runtime and OpenVINO backends (extra "fast")
 #   ./install.sh --test     also install what the test suite and its checks need (extra "test")
 #
 # Environment:
@@ -16,11 +17,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${MODELCTL_VENV:-$here/.venv}"
 python="${PYTHON:-python3}"
-extras="[server]"
+extras="server"
 for arg in "$@"; do
     case "$arg" in
-        --test) extras="[server,test]" ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --test) extras="$extras,test" ;;
+        --fast) extras="$extras,fast" ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -41,6 +43,6 @@ else
     "${pip[@]}" install -q $torch_req
 fi
 
-echo "==> installing modelctl$extras"
-"${pip[@]}" install -q -e "$here$extras"
+echo "==> installing modelctl[$extras]"
+"${pip[@]}" install -q -e "$here[$extras]"
 echo "==> done: $venv/bin/modelctl"

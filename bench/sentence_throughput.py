@@ -1,12 +1,15 @@
 """Throughput and latency of the bundled sentence server against in-process encode, as ratios.
 
     .venv/bin/python bench/sentence_throughput.py [--rounds 3] [--sentences 512]
+        [--backends torch,onnx,onnx-int8,openvino] [--server-args "--model-workers 1"]
 
-Measures, in one run on the same machine and the same model (MiniLM, CPU):
+Measures, in one run on the same machine and the same model (MiniLM, CPU), for each backend of
+the server (torch; the ONNX export on ONNX Runtime, also int8-quantized; on OpenVINO):
   1. 32 concurrent clients, one short sentence per request  vs  encode(batch_size=32)
   2. requests of 64 sentences (4 concurrent clients)         vs  encode(batch_size=32)
   3. one client, one sentence per request (latency)         vs  encode of one sentence
-Each figure is the median of --rounds rounds; baseline and server rounds alternate.
+and the server's resident memory. The baseline is in-process torch sentence-transformers; each
+figure is the median of --rounds rounds, baseline and server rounds alternating.
 """
 
 from __future__ import annotations
@@ -93,12 +96,56 @@ async def http_latency(url: str, sentences: list[str]) -> float:
     return statistics.median(times)
 
 
+async def cosine_to(url: str, sentences: list[str], reference: object) -> tuple[float, float]:
+    """Min and mean cosine of the server's vectors to in-process torch ones, over the sentence set."""
+    import aiohttp
+    import numpy as np
+
+    vectors = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(0, len(sentences), 64):
+            async with session.post(url + "/v1/embeddings", json={"input": sentences[i : i + 64]}) as resp:
+                vectors += [d["embedding"] for d in (await resp.json())["data"]]
+    got, want = np.array(vectors), np.asarray(reference)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    return float(cos.min()), float(cos.mean())
+
+
+BACKEND_ARGS = {
+    "torch": [],
+    "onnx": ["--backend", "onnx"],
+    "onnx-int8": ["--backend", "onnx", "--quantize", "int8"],
+    "openvino": ["--backend", "openvino"],
+}
+
+
+def server_rss(url: str) -> int:
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return int(psutil.Process(conn.pid).memory_info().rss)
+    return 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sentences", type=int, default=512)
+    p.add_argument("--backends", default=None, help="default: torch and every fast-path backend that is installed")
+    p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--model-workers 1'")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sentence_throughput.json"))
     args = p.parse_args()
+    if args.backends is None:
+        import importlib.util
+
+        needs = {"torch": "torch", "onnx": "onnxruntime", "onnx-int8": "onnxruntime", "openvino": "openvino"}
+        backends = [b for b, module in needs.items() if importlib.util.find_spec(module) is not None]
+        if len(backends) < len(needs):
+            print(f"measuring {', '.join(backends)}; ./install.sh --fast adds the others")
+    else:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     from sentence_transformers import SentenceTransformer
 
@@ -119,37 +166,68 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    results: dict[str, list[float]] = {k: [] for k in ("encode_rate", "encode_latency", "http_1x32", "http_64x4", "http_latency")}
     log_dir = ROOT / "bench" / "results"
     log_dir.mkdir(parents=True, exist_ok=True)
-    with sentence_server(log_dir, minilm_path(), "--task-type", "embedding") as url:
-        asyncio.run(http_throughput(url, sentences[:128], 1, 32))  # warm up the server
-        for r in range(args.rounds):
-            results["encode_rate"].append(encode_rate())
-            results["http_1x32"].append(asyncio.run(http_throughput(url, sentences, 1, 32)))
-            results["http_64x4"].append(asyncio.run(http_throughput(url, sentences, 64, 4)))
-            results["encode_latency"].append(encode_latency())
-            results["http_latency"].append(asyncio.run(http_latency(url, sentences[:100])))
-            print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
+    os.environ.setdefault("MODELCTL_CACHE_DIR", str(log_dir / "cache"))  # exports are made once, then reused
+    baseline: dict[str, list[float]] = {"encode_rate": [], "encode_latency": []}
+    per_backend: dict[str, dict[str, list[float]]] = {}
+    rss: dict[str, int] = {}
+    reference = model.encode(sentences, batch_size=32, normalize_embeddings=True)
+    accuracy: dict[str, tuple[float, float]] = {}
+    for backend in backends:
+        if backend != "torch":  # export first: the servers then start as they do on every restart
+            from servers.sentence.exported import ensure_export
 
-    med = {k: statistics.median(v) for k, v in results.items()}
-    summary = {
+            ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), "int8" if backend.endswith("int8") else None)
+        results = per_backend[backend] = {"http_1x32": [], "http_64x4": [], "http_latency": []}
+        with sentence_server(log_dir, minilm_path(), "--task-type", "embedding", *BACKEND_ARGS[backend], *args.server_args.split()) as url:
+            asyncio.run(http_throughput(url, sentences[:128], 1, 32))  # warm up the server
+            accuracy[backend] = asyncio.run(cosine_to(url, sentences, reference))
+            for r in range(args.rounds):
+                baseline["encode_rate"].append(encode_rate())
+                results["http_1x32"].append(asyncio.run(http_throughput(url, sentences, 1, 32)))
+                results["http_64x4"].append(asyncio.run(http_throughput(url, sentences, 64, 4)))
+                baseline["encode_latency"].append(encode_latency())
+                results["http_latency"].append(asyncio.run(http_latency(url, sentences[:100])))
+                print(f"{backend} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
+            rss[backend] = server_rss(url)
+
+    rate = statistics.median(baseline["encode_rate"])
+    latency = statistics.median(baseline["encode_latency"])
+    summary: dict[str, object] = {
         "machine": f"{os.cpu_count()} cores",
         "sentences": args.sentences,
         "rounds": args.rounds,
-        "encode_batch32_sentences_per_s": round(med["encode_rate"], 1),
-        "http_32_clients_1_sentence_sentences_per_s": round(med["http_1x32"], 1),
-        "ratio_32_clients_1_sentence": round(med["http_1x32"] / med["encode_rate"], 3),
-        "http_64_sentence_requests_sentences_per_s": round(med["http_64x4"], 1),
-        "ratio_64_sentence_requests": round(med["http_64x4"] / med["encode_rate"], 3),
-        "encode_one_sentence_ms": round(med["encode_latency"] * 1000, 2),
-        "http_one_sentence_ms": round(med["http_latency"] * 1000, 2),
-        "latency_ratio_http_over_encode": round(med["http_latency"] / med["encode_latency"], 2),
+        "baseline_in_process_torch_encode_batch32_sentences_per_s": round(rate, 1),
+        "baseline_in_process_torch_encode_one_sentence_ms": round(latency * 1000, 2),
     }
-    Path(args.out).write_text(json.dumps({"summary": summary, "rounds": results}, indent=1))
-    width = max(map(len, summary))
+    table = []
+    for backend, results in per_backend.items():
+        med = {k: statistics.median(v) for k, v in results.items()}
+        row = {
+            "backend": backend,
+            "ratio_32_clients_1_sentence": round(med["http_1x32"] / rate, 3),
+            "ratio_4_clients_64_sentences": round(med["http_64x4"] / rate, 3),
+            "one_sentence_ms": round(med["http_latency"] * 1000, 2),
+            "latency_ratio_over_encode": round(med["http_latency"] / latency, 2),
+            "server_rss_mib": round(rss[backend] / 2**20),
+            "cosine_to_torch_min": round(accuracy[backend][0], 5),
+            "cosine_to_torch_mean": round(accuracy[backend][1], 6),
+        }
+        table.append(row)
+    if "torch" in per_backend:
+        torch_1x32 = statistics.median(per_backend["torch"]["http_1x32"])
+        for row in table:
+            row["vs_torch_server_32_clients_1_sentence"] = round(
+                statistics.median(per_backend[str(row["backend"])]["http_1x32"]) / torch_1x32, 2
+            )
+    Path(args.out).write_text(json.dumps({"summary": summary, "backends": table, "baseline": baseline, "rounds": per_backend}, indent=1))
     for k, v in summary.items():
-        print(f"{k:<{width}}  {v}")
+        print(f"{k}: {v}")
+    columns = list(table[0])
+    print("  ".join(f"{c:>{max(len(c), 10)}}" for c in columns))
+    for row in table:
+        print("  ".join(f"{row.get(c, '')!s:>{max(len(c), 10)}}" for c in columns))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modelctl import lifecycle as lc
@@ -139,13 +140,16 @@ class Slot:
         return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stop))
 
 
-def server_environment(spec: ServerSpec, launch: Launch, port: int | None, gpus: list[int], instance: str) -> dict[str, str]:
+def server_environment(
+    spec: ServerSpec, launch: Launch, port: int | None, gpus: list[int], instance: str, cache_dir: Path | str = "."
+) -> dict[str, str]:
     """The environment a server starts with: ours, the kind's, the profile's, its GPUs and its token."""
     env = dict(os.environ)
     env.pop(INSTANCE_VAR, None)
     env.update(launch.env)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env["MODELCTL_SERVER"] = str(spec.ref)
+    env.setdefault("MODELCTL_CACHE_DIR", str(cache_dir))
     if port is not None:
         env["MODELCTL_PORT"] = str(port)
     env.update(spec.env)  # the profile has the last word...
@@ -368,7 +372,8 @@ class Supervisor:
                 self.store.ensure(path.parent)
                 log_fd = logfiles.open_for_append(path)
                 logfiles.write_mark(log_fd, f"starting {rec.label}: {' '.join(launch.argv)}", now)
-            handle = self.procs.spawn(launch, server_environment(spec, launch, rec.port, rec.gpus, rec.instance), log_fd)
+            env = server_environment(spec, launch, rec.port, rec.gpus, rec.instance, self.store.root / "cache")
+            handle = self.procs.spawn(launch, env, log_fd)
         except OSError as e:
             what = "missing-executable" if isinstance(e, FileNotFoundError) and e.filename == launch.argv[0] else "cannot-start"
             self._fail_at_start(rec, f"{what}: cannot run {launch.argv[0]!r}: {e.strerror or e}")

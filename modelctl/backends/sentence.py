@@ -52,6 +52,12 @@ class SentenceBackend(Backend):
         "max_queue": Key(check_count, None, "queued inputs before answering 429"),
         "max_body_bytes": Key(check_size, None, "largest request body (bytes, or like 8MB)"),
         "truncate": Key(check_bool, None, "truncate over-long inputs instead of answering 400"),
+        "backend": Key(
+            check_choice("torch", "onnx", "openvino"),
+            "torch",
+            "what runs the network: torch, or an ONNX export on ONNX Runtime or OpenVINO",
+        ),
+        "quantize": Key(check_choice("int8"), None, "dynamic int8 weights (backend onnx)"),
         "args": Key(check_str_list, None, "extra arguments passed through to the server"),
     }
 
@@ -63,6 +69,10 @@ class SentenceBackend(Backend):
             options["device"] = "cuda" if has_gpus else "cpu"
         elif device.startswith("cuda") and not has_gpus:
             raise KeyProblem("device", "'cuda' needs GPUs: add gpus: 1 (modelctl hides unallocated GPUs)")
+        if options["backend"] != "torch" and options["device"] != "cpu":
+            raise KeyProblem("backend", f"{options['backend']} runs on the CPU; use backend: torch with device {options['device']}")
+        if options.get("quantize") and options["backend"] != "onnx":
+            raise KeyProblem("quantize", f"int8 quantization is for backend: onnx, not {options['backend']}")
 
     def served_name(self, spec: ServerSpec) -> str:
         return str(spec.options.get("model_name") or spec.name)
@@ -83,6 +93,10 @@ class SentenceBackend(Backend):
                 args += [flag, str(o[key])]
         if o.get("truncate"):
             args.append("--truncate")
+        if o["backend"] != "torch":
+            args += ["--backend", o["backend"]]
+        if o.get("quantize"):
+            args += ["--quantize", o["quantize"]]
         return args + (o.get("args") or [])
 
     def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer:
@@ -92,10 +106,11 @@ class SentenceBackend(Backend):
         return ClusterContainer(
             image=spec.k8s.get("image") or default_image,
             args=args,
-            env={"HF_HOME": "/cache/huggingface"},
+            env={"HF_HOME": "/cache/huggingface", "MODELCTL_CACHE_DIR": "/cache/modelctl"},  # exports (backend onnx/openvino)
             secret_env=secret,
             cache_path="/cache",
-            downloads=spec.options["model"] != BUNDLED_MODEL,  # the bundled model is in the image
+            # a volume where the model is fetched (the bundled one is in the image) or exported
+            downloads=spec.options["model"] != BUNDLED_MODEL or spec.options["backend"] != "torch",
         )
 
     def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
@@ -109,4 +124,6 @@ class SentenceBackend(Backend):
 
     def model_label(self, spec: ServerSpec) -> str:
         model = spec.options["model"]
-        return "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
+        label = "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
+        backend = spec.options["backend"] + (f" {spec.options['quantize']}" if spec.options.get("quantize") else "")
+        return label if backend == "torch" else f"{label} [{backend}]"

@@ -47,6 +47,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--header-timeout", type=float, default=d.header_timeout, help="seconds a client has to send its headers")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds a client has to send its body")
     p.add_argument("--max-connections", type=int, default=None, help="open connections before idle ones are closed")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "openvino"],
+        default=d.backend,
+        help="what runs the network (onnx, openvino: an export, cached)",
+    )
+    p.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 weights (backend onnx)")
+    p.add_argument("--cache-dir", default=None, help="where exports are kept (default: $MODELCTL_CACHE_DIR, else ~/.cache/modelctl)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true")
     a = p.parse_args(argv)
@@ -72,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         header_timeout=a.header_timeout,
         body_timeout=a.body_timeout,
         max_connections=a.max_connections,
+        backend=a.backend,
+        quantize=a.quantize,
+        cache_dir=a.cache_dir,
     ), a
 
 

@@ -9,6 +9,7 @@ errors it can answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ import threading
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,11 +48,30 @@ OTHER_TASK_ROUTES = {
 EMPTY_CODES = ("string_too_short", "too_short")  # pydantic's "min_length" errors: answered 400, as OpenAI does
 
 
-def create_app(settings: ServerSettings, model_factory: ModelFactory | None = None) -> FastAPI:
-    if model_factory is None:
+def encoder_factory(settings: ServerSettings) -> ModelFactory:
+    """The encoder the settings ask for: sentence-transformers on torch, or the exported graph."""
+    if settings.backend == "torch":
+        if settings.quantize is not None:
+            return _refuse(f"--quantize {settings.quantize} needs --backend onnx")
         from servers.sentence.model import SentenceTransformerEncoder
 
-        model_factory = SentenceTransformerEncoder
+        return SentenceTransformerEncoder
+    from servers.sentence.exported import ExportedEncoder
+
+    cache = Path(settings.cache_dir) if settings.cache_dir else None
+    return functools.partial(ExportedEncoder, backend=settings.backend, quantize=settings.quantize, cache_dir=cache)
+
+
+def _refuse(message: str) -> ModelFactory:
+    def factory(*args: Any) -> Any:
+        raise ConfigurationError(message)
+
+    return factory
+
+
+def create_app(settings: ServerSettings, model_factory: ModelFactory | None = None) -> FastAPI:
+    if model_factory is None:
+        model_factory = encoder_factory(settings)
     engine = Engine(settings, model_factory)
     metrics = Metrics(queue_depth=lambda: engine.queue_depth, ready=lambda: 1.0 if engine.ready else 0.0)
     engine.observe_batch = metrics.batches.observe

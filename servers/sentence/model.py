@@ -1,13 +1,10 @@
 """The real model: sentence-transformers on torch, behind the Encoder interface (encoder.py).
 
-Tokenizing happens per request, on a model worker thread; the batcher then only pads token ids
-and runs the network, so each input is tokenized once.
+servers/sentence/exported.py runs the same model exported to ONNX, on ONNX Runtime or OpenVINO.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,41 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from servers.sentence.encoder import ConfigurationError, InputTooLong, Row
-
-# a batch is split where its longest row would exceed its shortest by this ratio (padding is
-# wasted compute), once the part has at least MIN_SPLIT_ROWS rows
-PAD_RATIO = 1.3
-MIN_SPLIT_ROWS = 8
+from servers.sentence.encoder import ConfigurationError, Row
+from servers.sentence.models import is_cross_encoder, resolve_model_path
+from servers.sentence.tokenization import HFTokenizing, pad, run_sorted, special_ids
 
 
-def resolve_model_path(spec: str) -> str:
-    """`package:MODULE/sub/dir` → the directory inside an installed package; anything else as is."""
-    if not spec.startswith("package:"):
-        return spec
-    module, _, sub = spec[len("package:") :].partition("/")
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigurationError(f"model {spec!r}: Python package {module!r} is not installed")
-    path = Path(next(iter(found.submodule_search_locations))) / sub
-    if not path.exists():
-        raise ConfigurationError(f"model {spec!r}: {path} does not exist")
-    return str(path)
-
-
-def _is_cross_encoder(path: str) -> bool:
-    config = Path(path) / "config.json"
-    if not config.exists():
-        return False
-    try:
-        archs = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    has_st_modules = (Path(path) / "modules.json").exists()
-    return any(a.endswith("ForSequenceClassification") for a in archs) and not has_st_modules
-
-
-class SentenceTransformerEncoder:
+class SentenceTransformerEncoder(HFTokenizing):
     """A bi-encoder (SentenceTransformer) or a cross-encoder (CrossEncoder) behind the Encoder interface."""
 
     def __init__(self, model_path: str, task: str, device: str, max_batch_tokens: int, max_batch_size: int):
@@ -63,7 +31,7 @@ class SentenceTransformerEncoder:
         self.device = device
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
-        self.cross_encoder = task == "rerank" and _is_cross_encoder(path)
+        self.cross_encoder = task == "rerank" and is_cross_encoder(path)
         self.model: Any
         try:
             if self.cross_encoder:
@@ -87,10 +55,7 @@ class SentenceTransformerEncoder:
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.uses_type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
-        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        self.first_id = probe[0] if probe[:1] != bare[:1] else None
-        self.last_id = probe[-1] if probe[-1:] != bare[-1:] else None
+        self.first_id, self.last_id = special_ids(self.tokenizer)
 
     def set_threads(self, workers: int, torch_threads: int | None) -> None:
         """Torch intra-op threads: cores / workers on a CPU (OMP_NUM_THREADS, when set, rules)."""
@@ -106,101 +71,13 @@ class SentenceTransformerEncoder:
         kind = "reranker" if self.cross_encoder else "embedding"
         return {"model_type": kind, "dtype": dtype, "backend": "torch", "path": self.model_path}
 
-    # ---------------------------------------------------------------- tokenizing
-    def _limit(self, max_length: int | None) -> int:
-        return min(self.max_length, max_length) if max_length else self.max_length
-
-    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
-        limit = self._limit(max_length)
-        enc = self.tokenizer(
-            texts, add_special_tokens=True, truncation=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
-        )
-        ids = enc["input_ids"]
-        long = [i for i, x in enumerate(ids) if len(x) > limit]
-        if long:
-            if not truncate:
-                raise InputTooLong(long[0], len(ids[long[0]]), limit)
-            cut = self.tokenizer(
-                [texts[i] for i in long],
-                add_special_tokens=True,
-                truncation=True,
-                max_length=limit,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
-            for i, x in zip(long, cut, strict=True):
-                ids[i] = x
-        return [Row(x) for x in ids]
-
-    def tokenize_pairs(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
-        limit = self._limit(max_length)
-        enc = self.tokenizer(
-            [query] * len(docs),
-            docs,
-            add_special_tokens=True,
-            truncation=False,
-            return_attention_mask=False,
-            return_token_type_ids=True,
-            verbose=False,
-        )
-        ids, types = enc["input_ids"], enc.get("token_type_ids")
-        long = [i for i, x in enumerate(ids) if len(x) > limit]
-        if long:
-            if not truncate:
-                raise InputTooLong(long[0], len(ids[long[0]]), limit)
-            cut = self.tokenizer(
-                [query] * len(long),
-                [docs[i] for i in long],
-                add_special_tokens=True,
-                truncation=True,
-                max_length=limit,
-                return_attention_mask=False,
-                return_token_type_ids=True,
-            )
-            for j, i in enumerate(long):
-                ids[i] = cut["input_ids"][j]
-                if types is not None:
-                    types[i] = cut["token_type_ids"][j]
-        return [Row(x, types[i] if types is not None else None) for i, x in enumerate(ids)]
-
     # ---------------------------------------------------------------- running
     def run(self, rows: list[Row]) -> np.ndarray:
         """Embeddings (not normalised) or scores (raw logits) for rows, in their order."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-        out: list[np.ndarray | None] = [None] * len(rows)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            shortest = len(rows[order[start]].ids)
-            while end < len(order) and end - start < self.max_batch_size:
-                width = len(rows[order[end]].ids)
-                if width * (end - start + 1) > self.max_batch_tokens:
-                    break
-                # rows are sorted by length: cut where padding to this row would waste much
-                if end - start >= MIN_SPLIT_ROWS and width > shortest * PAD_RATIO:
-                    break
-                end += 1
-            chunk = order[start:end]
-            result = self._forward([rows[i] for i in chunk])
-            for i, vec in zip(chunk, result, strict=True):
-                out[i] = vec
-            start = end
-        return np.stack([v for v in out if v is not None]) if out else np.zeros((0, self.dimensions or 1), dtype=np.float32)
+        return run_sorted(rows, self._forward, self.max_batch_size, self.max_batch_tokens, self.dimensions or 1)
 
     def _forward(self, rows: list[Row]) -> np.ndarray:
-        width = max(len(r.ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        types = torch.zeros((len(rows), width), dtype=torch.long) if self.uses_type_ids else None
-        for i, r in enumerate(rows):
-            n = len(r.ids)
-            ids[i, :n] = torch.as_tensor(r.ids)
-            mask[i, :n] = 1
-            if types is not None and r.type_ids is not None:
-                types[i, :n] = torch.as_tensor(r.type_ids)
-        features = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        if types is not None:
-            features["token_type_ids"] = types.to(self.device)
+        features = {k: torch.from_numpy(v).to(self.device) for k, v in pad(rows, self.pad_id, self.uses_type_ids).items()}
         with torch.inference_mode():
             output = self.model.forward(features)
         if self.cross_encoder:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Task = Literal["embedding", "rerank"]
+Backend = Literal["torch", "onnx", "openvino"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds to send the request line and headers
     body_timeout: float = 30.0  # seconds to send the body once the headers are in
     max_connections: int | None = None  # default: the fd limit less a reserve
+    backend: Backend = "torch"  # what runs the network: torch, or the model exported to ONNX (onnx, openvino)
+    quantize: Literal["int8"] | None = None  # dynamic int8 weights (backend onnx)
+    cache_dir: str | None = None  # where exports are kept (default: $MODELCTL_CACHE_DIR, else ~/.cache/modelctl)
 
     @classmethod
     def api_key_from_env(cls) -> str | None:

@@ -1,0 +1,36 @@
+"""Where a model is and what it is, without importing torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from servers.sentence.encoder import ConfigurationError
+
+
+def resolve_model_path(spec: str) -> str:
+    """`package:MODULE/sub/dir` → the directory inside an installed package; anything else as is."""
+    if not spec.startswith("package:"):
+        return spec
+    module, _, sub = spec[len("package:") :].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigurationError(f"model {spec!r}: Python package {module!r} is not installed")
+    path = Path(next(iter(found.submodule_search_locations))) / sub
+    if not path.exists():
+        raise ConfigurationError(f"model {spec!r}: {path} does not exist")
+    return str(path)
+
+
+def is_cross_encoder(path: str) -> bool:
+    """A sequence classifier without sentence-transformers modules: a CrossEncoder."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return False
+    try:
+        archs = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    has_st_modules = (Path(path) / "modules.json").exists()
+    return any(a.endswith("ForSequenceClassification") for a in archs) and not has_st_modules
