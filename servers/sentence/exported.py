@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from servers.sentence.encoder import ConfigurationError, Row
-from servers.sentence.models import is_cross_encoder, resolve_model_path
+from servers.sentence.models import cross_encoder_max_length, is_cross_encoder, resolve_model_path
 from servers.sentence.tokenization import HFTokenizing, load_tokenizer, pad, run_sorted, special_ids
 
 log = logging.getLogger("servers.sentence")
@@ -94,7 +94,7 @@ def _export(path: str, cross: bool, directory: Path) -> None:
     if cross:
         model = CrossEncoder(path, device="cpu")
         network, tokenizer = model.model, model.tokenizer
-        max_length = int(getattr(model, "max_length", None) or tokenizer.model_max_length)
+        max_length = cross_encoder_max_length(model)
         activation = type(getattr(model, "activation_fn", None) or torch.nn.Sigmoid()).__name__
         dimensions = None
     else:

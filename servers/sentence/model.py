@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from servers.sentence.encoder import ConfigurationError, Row
-from servers.sentence.models import is_cross_encoder, resolve_model_path
+from servers.sentence.models import cross_encoder_max_length, is_cross_encoder, resolve_model_path
 from servers.sentence.tokenization import HFTokenizing, pad, run_sorted, special_ids
 
 
@@ -36,7 +36,7 @@ class SentenceTransformerEncoder(HFTokenizing):
         try:
             if self.cross_encoder:
                 self.model = CrossEncoder(path, device=device)
-                self.max_length = int(getattr(self.model, "max_length", None) or self.model.tokenizer.model_max_length)
+                self.max_length = cross_encoder_max_length(self.model)
                 self.activation = getattr(self.model, "activation_fn", None) or torch.nn.Sigmoid()
                 self.dimensions = None
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 from servers.sentence.encoder import ConfigurationError
 
@@ -34,3 +35,9 @@ def is_cross_encoder(path: str) -> bool:
         return False
     has_st_modules = (Path(path) / "modules.json").exists()
     return any(a.endswith("ForSequenceClassification") for a in archs) and not has_st_modules
+
+
+def cross_encoder_max_length(model: Any) -> int:
+    """A CrossEncoder's input limit: `max_seq_length` (sentence-transformers 5), `max_length` before."""
+    limit = getattr(model, "max_seq_length", None) if hasattr(type(model), "max_seq_length") else getattr(model, "max_length", None)
+    return int(limit or model.tokenizer.model_max_length)
