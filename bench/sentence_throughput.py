@@ -27,30 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.sentence_fixtures import WORDS as FIXTURE_WORDS
 from tests.sentence_fixtures import minilm_path, sentence_server
 
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "model",
-    "server",
-    "fast",
-    "slow",
-    "batch",
-    "token",
-    "embed",
-    "vector",
-    "query",
-    "answer",
-    "river",
-    "stone",
-    "light",
-    "city",
-    "music",
-    "data",
-]
+WORDS = [*FIXTURE_WORDS, "music", "data"]
 
 
 def make_sentences(n: int) -> list[str]:

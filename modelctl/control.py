@@ -170,17 +170,8 @@ class Controller:
             rec = mine.get(spec.ref)
             old = rec if isinstance(rec, ServerRecord) else None
             alive = old is not None and is_alive(record_identity(old))
-            requests.append(
-                PortRequest(
-                    ref=spec.ref,
-                    host=spec.host,
-                    fixed=spec.port,
-                    previous=old.port if old else None,
-                    own=old.port if alive and old else None,
-                    external=get_backend(spec.kind).is_external(spec),
-                    source=spec.source,
-                )
-            )
+            previous = old.port if old else None
+            requests.append(PortRequest.of(spec, previous, previous if alive else None, get_backend(spec.kind).is_external(spec)))
         held = {r.port: r.label for r in others if r.port and r.desired == "running"}
         ports = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))
 

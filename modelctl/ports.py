@@ -21,12 +21,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from modelctl.errors import PortInUseError
 from modelctl.names import ServerRef
 from modelctl.process import describe_process
+
+if TYPE_CHECKING:
+    from modelctl.spec import ServerSpec
 
 log = logging.getLogger("modelctl.ports")
 
@@ -235,6 +239,10 @@ class PortRequest:
     own: int | None = None  # a port this server's own live process holds: counts as free for it
     external: bool = False  # lives elsewhere: nothing to bind
     source: str = ""
+
+    @classmethod
+    def of(cls, spec: ServerSpec, previous: int | None, own: int | None, external: bool) -> PortRequest:
+        return cls(ref=spec.ref, host=spec.host, fixed=spec.port, previous=previous, own=own, external=external, source=spec.source)
 
 
 def allocate_ports(

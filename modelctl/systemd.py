@@ -61,17 +61,8 @@ def resolve_allocations(profile: Profile, store: StateStore) -> tuple[dict[str, 
     requests = []
     for spec in profile.servers.values():
         old = records.get(spec.ref)
-        requests.append(
-            PortRequest(
-                ref=spec.ref,
-                host=spec.host,
-                fixed=spec.port,
-                previous=old.port if old else None,
-                own=old.port if old else None,  # the server's own port, even if it runs now
-                external=get_backend(spec.kind).is_external(spec),
-                source=profile.path,
-            )
-        )
+        previous = old.port if old else None  # the server's own port, even if it runs now
+        requests.append(PortRequest.of(spec, previous, previous, get_backend(spec.kind).is_external(spec)))
     held = {r.port: r.label for r in records.values() if r.port and r.ref.profile != profile.name}
     ports = allocate_ports(requests, profile.port_range, held)
     gpu_requests = {s.name: (s.gpus, s.gpus_shared) for s in profile.servers.values() if s.gpu_count}

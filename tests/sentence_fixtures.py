@@ -103,6 +103,29 @@ def sentence_server(
         proc.wait()
 
 
+# everyday words: the tiny model's vocabulary, and what bench/ builds its sentences from
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "model",
+    "server",
+    "fast",
+    "slow",
+    "batch",
+    "token",
+    "embed",
+    "vector",
+    "query",
+    "answer",
+    "river",
+    "stone",
+    "light",
+    "city",
+]
+
+
 def build_tiny_sentence_model(target: Path) -> str:
     """A random 2-layer BERT bi-encoder with its own small vocabulary: needs no downloaded model."""
     import torch
@@ -111,26 +134,7 @@ def build_tiny_sentence_model(target: Path) -> str:
 
     target.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    words += [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "model",
-        "server",
-        "fast",
-        "slow",
-        "batch",
-        "token",
-        "embed",
-        "vector",
-        "query",
-        "answer",
-        "river",
-        "stone",
-        "light",
-        "city",
-    ]
+    words += WORDS
     (target / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(target / "vocab.txt"))
     torch.manual_seed(5)

@@ -81,8 +81,8 @@ def test_a_dead_leaders_leftovers_are_stopped_only_with_proof(mc):
             p.wait()
 
 
-@pytest.mark.slow
-def test_a_daemon_that_escapes_the_group_reparents_to_the_supervisor_and_is_stopped_with_it(mc):
+def up_with_an_escaping_daemon(mc) -> int:
+    """A server whose child double-forks out of the group (and session) at once; its pid."""
     pid_file = mc.tmp / "daemon.pid"
     path = mc.profile(
         {
@@ -94,7 +94,12 @@ def test_a_daemon_that_escapes_the_group_reparents_to_the_supervisor_and_is_stop
         }
     )
     assert mc.cli("up", "-p", str(path)).returncode == 0
-    daemon = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, what="the daemon"))
+    return int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, what="the daemon"))
+
+
+@pytest.mark.slow
+def test_a_daemon_that_escapes_the_group_reparents_to_the_supervisor_and_is_stopped_with_it(mc):
+    daemon = up_with_an_escaping_daemon(mc)
     try:
         row = mc.row("web")
         assert os.getsid(daemon) != os.getsid(row["pid"])  # it left the server's session
@@ -518,18 +523,7 @@ def test_logs_n_reads_from_the_end_of_a_big_log_and_cuts_long_lines(mc):
 # ---------------------------------------------------------------------- the supervisor is a subreaper
 @pytest.mark.slow
 def test_escaped_daemons_are_reaped_by_the_supervisor(mc):
-    pid_file = mc.tmp / "daemon.pid"
-    path = mc.profile(
-        {
-            "web": {
-                "kind": "command",
-                "command": mc.toy("--daemonize-after", "0.3", "--pid-file", str(pid_file)),
-                "health": {"http": "/health"},
-            }
-        }
-    )
-    assert mc.cli("up", "-p", str(path)).returncode == 0
-    daemon = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 10, what="the daemon"))
+    daemon = up_with_an_escaping_daemon(mc)
     sup = supervisor_info(mc.store)
     assert sup is not None
     wait_for(lambda: psutil.Process(daemon).ppid() == sup.pid, 10, what="re-parenting")
