@@ -5,9 +5,9 @@ JSON Schema counts 12.0 as an integer and "12" as not one; booleans are only tru
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BeforeValidator, Field, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, model_validator
 
 
 def _json_int(value: Any) -> int:
@@ -26,3 +26,23 @@ PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_json_int)]
 TokenId = Annotated[int, Field(ge=0), BeforeValidator(_json_int)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 NonEmptyText = Annotated[StrictStr, Field(min_length=1)]
+
+
+def _refuses_the_other_key(schema: dict[str, Any], cls: type) -> None:
+    schema["not"] = {"required": [cls.other_key]}  # type: ignore[attr-defined]
+
+
+class OneRerankShape(BaseModel):
+    """A rerank request in one family's shape: Cohere/Jina carry `documents`, TEI carries `texts`
+    (both may come to `POST /rerank`). A body with the other family's key is refused, and the
+    schema says so."""
+
+    other_key: ClassVar[str]
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_refuses_the_other_key)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.other_key in data:
+            raise ValueError("give documents (Cohere/Jina) or texts (TEI), not both")
+        return data

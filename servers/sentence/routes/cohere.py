@@ -10,10 +10,10 @@ import uuid
 from typing import Any, Union
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from servers.sentence.errors import POST_ERRORS
-from servers.sentence.fields import JsonInt, NonEmptyText, PositiveInt
+from servers.sentence.fields import JsonInt, NonEmptyText, OneRerankShape, PositiveInt
 from servers.sentence.routes.common import Context, JSONResponse
 from servers.sentence.service import Scores, documents_text
 
@@ -28,20 +28,11 @@ class RerankDocument(BaseModel):
 Document = Union[NonEmptyText, RerankDocument]
 
 
-class _Exclusive(BaseModel):
-    """Cohere's shape carries `documents`; TEI's carries `texts` — never both."""
-
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["texts"]}})
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_tei(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "texts" in data:
-            raise ValueError("give documents (Cohere/Jina) or texts (TEI), not both")
-        return data
+class _CohereShape(OneRerankShape):
+    other_key = "texts"
 
 
-class RerankRequest(_Exclusive):
+class RerankRequest(_CohereShape):
     """Cohere v1 and Jina `POST /v1/rerank` (and `POST /rerank` with `documents`)."""
 
     query: NonEmptyText = Field(..., description="The query the documents are ranked against.", examples=["What is the capital of France?"])
@@ -86,7 +77,7 @@ class RerankResponse(BaseModel):
     meta: RerankMeta
 
 
-class V2RerankRequest(_Exclusive):
+class V2RerankRequest(_CohereShape):
     """Cohere v2 `POST /v2/rerank` (cohere.ClientV2 and litellm's cohere/ provider)."""
 
     model: str | None = Field(None, description="Ignored beyond a check: this server serves one model.")

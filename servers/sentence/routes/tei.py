@@ -9,12 +9,12 @@ from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool
 
 from servers.sentence import __version__
 from servers.sentence.encoder import normalize
 from servers.sentence.errors import GET_ERRORS, POST_ERRORS, ApiError, error_responses
-from servers.sentence.fields import NonEmptyText, PositiveInt, TokenIds
+from servers.sentence.fields import NonEmptyText, OneRerankShape, PositiveInt, TokenIds
 from servers.sentence.routes import cohere
 from servers.sentence.routes.common import Context, JSONResponse
 
@@ -49,23 +49,16 @@ class EmbedRequest(BaseModel):
     parameters: EmbedParameters | None = Field(None, description="The same options, as huggingface_hub sends them.")
 
 
-class TeiRerankRequest(BaseModel):
+class TeiRerankRequest(OneRerankShape):
     """TEI `POST /rerank`: answers a bare list `[{index, score, text?}]`, best first."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"not": {"required": ["documents"]}})
+    other_key = "documents"
     query: NonEmptyText = Field(..., examples=["What is Deep Learning?"])
     texts: list[NonEmptyText] = Field(..., min_length=1, examples=[["Deep Learning is ..."]])
     truncate: StrictBool | None = None
     truncation_direction: Direction = "right"
     raw_scores: StrictBool = Field(False, description="Scores before the activation (logits).")
     return_text: StrictBool = Field(False, description="Include each text.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_cohere(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "documents" in data:
-            raise ValueError("give documents (Cohere/Jina) or texts (TEI), not both")
-        return data
 
 
 class Rank(BaseModel):
