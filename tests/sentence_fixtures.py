@@ -13,7 +13,23 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .conftest import _SESSION_TAGS, ROOT, TAG_VAR, http_get
+from .conftest import _SESSION_TAGS, ROOT, TAG_VAR, http_get, http_post
+
+KEY = "test-secret"  # the API key the server tests start their servers with
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def post(url: str, path: str, payload, **kw):
+    return http_post(url + path, payload, headers=AUTH, **kw)
+
+
+def assert_openai_error(body, code: str | None = None):
+    """The one error shape every failure has: `{"error": {"message", "type", "param", "code"}}`."""
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
+    if code is not None:
+        assert err["code"] == code, body
 
 
 def minilm_path() -> str:

@@ -54,17 +54,18 @@ def test_metrics_carry_the_right_values_after_a_crash_and_a_restart(mc):
 
 
 @pytest.mark.slow
-def test_supervise_serves_metrics_on_a_port(mc):
+def test_supervise_serves_metrics_on_a_port_and_says_where(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
     assert mc.cli("supervise", "--stop").returncode == 0
     port = free_port()
-    fg = subprocess.Popen(
-        [sys.executable, "-m", "modelctl", "supervise", "--metrics-port", str(port)], env=mc.env, stderr=subprocess.DEVNULL
-    )
+    log = mc.tmp / "supervise.err"
+    with open(log, "w") as err:
+        fg = subprocess.Popen([sys.executable, "-m", "modelctl", "supervise", "--metrics-port", str(port)], env=mc.env, stderr=err)
     try:
         _status, text = wait_for(lambda: _get(f"http://127.0.0.1:{port}/metrics"), 15, what="the metrics endpoint")
         assert samples(text)[("modelctl_server_up", (("server", "test/web"),))] == 1
+        wait_text(log, f"metrics on http://127.0.0.1:{port}/metrics")
     finally:
         fg.terminate()
         fg.wait(10)
@@ -194,19 +195,3 @@ def test_exit_codes_sparklines_and_quantiles():
     assert exit_code("exit code 3") == 3 and exit_code("killed by SIGKILL") == -9 and exit_code("exited (status unknown)") is None
     assert spark([0, 1, 2, 4]) == "▁▃▅█" and spark([0, 0]) == "▁▁"
     assert quantile({0.1: 50.0, 0.5: 95.0, 1.0: 100.0, float("inf"): 100.0}, 0.95) == 0.5
-
-
-@pytest.mark.slow
-def test_the_supervisor_log_says_where_metrics_are_served(mc):
-    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
-    assert mc.cli("up", "-p", str(path)).returncode == 0
-    assert mc.cli("supervise", "--stop").returncode == 0
-    port = free_port()
-    log = mc.tmp / "supervise.err"
-    with open(log, "w") as err:
-        fg = subprocess.Popen([sys.executable, "-m", "modelctl", "supervise", "--metrics-port", str(port)], env=mc.env, stderr=err)
-    try:
-        wait_text(log, f"metrics on http://127.0.0.1:{port}/metrics")
-    finally:
-        fg.terminate()
-        fg.wait(10)

@@ -20,10 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fake_encoder import CLS, SEP, FakeEncoder
 
 from .conftest import http_get, http_post, wait_for
-from .sentence_fixtures import sentence_server
-
-KEY = "test-secret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+from .sentence_fixtures import AUTH, KEY, assert_openai_error, post, sentence_server
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +48,9 @@ def model():
     return FakeEncoder("fake:dims=16,max_length=32", "embedding", "cpu", 0, 0)
 
 
-def post(url, path, payload, **kw):
-    return http_post(url + path, payload, headers=AUTH, **kw)
-
-
 def want_vectors(model, texts):
     v = model.run(model.tokenize(texts, truncate=False))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def assert_error(body, code=None):
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
-    if code is not None:
-        assert err["code"] == code, body
 
 
 # ------------------------------------------------------------------ health, models, auth
@@ -96,14 +81,14 @@ def test_models_list_and_retrieve(embed_url):
     assert status == 200 and body["id"] == "fake-embed" and body["object"] == "model"
     status, body = http_get(embed_url + "/v1/models/gpt-4", headers=AUTH)
     assert status == 404
-    assert_error(body, "model_not_found")
+    assert_openai_error(body, "model_not_found")
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/metrics", "/info", "/openapi.json"])
 def test_the_api_key_guards_every_route_but_health(embed_url, path):
     status, body = http_get(embed_url + path, headers={"Authorization": "Bearer wrong"})
     assert status == 401
-    assert_error(body, "invalid_api_key")
+    assert_openai_error(body, "invalid_api_key")
     assert body["error"]["type"] == "authentication_error"
 
 
@@ -139,7 +124,7 @@ def test_another_tokenizers_ids_are_refused_with_the_langchain_fix(embed_url):
     cl100k_hello_world = [15339, 1917]  # what langchain-openai sends by default
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": [cl100k_hello_world]})
     assert status == 400
-    assert_error(body, "foreign_token_ids")
+    assert_openai_error(body, "foreign_token_ids")
     assert "check_embedding_ctx_length=False" in body["error"]["message"]
 
 
@@ -153,7 +138,7 @@ def test_over_long_input_is_400_with_the_limit_unless_truncation_is_asked(embed_
     long = " ".join(["word"] * 40)
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
     assert status == 400
-    assert_error(body, "input_too_long")
+    assert_openai_error(body, "input_too_long")
     assert "limit of 32" in body["error"]["message"]
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
     assert status == 200 and body["usage"]["prompt_tokens"] == 32
@@ -165,7 +150,7 @@ def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(lo
         assert http_post(url + "/embed", {"inputs": long})[0] == 200
         status, body, _ = http_post(url + "/embed", {"inputs": long, "truncate": False})
         assert status == 400
-        assert_error(body, "input_too_long")
+        assert_openai_error(body, "input_too_long")
 
 
 @pytest.mark.parametrize(
@@ -189,20 +174,20 @@ def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(lo
 def test_bad_requests_get_an_openai_error(embed_url, payload, status, param):
     got, body, _ = post(embed_url, "/v1/embeddings", payload)
     assert got == status, body
-    assert_error(body)
+    assert_openai_error(body)
     assert body["error"]["param"] == param
 
 
 def test_malformed_json_is_400(embed_url):
     status, body, _ = http_post(embed_url + "/v1/embeddings", None, headers=AUTH, raw=b'{"input": ')
     assert status == 400
-    assert_error(body, "invalid_json")
+    assert_openai_error(body, "invalid_json")
 
 
 def test_bodies_over_the_limit_are_413_also_when_chunked(embed_url):
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": ["x" * 1000] * 300})
     assert status == 413
-    assert_error(body, "body_too_large")
+    assert_openai_error(body, "body_too_large")
     parts = urlsplit(embed_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     chunk = json.dumps({"input": ["y" * 1000] * 300}).encode()
@@ -229,24 +214,24 @@ def test_a_full_queue_is_429_with_retry_after(logs):
     statuses = [r[0] for r in results]
     assert 429 in statuses and 200 in statuses, statuses
     refused = next(r for r in results if r[0] == 429)
-    assert_error(refused[1], "queue_full")
+    assert_openai_error(refused[1], "queue_full")
     assert refused[2].get("retry-after") == "1"
 
 
 def test_wrong_task_unknown_route_and_wrong_method(embed_url):
     status, body, _ = post(embed_url, "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 404
-    assert_error(body, "wrong_task")
+    assert_openai_error(body, "wrong_task")
     status, body = http_get(embed_url + "/v2/nothing", headers=AUTH)
     assert status == 404
-    assert_error(body, "not_found")
+    assert_openai_error(body, "not_found")
     conn = http.client.HTTPConnection(urlsplit(embed_url).hostname, urlsplit(embed_url).port, timeout=10)
     conn.request("GET", "/v1/embeddings", headers=AUTH)
     resp = conn.getresponse()
     body = json.loads(resp.read())
     conn.close()
     assert resp.status == 405 and resp.getheader("Allow") == "POST"
-    assert_error(body, "method_not_allowed")
+    assert_openai_error(body, "method_not_allowed")
 
 
 def test_the_server_keeps_serving_after_garbage(embed_url):
@@ -323,7 +308,7 @@ def test_tei_rerank_predict_and_root(rerank_url):
     assert status == 200 and len(batch) == 2 and batch[0][0]["score"] > batch[1][0]["score"]
     status, err, _ = http_post(rerank_url + "/predict", {"inputs": "just one text"})
     assert status == 400
-    assert_error(err, "invalid_input")
+    assert_openai_error(err, "invalid_input")
 
 
 @pytest.mark.parametrize(
@@ -344,7 +329,7 @@ def test_tei_rerank_predict_and_root(rerank_url):
 def test_bad_rerank_requests(rerank_url, path, payload, status):
     got, body, _ = http_post(rerank_url + path, payload)
     assert got == status, body
-    assert_error(body)
+    assert_openai_error(body)
 
 
 def test_a_bi_encoder_reranks_by_cosine(logs):
@@ -354,7 +339,7 @@ def test_a_bi_encoder_reranks_by_cosine(logs):
         assert body["results"][0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
         status, body, _ = http_post(url + "/predict", {"inputs": ["a", "b"]})
         assert status == 400
-        assert_error(body, "not_supported")
+        assert_openai_error(body, "not_supported")
 
 
 # ------------------------------------------------------------------ the OpenAPI document

@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 
 from .conftest import ROOT, TAG_VAR, http_get, http_post
-from .sentence_fixtures import build_tiny_cross_encoder, free_port, minilm_path, sentence_server
+from .sentence_fixtures import KEY, assert_openai_error, build_tiny_cross_encoder, free_port, minilm_path, post, sentence_server
 
 pytestmark = pytest.mark.slow
 
-KEY = "test-secret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 SENTENCES = [
     "The cat sits on the mat.",
     "A dog barks at the mailman.",
@@ -78,18 +76,6 @@ def ce_model(cross_encoder_path):
     from sentence_transformers import CrossEncoder
 
     return CrossEncoder(cross_encoder_path, device="cpu")
-
-
-def post(url: str, path: str, payload, **kw):
-    return http_post(url + path, payload, headers=AUTH, **kw)
-
-
-def assert_openai_error(body, code: str | None = None):
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
-    if code is not None:
-        assert err["code"] == code, body
 
 
 # ------------------------------------------------------------------ health, models, auth

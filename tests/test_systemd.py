@@ -3,6 +3,7 @@ notifies READY=1 only once the server is healthy and takes the whole group down 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -23,6 +25,30 @@ from modelctl.systemd import generate_units, write_units
 from .conftest import ROOT, http_get, wait_for
 
 PROFILES = [*sorted((ROOT / "profiles" / "examples").glob("*.yaml")), ROOT / "profiles" / "default.yaml"]
+
+
+@contextlib.contextmanager
+def run_as_systemd_would(mc, path: Path, env: dict | None = None, capture: bool = False) -> Iterator[subprocess.Popen]:
+    """`modelctl run web -p PATH`, the command a generated unit runs; stopped when the test ends, pass or fail."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)],
+        env=env or mc.env, stdout=out, stderr=subprocess.STDOUT if capture else subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+
+
+def wait_ready(mc) -> dict:
+    return wait_for(lambda: (r := mc.row("web") if mc.record("web", "sd") else None) and r["state"] == "ready" and r, 60, what="ready")
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -94,11 +120,7 @@ def test_run_notifies_ready_only_once_healthy_and_sigterm_stops_the_group(mc):
     )
     notify = NotifySocket(mc.tmp / "notify.sock")
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)],
-        env={**mc.env, "NOTIFY_SOCKET": str(mc.tmp / "notify.sock")}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
+    with run_as_systemd_would(mc, path, env={**mc.env, "NOTIFY_SOCKET": str(mc.tmp / "notify.sock")}, capture=True) as proc:
         ready_at = notify.wait_for("READY=1", 60)
         row = mc.row("web")
         assert http_get(row["url"] + "/health")[0] == 200  # healthy when READY=1 arrived
@@ -115,44 +137,22 @@ def test_run_notifies_ready_only_once_healthy_and_sigterm_stops_the_group(mc):
         for pid in family:
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert mc.row("web")["state"] == "stopped"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_run_exits_with_failure_when_its_server_dies(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)],
-        env=mc.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        row = wait_for(lambda: (r := mc.row("web") if mc.record("web", "sd") else None) and r["state"] == "ready" and r, 60, what="ready")
-        os.kill(row["pid"], signal.SIGKILL)
+    with run_as_systemd_would(mc, path, capture=True) as proc:
+        os.kill(wait_ready(mc)["pid"], signal.SIGKILL)
         assert proc.wait(30) == 1  # systemd's Restart=on-failure takes it from here
         assert "killed by SIGKILL" in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_up_refuses_a_server_that_systemd_runs(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for(lambda: mc.record("web", "sd") and mc.row("web")["state"] == "ready", 60, what="ready")
+    with run_as_systemd_would(mc, path):
+        wait_ready(mc)
         res = mc.cli("up", "-p", str(path))
         assert res.returncode != 0 and "systemd" in res.stderr
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_a_path_with_a_newline_cannot_inject_unit_directives(tmp_path):
@@ -169,17 +169,11 @@ def test_a_path_with_a_newline_cannot_inject_unit_directives(tmp_path):
 def test_down_leaves_a_server_that_systemd_runs_to_systemctl(mc):
     """systemd would start it again at once: down refuses it by name and skips it otherwise."""
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="sd")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], env=mc.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_for(lambda: mc.record("web", "sd") and mc.row("web")["state"] == "ready", 60, what="ready")
+    with run_as_systemd_would(mc, path):
+        wait_ready(mc)
         pid = mc.row("web")["pid"]
         res = mc.cli("down", "sd/web")
         assert res.returncode == 1 and "systemctl" in res.stderr and "modelctl-sd-web.service" in res.stderr
         res = mc.cli("down")
         assert res.returncode == 0 and "sd/web: runs under systemd; not touched" in res.stdout
         assert psutil.pid_exists(pid) and mc.row("web")["state"] == "ready"
-    finally:
-        proc.terminate()
-        proc.wait(30)
