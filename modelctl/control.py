@@ -370,17 +370,11 @@ class Controller:
             "record": str(self.store.record_path(rec.ref)),
         }
 
-    def log_path(self, rec: ServerRecord) -> Path:
-        return self.store.log_path(rec.ref)
-
     def log_tail(self, ref: ServerRef, lines: int = 20) -> list[str]:
         return logfiles.tail(self.store.log_path(ref), lines)
 
     def follow_log(self, ref: ServerRef, lines: int = 20) -> Iterator[str]:
         return logfiles.follow(self.store.log_path(ref), lines)
-
-    def orphans(self, profile: Profile) -> list[str]:
-        return [r.label for r in self.store.records(profile.name) if r.name not in profile.servers and r.desired == "running"]
 
 
 def broken_row(rec: BrokenRecord) -> dict[str, Any]:

@@ -40,8 +40,6 @@ ALLOWED: dict[str, frozenset[str]] = {
 ALIVE = frozenset({STARTING, READY, UNHEALTHY})
 # a process of this server may still exist (alive, or leftovers being stopped)
 MAY_HAVE_PROCESSES = ALIVE | {CRASHED, STOPPING}
-# nothing more happens without a command (up, restart)
-AT_REST = frozenset({STOPPED, FAILED})
 
 log = logging.getLogger("modelctl.lifecycle")
 

@@ -36,7 +36,6 @@ log = logging.getLogger("modelctl.ports")
 
 DEFAULT_LEASE_DIR = "/tmp/modelctl-port-leases"
 LEASE_TTL = 600.0  # a lease nobody refreshed for this long is stale (other users' leases)
-LEASE_REFRESH = 60.0
 
 
 def _family(host: str) -> int:

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 
@@ -78,7 +78,6 @@ class StopTarget:
 @dataclass
 class StopResult:
     how: str  # terminated | killed | not running
-    signalled: list[int] = field(default_factory=list)
     port_holder: str | None = None  # the port still answers: who holds it
 
     @property
@@ -184,15 +183,12 @@ def group_usage(target: StopTarget) -> tuple[list[int], int]:
     return pids, total
 
 
-def _signal(procs: Iterable[psutil.Process], sig: int) -> list[int]:
-    sent = []
+def _signal(procs: Iterable[psutil.Process], sig: int) -> None:
     for proc in procs:
         try:
             proc.send_signal(sig)  # psutil checks the create_time before signalling: no reuse race
-            sent.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return sent
 
 
 def stop_processes(target: StopTarget, timeout: float, poll: float = 0.05, port_wait: float = 3.0) -> StopResult:
@@ -202,7 +198,7 @@ def stop_processes(target: StopTarget, timeout: float, poll: float = 0.05, port_
     members = provable_members(target)
     result = StopResult("not running")
     if members:
-        result.signalled = _signal(members, signal.SIGTERM)
+        _signal(members, signal.SIGTERM)
         result.how = "terminated"
         known = {p.pid: p for p in members}
         deadline = time.monotonic() + timeout

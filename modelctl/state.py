@@ -150,11 +150,6 @@ class BrokenRecord:
 AnyRecord = Union[ServerRecord, BrokenRecord]
 
 
-@contextlib.contextmanager
-def _no_lock() -> Iterator[None]:
-    yield
-
-
 class StateStore:
     """Records on disk. Writers hold the lock around read-modify-write; readers need no lock."""
 

@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, get_args
 
 from servers.sentence.app import EXIT_CONFIG
 from servers.sentence.service import ModelFactory
-from servers.sentence.settings import ServerSettings
+from servers.sentence.settings import Backend, ServerSettings, Task
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     d = ServerSettings(model_path="")
     p = _Parser(prog="python -m servers.sentence", description="Embeddings and rerank over HTTP.")
     p.add_argument("--model-path", required=True, help="model directory, hub name, or package:MODULE/subdir")
-    p.add_argument("--task-type", choices=["embedding", "rerank"], default=d.task)
+    p.add_argument("--task-type", choices=get_args(Task), default=d.task)
     p.add_argument("--device", default=d.device)
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=d.port)
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--max-connections", type=int, default=None, help="open connections before idle ones are closed")
     p.add_argument(
         "--backend",
-        choices=["torch", "onnx", "openvino"],
+        choices=get_args(Backend),
         default=d.backend,
         help="what runs the network (onnx, openvino: an export, cached)",
     )

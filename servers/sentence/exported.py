@@ -30,7 +30,6 @@ from servers.sentence.tokenization import HFTokenizing, load_tokenizer, pad, run
 
 log = logging.getLogger("servers.sentence")
 
-BACKENDS = ("torch", "onnx", "openvino")
 EXPORT_VERSION = 2  # part of the cache key: a change to the export (or its quantization) makes a new one
 OPSET = 17
 
