@@ -30,7 +30,7 @@ from modelctl.backends.base import Launch
 from modelctl.failures import Failure, classify_exit
 from modelctl.health import ProbeResult, probe
 from modelctl.names import ServerRef
-from modelctl.ports import describe_port_in_use, is_port_free
+from modelctl.ports import PortLeases, describe_port_in_use, is_port_free
 from modelctl.process import (
     INSTANCE_VAR,
     ProcessIdentity,
@@ -138,6 +138,13 @@ class Slot:
 
     def busy(self) -> bool:
         return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stop))
+
+
+def remember_exit(rec: ServerRecord, at: float | None, exit_text: str | None, failure: Failure) -> None:
+    """A failure in the record's history (the last EXITS_KEPT) and as its last error."""
+    entry = {"at": at, "exit": exit_text, "class": failure.cls, "line": failure.line, "retry": failure.retry}
+    rec.exits = [*rec.exits, entry][-EXITS_KEPT:]
+    rec.last_error = failure.describe()
 
 
 def server_environment(
@@ -294,10 +301,7 @@ class Supervisor:
         """A failure: count it, remember it, and stop what is left of the instance first."""
         if exit_text is not None:
             rec.last_exit = exit_text
-        rec.exits = [*rec.exits, {"at": now, "exit": exit_text, "class": failure.cls, "line": failure.line, "retry": failure.retry}][
-            -EXITS_KEPT:
-        ]
-        rec.last_error = failure.describe()
+        remember_exit(rec, now, exit_text, failure)
         policy = spec.restart
         if rec.ready_at is not None and now - rec.ready_at >= policy.stable_after:
             rec.consecutive_failures = 0
@@ -376,7 +380,7 @@ class Supervisor:
             handle = self.procs.spawn(launch, env, log_fd)
         except OSError as e:
             what = "missing-executable" if isinstance(e, FileNotFoundError) and e.filename == launch.argv[0] else "cannot-start"
-            self._fail_at_start(rec, f"{what}: cannot run {launch.argv[0]!r}: {e.strerror or e}")
+            self._fail_at_start(rec, Failure(what, f"cannot run {launch.argv[0]!r}: {e.strerror or e}", False))
             return
         finally:
             if log_fd is not None:
@@ -387,15 +391,11 @@ class Supervisor:
         rec.pid, rec.create_time = handle.ident.pid, handle.ident.create_time
         log.info("%s: started pid %s on port %s", rec.label, rec.pid, rec.port)
 
-    def _fail_at_start(self, rec: ServerRecord, reason: str) -> None:
+    def _fail_at_start(self, rec: ServerRecord, failure: Failure) -> None:
         lc.move(rec, lc.FAILED, expect=lc.STARTING)
-        rec.last_error, rec.detail = reason, None
-        rec.exits = [
-            *rec.exits,
-            {"at": rec.started_at, "exit": None, "class": reason.split(":", maxsplit=1)[0], "line": reason, "retry": False},
-        ][-EXITS_KEPT:]
-        rec.running_fingerprint = None
-        log.error("%s: %s", rec.label, reason)
+        remember_exit(rec, rec.started_at, None, failure)
+        rec.detail, rec.running_fingerprint = None, None
+        log.error("%s: %s", rec.label, rec.last_error)
 
     # ------------------------------------------------------------------ verbs: health
     def _check_health(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
@@ -608,24 +608,23 @@ class Supervisor:
     # ------------------------------------------------------------------ housekeeping
     def housekeeping(self) -> None:
         """Periodic chores, each under its own guard: log rotation, port leases."""
+        records = self.store.records()
         for chore in (self.rotate_logs, self.refresh_leases):
             try:
-                chore()
+                chore(records)
             except Exception:
                 log.exception("housekeeping: %s failed", chore.__name__)
 
-    def rotate_logs(self) -> None:
+    def rotate_logs(self, records: list[ServerRecord]) -> None:
         if not self.log_to_files:
             return
-        for rec in self.store.records():
+        for rec in records:
             spec = record_spec(rec)
             if spec is not None and logfiles.rotate_if_needed(self.store.log_path(rec.ref), spec.log):
                 log.info("%s: log rotated", rec.label)
 
-    def refresh_leases(self) -> None:
-        from modelctl.ports import PortLeases
-
-        held = [(r.port, r.ref) for r in self.store.records() if r.port and r.desired == "running" and r.managed_by == self.managed_by]
+    def refresh_leases(self, records: list[ServerRecord]) -> None:
+        held = [(r.port, r.ref) for r in records if r.port and r.desired == "running" and r.managed_by == self.managed_by]
         if held:
             PortLeases(self.store.root).refresh(held)
 
