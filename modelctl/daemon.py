@@ -90,11 +90,6 @@ def supervisor_info(store: StateStore) -> SupervisorInfo | None:
         return SupervisorInfo(None, None, None)
 
 
-def supervisor_pid(store: StateStore) -> int | None:
-    info = supervisor_info(store)
-    return None if info is None else (info.pid or -1)
-
-
 class SupervisorLock:
     """The singleton: an exclusive flock on the state directory, held for the supervisor's life."""
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelctl import lifecycle as lc
+from modelctl.names import ServerRef
 from modelctl.process import ProcessIdentity, StopResult, StopTarget, identity_of, is_alive, stop_processes
 from modelctl.state import BrokenRecord, ServerRecord, StateStore
 
@@ -93,7 +94,8 @@ def stop_timeout_of(rec: ServerRecord) -> float:
     return spec.stop_timeout if spec is not None else DEFAULT_STOP_TIMEOUT
 
 
-def _finish(rec: ServerRecord, instance: str | None, result: StopResult) -> None:
+def finish_stop(rec: ServerRecord, instance: str | None, result: StopResult) -> None:
+    """The stop is done: mark the record stopped (unless it has moved on) and say if the port still answers."""
     if mark_stopped(rec, instance) and not result.ok:
         # our processes are gone, but something we cannot prove is ours answers on the port
         rec.last_error = f"after stopping, the port still answers: {result.port_holder}"
@@ -120,7 +122,7 @@ def stop_servers(
     records `stopping` with a dead owner, which the supervisor finishes.
     """
     me = identity_of(os.getpid())
-    jobs: list[tuple[str, StopTarget | None, float, str | None, bool]] = []
+    jobs: list[tuple[ServerRef, str, StopTarget | None, float, str | None, bool]] = []
     with store.locked():
         for old in records:
             rec = store.load(old.ref)
@@ -128,9 +130,9 @@ def stop_servers(
                 target = target_of(rec)  # before the marking: the state says whether a port check is due
                 mark_stopping(rec, me, desired_after)
                 store.save(rec)
-                jobs.append((rec.label, target, stop_timeout_of(rec), rec.instance, True))
+                jobs.append((rec.ref, rec.label, target, stop_timeout_of(rec), rec.instance, True))
             elif isinstance(rec, BrokenRecord):
-                jobs.append((rec.label, target_of_broken(rec), DEFAULT_STOP_TIMEOUT, None, False))
+                jobs.append((rec.ref, rec.label, target_of_broken(rec), DEFAULT_STOP_TIMEOUT, None, False))
     if before_release is not None:
         before_release()
 
@@ -139,7 +141,7 @@ def stop_servers(
     def run(label: str, target: StopTarget | None, timeout: float) -> None:
         results[label] = stop_processes(target, timeout) if target is not None and not target.empty else StopResult("not running")
 
-    threads = [threading.Thread(target=run, args=(label, t, timeout), daemon=True) for label, t, timeout, _, _ in jobs]
+    threads = [threading.Thread(target=run, args=(label, t, timeout), daemon=True) for _, label, t, timeout, _, _ in jobs]
     for t in threads:
         t.start()
     for t in threads:
@@ -147,12 +149,11 @@ def stop_servers(
 
     out = []
     with store.locked():
-        for label, _, _, instance, readable in jobs:
+        for ref, label, _, _, instance, readable in jobs:
             result = results.get(label) or StopResult("not running")
             note = ""
             if readable:
-                ref = next(r.ref for r in records if r.label == label)
-                store.update(ref, functools.partial(_finish, instance=instance, result=result))
+                store.update(ref, functools.partial(finish_stop, instance=instance, result=result))
             else:
                 note = "broken record: left in place to fix or remove"
             out.append(Stopped(label, result, note))

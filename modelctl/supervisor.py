@@ -46,7 +46,7 @@ from modelctl.process import (
 from modelctl.profile import record_spec
 from modelctl.spec import ServerSpec
 from modelctl.state import BrokenRecord, LockTimeout, ServerRecord, StateStore
-from modelctl.stopping import mark_stopped, stop_owner_alive, target_of
+from modelctl.stopping import DEFAULT_STOP_TIMEOUT, finish_stop, stop_owner_alive, target_of
 
 log = logging.getLogger("modelctl.supervisor")
 
@@ -561,7 +561,7 @@ class Supervisor:
         handle, slot.handle = slot.handle, None
         slot.probe = slot.prepare = None
         slot.after_stop, slot.stop_instance = after, rec.instance
-        timeout = spec.stop_timeout if spec is not None else 10.0
+        timeout = spec.stop_timeout if spec is not None else DEFAULT_STOP_TIMEOUT
         if after == AFTER_CRASH:
             timeout = min(timeout, 3.0)  # the leader is gone; what is left gets little grace
 
@@ -590,8 +590,8 @@ class Supervisor:
             spec = self._spec(rec, slot)
             if spec is not None:
                 self._after_crash(rec, slot, spec, now)
-        elif after == AFTER_STOP and rec.state == lc.STOPPING and mark_stopped(rec, instance) and not result.ok:
-            rec.last_error = f"after stopping, the port still answers: {result.port_holder}"
+        elif after == AFTER_STOP and rec.state == lc.STOPPING:
+            finish_stop(rec, instance, result)
 
     def _spec(self, rec: ServerRecord, slot: Slot) -> ServerSpec | None:
         if slot.spec is None or slot.spec_key != rec.fingerprint:

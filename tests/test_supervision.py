@@ -12,14 +12,16 @@ import sys
 import psutil
 import pytest
 
-from modelctl.daemon import supervisor_pid as running_supervisor
+from modelctl.daemon import supervisor_info
 
 from .conftest import http_get, wait_for, wait_text, wait_ticks
 from .test_cli import status_json, toy_pids
 
 
 def supervisor_pid(mc) -> int | None:
-    return running_supervisor(mc.store)
+    """The running supervisor's pid (-1 while it has not written it yet), or None."""
+    info = supervisor_info(mc.store)
+    return None if info is None else (info.pid or -1)
 
 
 def test_a_killed_server_is_ready_again_on_the_same_port(mc):
