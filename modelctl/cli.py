@@ -20,9 +20,10 @@ from rich.text import Text
 
 from modelctl import __version__
 from modelctl import lifecycle as lc
-from modelctl.control import Controller, Scope, profile_name_of
+from modelctl.control import Controller, Scope, profile_name_of, systemd_unit_of
 from modelctl.errors import ModelctlError
-from modelctl.format import format_bytes, format_duration, format_startup
+from modelctl.format import format_bytes, format_duration, format_startup, styled_state
+from modelctl.names import ServerRef
 from modelctl.state import ServerRecord, StateStore
 
 app = typer.Typer(
@@ -39,18 +40,6 @@ app.add_typer(k8s_app, name="k8s")
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
 console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH)
-
-STATE_STYLE = {
-    lc.READY: "green",
-    lc.STARTING: "yellow",
-    lc.UNHEALTHY: "dark_orange",
-    lc.BACKOFF: "dark_orange",
-    lc.CRASHED: "red",
-    lc.FAILED: "bold red",
-    lc.STOPPING: "cyan",
-    lc.STOPPED: "dim",
-    "broken": "bold magenta",
-}
 
 
 class Context:
@@ -98,10 +87,6 @@ def _scope(profile: Optional[str], names: Optional[list[str]]) -> Scope:
     return Scope(profile_name_of(profile) if profile else None, tuple(names or ()))
 
 
-def _styled(state: str) -> Text:
-    return Text(state, style=STATE_STYLE.get(state, ""))
-
-
 # ---------------------------------------------------------------------------- up
 class UpDisplay:
     """Live per-server progress for `up`: state, elapsed seconds, what is happening."""
@@ -132,7 +117,7 @@ class UpDisplay:
                     ),
                 )
                 cell = grid
-            t.add_row(rec.label, _styled(rec.state), f"{max(elapsed, 0):.1f}s", cell)
+            t.add_row(rec.label, styled_state(rec.state), f"{max(elapsed, 0):.1f}s", cell)
         return t
 
     def _rate(self, label: str, done: int, total: int) -> str:
@@ -202,11 +187,7 @@ def _report_not_ready(ctl: Controller, records: list[ServerRecord]) -> None:
         err_console.print(f"\n[bold red]{rec.label} is not ready[/]: {why}", highlight=False)
         if rec.last_error and rec.last_error not in why:
             err_console.print(f"  last error: {rec.last_error}", highlight=False, markup=False)
-        tail = ctl.log_tail(rec.ref, 15)
-        if tail:
-            err_console.print(f"  last lines of {ctl.store.log_path(rec.ref)}:", highlight=False, markup=False)
-            for line in tail:
-                err_console.print(f"  | {line}", markup=False, highlight=False)
+        _print_tail(err_console, ctl, rec.ref, 15, f"  last lines of {ctl.store.log_path(rec.ref)}:")
     if bad:
         raise typer.Exit(1)
 
@@ -216,7 +197,7 @@ def _print_summary(ctl: Controller, scope: Scope) -> None:
     for col in ("server", "url", "state", "model"):
         t.add_column(col)
     for r in ctl.status(scope):
-        t.add_row(r["id"], r["url"] or "-", _styled(r["state"]), r["model"] or "")
+        t.add_row(r["id"], r["url"] or "-", styled_state(r["state"]), r["model"] or "")
     console.print(t)
 
 
@@ -315,7 +296,7 @@ def status(
             cells = [
                 r["name"],
                 r["kind"],
-                _styled(r["state"]),
+                styled_state(r["state"]),
                 str(r["pid"] or "-"),
                 r["url"] or "-",
                 ",".join(map(str, r["gpus"])) or "-",
@@ -351,20 +332,15 @@ def _print_notes(ctl: Controller, r: dict[str, Any]) -> None:
     if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING, "broken") and notes:
         console.print(f"[bold]{r['id']}[/]: " + "; ".join(dict.fromkeys(notes)), highlight=False)
         if r["state"] == lc.FAILED:
-            from modelctl.names import ServerRef
-
-            for line in ctl.log_tail(ServerRef(r["profile"], r["name"]), 10):
-                console.print(f"  | {line}", markup=False, highlight=False)
+            _print_tail(console, ctl, ServerRef(r["profile"], r["name"]), 10)
 
 
 def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
-    from modelctl.names import ServerRef
-
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
     t.add_row("server", r["id"])
-    t.add_row("state", _styled(r["state"]))
+    t.add_row("state", styled_state(r["state"]))
     for key in ("kind", "model", "url", "pid", "managed_by", "desired", "detail", "last_error", "record", "log"):
         if r.get(key) not in (None, ""):
             t.add_row(key.replace("_", " "), str(r[key]))
@@ -393,12 +369,17 @@ def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
                 x.get("line") or "",
             )
         console.print(e)
-    if r["state"] not in ("broken",):
-        tail = ctl.log_tail(ServerRef(r["profile"], r["name"]), 10)
-        if tail:
-            console.print(f"\n[bold]last lines of {r['log']}[/]", highlight=False)
-            for line in tail:
-                console.print(f"  | {line}", markup=False, highlight=False)
+    if r["state"] != "broken":
+        _print_tail(console, ctl, ServerRef(r["profile"], r["name"]), 10, f"\nlast lines of {r['log']}", style="bold")
+
+
+def _print_tail(out: Console, ctl: Controller, ref: ServerRef, lines: int, header: str = "", style: str = "") -> None:
+    """The end of a server's log, each line marked `  | ` and printed as it is (no markup)."""
+    tail = ctl.log_tail(ref, lines)
+    if tail and header:
+        out.print(header, style=style, markup=False, highlight=False)
+    for line in tail:
+        out.print(f"  | {line}", markup=False, highlight=False)
 
 
 @app.command()
@@ -414,7 +395,7 @@ def logs(
     if not isinstance(rec, ServerRecord):
         raise ModelctlError(f"{rec.label}: broken record {rec.path}: {rec.error}")
     if rec.managed_by == "systemd":
-        unit = rec.info.get("systemd_unit", f"modelctl-{rec.profile}-{rec.name}.service")
+        unit = systemd_unit_of(rec)
         console.print(
             f"{rec.label} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)",
             highlight=False,
@@ -621,7 +602,7 @@ def k8s_status(
     for col in ("deployment", "server", "state", "ready", "detail"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], r["server"], _styled(r["state"]), f"{r['ready']}/{r['replicas']}", r["detail"])
+        t.add_row(r["name"], r["server"], styled_state(r["state"]), f"{r['ready']}/{r['replicas']}", r["detail"])
     console.print(t)
 
 

@@ -19,22 +19,16 @@ from modelctl.backends import get_backend
 from modelctl.daemon import ensure_supervisor, supervisor_info, wake_supervisor
 from modelctl.errors import ModelctlError, UnknownServerError
 from modelctl.gpus import allocate_gpus, discover_gpus, gpu_memory_by_pid, group_gpu_memory
-from modelctl.names import ServerRef, is_valid_name
+from modelctl.names import ServerRef, is_valid_name, unit_name
 from modelctl.ports import PortLeases, PortRequest, allocate_ports
-from modelctl.process import ProcessIdentity, group_usage, is_alive
+from modelctl.process import group_usage, is_alive
 from modelctl.profile import Profile, peek_profile_name, record_spec
 from modelctl.spec import ServerSpec
 from modelctl.state import AnyRecord, BrokenRecord, ServerRecord, StateStore
-from modelctl.stopping import Stopped, stop_owner_alive, stop_servers, target_of
+from modelctl.stopping import Stopped, record_identity, stop_owner_alive, stop_servers, target_of
 
 SUPERVISOR = "supervisor"
 SYSTEMD = "systemd"
-
-
-def record_identity(rec: ServerRecord) -> ProcessIdentity | None:
-    if rec.pid is None or rec.create_time is None:
-        return None
-    return ProcessIdentity(rec.pid, rec.create_time)
 
 
 def profile_name_of(arg: str | os.PathLike[str]) -> str:
@@ -45,6 +39,10 @@ def profile_name_of(arg: str | os.PathLike[str]) -> str:
     if is_valid_name(str(arg)):
         return str(arg)
     raise UnknownServerError(f"{arg}: no such profile file, and not a profile name")
+
+
+def systemd_unit_of(rec: ServerRecord) -> str:
+    return rec.info.get("systemd_unit") or unit_name(rec.profile, rec.name)
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ class Controller:
                 )
             if rec is not None and rec.managed_by != managed_by and is_alive(record_identity(rec)):
                 raise ModelctlError(
-                    f"server {rec.label} is run by systemd (unit {rec.info.get('systemd_unit', '?')}); use systemctl to manage it"
+                    f"server {rec.label} is run by systemd (unit {systemd_unit_of(rec)}); use systemctl to manage it"
                     if rec.managed_by == SYSTEMD
                     else f"server {rec.label} runs under the modelctl supervisor; `modelctl down {rec.label}` first"
                 )
@@ -272,7 +270,7 @@ class Controller:
         skipped = []
         for rec in list(targets):
             if isinstance(rec, ServerRecord) and rec.managed_by == SYSTEMD and is_alive(record_identity(rec)):
-                unit = rec.info.get("systemd_unit", f"modelctl-{rec.profile}-{rec.name}.service")
+                unit = systemd_unit_of(rec)
                 how = f"systemctl {'--user ' if os.geteuid() else ''}{'stop' if verb == 'down' else 'restart'} {unit}"
                 if scope.names:
                     raise ModelctlError(f"{rec.label} runs under systemd, which would start it again: {how}")

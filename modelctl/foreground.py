@@ -17,12 +17,13 @@ import time
 from typing import Any
 
 from modelctl import lifecycle as lc
-from modelctl.control import SYSTEMD, Controller, record_identity, select_specs
+from modelctl.control import SYSTEMD, Controller, select_specs
 from modelctl.errors import ModelctlError
+from modelctl.names import unit_name
 from modelctl.process import is_alive, set_child_subreaper
 from modelctl.profile import Profile
 from modelctl.state import ServerRecord, StateStore
-from modelctl.stopping import stop_servers
+from modelctl.stopping import record_identity, stop_servers
 from modelctl.supervisor import Supervisor
 
 log = logging.getLogger("modelctl.run")
@@ -44,10 +45,6 @@ class Notifier:
                 sock.sendto(message.encode(), self.address)
             except OSError as e:
                 log.warning("cannot notify systemd at %s: %s", self.address, e)
-
-
-def unit_name(profile_name: str, server: str) -> str:
-    return f"modelctl-{profile_name}-{server}.service"
 
 
 def run_foreground(

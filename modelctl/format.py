@@ -1,9 +1,30 @@
-"""Numbers for people: bytes, durations, startup phases (shared by status, up and top)."""
+"""For people: bytes, durations, startup phases, a state in its colour (shared by status, up and top)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from rich.text import Text
+
+from modelctl import lifecycle as lc
+
+STATE_STYLE = {
+    lc.READY: "green",
+    lc.STARTING: "yellow",
+    lc.UNHEALTHY: "dark_orange",
+    lc.BACKOFF: "dark_orange",
+    lc.CRASHED: "red",
+    lc.FAILED: "bold red",
+    lc.STOPPING: "cyan",
+    lc.STOPPED: "dim",
+    "broken": "bold magenta",
+}
+
+
+def styled_state(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
 
 STARTUP_PHASES = ("port_open", "healthy", "prepare")
 

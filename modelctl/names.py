@@ -17,6 +17,11 @@ NAME_RULE = "letters, digits, '.', '_' and '-' (at most 63), starting with a let
 DEFAULT_PROFILE_NAME = "default"
 
 
+def unit_name(profile_name: str, server: str) -> str:
+    """The systemd unit that runs a server (`modelctl systemd generate`)."""
+    return f"modelctl-{profile_name}-{server}.service"
+
+
 def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 

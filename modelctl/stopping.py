@@ -26,15 +26,21 @@ from modelctl.state import BrokenRecord, ServerRecord, StateStore
 DEFAULT_STOP_TIMEOUT = 10.0
 
 
+def record_identity(rec: ServerRecord) -> ProcessIdentity | None:
+    """The recorded leader of the server's instance, if one is recorded."""
+    if rec.pid is None or rec.create_time is None:
+        return None
+    return ProcessIdentity(rec.pid, rec.create_time)
+
+
 def target_of(rec: ServerRecord) -> StopTarget:
     """What proves which processes are this record's instance.
 
     The port is checked after the stop only where something of ours may have held it.
     """
-    leader = ProcessIdentity(rec.pid, rec.create_time) if rec.pid and rec.create_time is not None else None
     members = tuple(ProcessIdentity(int(p), float(c)) for p, c in rec.members)
     port = rec.port if rec.state in lc.MAY_HAVE_PROCESSES and rec.pid is not None else None
-    return StopTarget(rec.label, leader, rec.instance, members, port, rec.host)
+    return StopTarget(rec.label, record_identity(rec), rec.instance, members, port, rec.host)
 
 
 def target_of_broken(rec: BrokenRecord) -> StopTarget | None:

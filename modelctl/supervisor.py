@@ -46,7 +46,7 @@ from modelctl.process import (
 from modelctl.profile import record_spec
 from modelctl.spec import ServerSpec
 from modelctl.state import BrokenRecord, LockTimeout, ServerRecord, StateStore
-from modelctl.stopping import DEFAULT_STOP_TIMEOUT, finish_stop, stop_owner_alive, target_of
+from modelctl.stopping import DEFAULT_STOP_TIMEOUT, finish_stop, record_identity, stop_owner_alive, target_of
 
 log = logging.getLogger("modelctl.supervisor")
 
@@ -277,7 +277,7 @@ class Supervisor:
         if slot.external:
             return True
         unknown = slot.handle is None or slot.handle.ident.pid != rec.pid
-        if unknown and (rec.pid is None or rec.create_time is None or not self._adopt(rec, slot)):
+        if unknown and not self._adopt(rec, slot):
             self._crashed(rec, slot, spec, now, describe_exit(None), Failure("crash", "exited while no supervisor was watching", True))
             return False
         exited, rc = self._reap(rec, slot)
@@ -288,9 +288,8 @@ class Supervisor:
         return True
 
     def _adopt(self, rec: ServerRecord, slot: Slot) -> bool:
-        assert rec.pid is not None and rec.create_time is not None
-        ident = ProcessIdentity(rec.pid, rec.create_time)
-        if not self.procs.is_alive(ident):
+        ident = record_identity(rec)
+        if ident is None or not self.procs.is_alive(ident):
             return False
         slot.handle = Handle(ident, None)
         slot.prepared = rec.state in (lc.READY, lc.UNHEALTHY)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from modelctl.backends import get_backend
 from modelctl.errors import ModelctlError
-from modelctl.foreground import unit_name
 from modelctl.gpus import allocate_gpus, discover_gpus
+from modelctl.names import unit_name
 from modelctl.ports import PortRequest, allocate_ports
 from modelctl.profile import Profile
 from modelctl.spec import ServerSpec

@@ -22,10 +22,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, RenderableType
 from rich.table import Table
-from rich.text import Text
 
 from modelctl.control import Controller, Scope
-from modelctl.format import format_bytes, format_duration
+from modelctl.format import format_bytes, format_duration, styled_state
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 120  # samples kept: 4 minutes at the default 2 s
@@ -161,7 +160,7 @@ class Top:
             s = self.series.get(row["id"], Series())
             t.add_row(
                 row["id"],
-                Text(row["state"], style={"ready": "green", "failed": "bold red", "broken": "magenta"}.get(row["state"], "yellow")),
+                styled_state(row["state"]),
                 format_duration(row.get("uptime")),
                 str(row.get("restarts", 0)),
                 format_bytes(row.get("rss")),
