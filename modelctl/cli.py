@@ -38,8 +38,9 @@ app.add_typer(k8s_app, name="k8s")
 
 # wide enough that URLs are not cut when the output is a pipe or a file
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-console = Console(width=_WIDTH)
-err_console = Console(stderr=True, width=_WIDTH)
+# no markup: paths, log lines and errors may hold `[...]`, which must print as it is
+console = Console(width=_WIDTH, markup=False)
+err_console = Console(stderr=True, width=_WIDTH, markup=False)
 
 
 class Context:
@@ -138,7 +139,7 @@ class UpDisplay:
             line = f"{rec.label}: {rec.state}" + (f" ({rec.detail})" if rec.detail else "")
             if self.last_lines.get(rec.label) != line:
                 self.last_lines[rec.label] = line
-                console.print(f"[{time.time() - self.t0:6.1f}s] {line}", highlight=False, markup=False)
+                console.print(f"[{time.time() - self.t0:6.1f}s] {line}", highlight=False)
 
 
 @app.command()
@@ -164,7 +165,6 @@ def up(
         err_console.print(
             f"{label} is no longer in {prof.path} but still runs: stop it with `modelctl down {label}`, or run up --remove-orphans",
             highlight=False,
-            markup=False,
         )
     refs = [s.ref for s in select_specs(prof, servers or [])]
     if not wait:
@@ -184,9 +184,9 @@ def _report_not_ready(ctl: Controller, records: list[ServerRecord]) -> None:
     bad = [r for r in records if r.state != lc.READY]
     for rec in bad:
         why = rec.detail or rec.last_error or rec.state
-        err_console.print(f"\n[bold red]{rec.label} is not ready[/]: {why}", highlight=False)
+        err_console.print(Text.assemble("\n", (f"{rec.label} is not ready", "bold red"), f": {why}"), highlight=False)
         if rec.last_error and rec.last_error not in why:
-            err_console.print(f"  last error: {rec.last_error}", highlight=False, markup=False)
+            err_console.print(f"  last error: {rec.last_error}", highlight=False)
         _print_tail(err_console, ctl, rec.ref, 15, f"  last lines of {ctl.store.log_path(rec.ref)}:")
     if bad:
         raise typer.Exit(1)
@@ -216,7 +216,7 @@ def down(
     if not results and not skipped:
         console.print("no servers to stop")
     for note in skipped:
-        console.print(note, highlight=False, markup=False)
+        console.print(note, highlight=False)
     failed = False
     for stopped in results:
         console.print(f"{stopped.label}: {stopped.result.how}" + (f" ({stopped.note})" if stopped.note else ""), highlight=False)
@@ -226,7 +226,6 @@ def down(
                 f"{stopped.label}: its port still answers after the stop: {stopped.result.port_holder}, which modelctl "
                 "cannot prove is this server's; stop that process yourself",
                 highlight=False,
-                markup=False,
             )
     if failed:
         raise typer.Exit(1)
@@ -330,7 +329,7 @@ def _print_notes(ctl: Controller, r: dict[str, Any]) -> None:
         done, total = int(progress.get("completed") or 0), int(progress["total"])
         notes.insert(0, f"{progress.get('status', '')} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})")
     if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING, "broken") and notes:
-        console.print(f"[bold]{r['id']}[/]: " + "; ".join(dict.fromkeys(notes)), highlight=False)
+        console.print(Text.assemble((r["id"], "bold"), ": " + "; ".join(dict.fromkeys(notes))), highlight=False)
         if r["state"] == lc.FAILED:
             _print_tail(console, ctl, ServerRef(r["profile"], r["name"]), 10)
 
@@ -357,7 +356,7 @@ def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
         t.add_row("startup", format_startup(r["startup"]))
     console.print(t)
     if r.get("exits"):
-        console.print("\n[bold]last exits[/]")
+        console.print("\nlast exits", style="bold")
         e = Table(box=None, pad_edge=False)
         for col in ("when", "exit", "class", "why"):
             e.add_column(col)
@@ -377,9 +376,9 @@ def _print_tail(out: Console, ctl: Controller, ref: ServerRef, lines: int, heade
     """The end of a server's log, each line marked `  | ` and printed as it is (no markup)."""
     tail = ctl.log_tail(ref, lines)
     if tail and header:
-        out.print(header, style=style, markup=False, highlight=False)
+        out.print(header, style=style, highlight=False)
     for line in tail:
-        out.print(f"  | {line}", markup=False, highlight=False)
+        out.print(f"  | {line}", highlight=False)
 
 
 @app.command()
@@ -532,7 +531,7 @@ def _generated(profile: Optional[Path], namespace: Optional[str], image: Optiona
 
     generated = generate(_load(profile), ClusterOptions(namespace=namespace, image=image, create_namespace=create_namespace))
     for note in generated.skipped:
-        err_console.print(f"skipped {note}", highlight=False, markup=False)
+        err_console.print(f"skipped {note}", highlight=False)
     return generated
 
 
@@ -610,7 +609,7 @@ def main() -> None:
     try:
         app()
     except ModelctlError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         # a stop cut short leaves its records `stopping` with a dead owner: the supervisor finishes it

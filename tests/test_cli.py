@@ -256,6 +256,20 @@ def test_a_bad_profile_is_a_clear_error_without_traceback(mc):
     assert "Traceback" not in res.stderr
 
 
+def test_text_from_paths_and_servers_is_printed_as_it_is_never_as_markup(mc):
+    """Paths and server errors may hold `[...]`: printed verbatim, never eaten as style or a traceback."""
+    missing = mc.tmp / "[/x] [red]p.yaml"
+    res = mc.cli("up", "-p", str(missing))
+    assert res.returncode == 2 and "[/x] [red]p.yaml" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    exe = str(mc.tmp / "[/bin]" / "[red]server")
+    path = mc.profile({"web": {"kind": "command", "command": [exe, "{port}"], "health": {"tcp": True}}})
+    res = mc.cli("up", "-p", str(path))
+    assert res.returncode == 1 and "[/bin]/[red]server" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    for args in (["status"], ["status", "web"]):
+        res = mc.cli(*args)
+        assert res.returncode == 0 and "[/bin]/[red]server" in res.stdout.replace("\n", ""), res.stdout + res.stderr
+
+
 def test_an_unknown_server_name_is_refused(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy()}})
     res = mc.cli("up", "-p", str(path), "nosuch")
