@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,48 @@ def test_the_bundled_server_runs_the_projects_image_and_its_key_comes_from_a_sec
     assert secret["stringData"] == {"MODELCTL_API_KEY": "change-me"}  # ...but in a Secret
     (ref,) = [e for e in c["env"] if e["name"] == "MODELCTL_API_KEY"]
     assert ref["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+
+
+def kubernetes_expands(value: str, env: dict[str, str]) -> str:
+    """What the kubelet does to env values, command and args: `$$` → `$`, `$(NAME)` → NAME's
+    value where NAME is defined before (Kubernetes' expansion.MappingFuncFor), else left as is."""
+    out, i = [], 0
+    while i < len(value):
+        if value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("$(", i) and (end := value.find(")", i)) != -1 and value[i + 2 : end] in env:
+            out.append(env[value[i + 2 : end]])
+            i = end + 1
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def test_dollar_signs_reach_the_pod_as_the_profile_wrote_them(tmp_path):
+    path = tmp_path / "k8sv.yaml"
+    path.write_text(
+        "servers:\n  emb:\n    kind: command\n    command: [srv, --port, '{port}', '--flag=$(MODELCTL_SERVER)', 'a$$b']\n"
+        "    env: {X: 'x$(HF_HOME)y', P: 'pa$$word', Q: '$plain'}\n    k8s: {image: srv:1}\n"
+    )
+    c = container_of(objects(load_profile(path))["k8sv-emb.deployment.yaml"])
+    env: dict[str, str] = {"HF_HOME": "/cache/huggingface"}
+    for e in c["env"]:  # in order, as the kubelet defines them
+        if "value" in e:
+            env[e["name"]] = kubernetes_expands(e["value"], env)
+    assert env["X"] == "x$(HF_HOME)y" and env["P"] == "pa$$word" and env["Q"] == "$plain"
+    argv = [kubernetes_expands(a, env) for a in c["command"]]
+    assert argv[-2:] == ["--flag=$(MODELCTL_SERVER)", "a$$b"]
+
+
+def test_the_api_key_secret_is_written_readable_by_its_owner_only(tmp_path, mc):
+    out = tmp_path / "k8s"
+    res = mc.cli("k8s", "generate", "-p", str(ROOT / "profiles" / "examples" / "sentence.yaml"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    secret = out / "sentence-bge-embed.api-key.secret.yaml"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and "mode 0600" in res.stdout
+    assert stat.S_IMODE((out / "sentence-bge-embed.deployment.yaml").stat().st_mode) == 0o644
 
 
 def test_a_sentence_server_on_onnx_keeps_its_export_on_the_cache_volume(tmp_path):

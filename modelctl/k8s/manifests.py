@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,13 +64,21 @@ class Generated:
         }
 
     def write(self, out: Path) -> list[Path]:
+        """The files; a Secret's is written 0600 (it holds an API key), the others 0644."""
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         for name, text in self.render().items():
             path = out / name
-            path.write_text(text)
+            mode = 0o600 if self.is_secret(name) else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), mode)  # an existing file keeps its mode on open: set it
+                f.write(text)
             paths.append(path)
         return paths
+
+    def is_secret(self, name: str) -> bool:
+        return self.files[name].get("kind") == "Secret"
 
 
 def dns_name(*parts: str) -> str:
@@ -178,13 +187,67 @@ def _meta(name: str, namespace: str | None, labels: Mapping[str, str]) -> dict[s
     return meta
 
 
+def expand_safe(value: str) -> str:
+    """A literal for the fields where Kubernetes expands `$(NAME)` and turns `$$` into `$`
+    (env values, command, args): every `$` doubled, so the pod gets exactly what the profile says."""
+    return value.replace("$", "$$")
+
+
 def _server_objects(profile: Profile, spec: ServerSpec, c: ClusterContainer, name: str, namespace: str | None) -> dict[str, dict[str, Any]]:
     k = {**profile.k8s, **spec.k8s}  # the server's keys over the profile's defaults
     labels = _labels(profile, spec, name)
     selector = {"app.kubernetes.io/instance": name, "app.kubernetes.io/part-of": labels["app.kubernetes.io/part-of"]}
-    port = cluster_port(spec)
     objects: dict[str, dict[str, Any]] = {}
+    volumes, mounts = _volumes(profile, spec, c, k, name, namespace, labels, objects)
+    env = _env(spec, c, name, namespace, labels, objects)
+    container = _container(spec, c, k, env, mounts)
+    pod = _pod(spec, c, k, container, mounts, volumes)
+    template_meta: dict[str, Any] = {"labels": labels}
+    if k.get("annotations"):
+        template_meta["annotations"] = dict(k["annotations"])
+    # two pods would need twice the GPUs, or the same ReadWriteOnce volume: replace, never surge
+    recreate = bool(spec.gpu_count) or "cache.pvc" in objects
+    strategy: dict[str, Any] = (
+        {"type": "Recreate"} if recreate else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    )
+    objects["deployment"] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, namespace, labels),
+        "spec": {
+            "replicas": int(k.get("replicas", 1)),
+            "selector": {"matchLabels": selector},
+            "strategy": strategy,
+            "progressDeadlineSeconds": startup_budget(spec) + 120,
+            "template": {"metadata": template_meta, "spec": pod},
+        },
+    }
+    port = cluster_port(spec)
+    objects["service"] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, namespace, labels),
+        "spec": {
+            "type": k.get("service_type", "ClusterIP"),
+            "selector": selector,
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return objects
 
+
+def _volumes(
+    profile: Profile,
+    spec: ServerSpec,
+    c: ClusterContainer,
+    k: Mapping[str, Any],
+    name: str,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    objects: dict[str, dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the container's mounts: the model cache (a claim of its own), a
+    claim with model files, and /dev/shm for tensor parallelism."""
     mounts: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
     cache = {**(profile.k8s.get("cache") or {}), **(spec.k8s.get("cache") or {})}
@@ -214,10 +277,16 @@ def _server_objects(profile: Profile, spec: ServerSpec, c: ClusterContainer, nam
     if c.shm:
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": k.get("shm_size", DEFAULT_SHM_SIZE)}})
         mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    return volumes, mounts
 
+
+def _env(
+    spec: ServerSpec, c: ClusterContainer, name: str, namespace: str | None, labels: Mapping[str, str], objects: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The container's environment, values escaped; an API key goes into a Secret instead."""
     env = {**spec.env, **c.env, "MODELCTL_SERVER": str(spec.ref)}
     env.pop("CUDA_VISIBLE_DEVICES", None)  # the device plugin decides which GPUs the pod sees
-    env_list: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in sorted(env.items())]
+    env_list: list[dict[str, Any]] = [{"name": key, "value": expand_safe(value)} for key, value in sorted(env.items())]
     if c.secret_env:
         secret = f"{name}-api-key"
         objects["api-key.secret"] = {
@@ -228,37 +297,51 @@ def _server_objects(profile: Profile, spec: ServerSpec, c: ClusterContainer, nam
             "stringData": dict(c.secret_env),
         }
         env_list += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in sorted(c.secret_env)]
+    return env_list
 
+
+def _container(
+    spec: ServerSpec, c: ClusterContainer, k: Mapping[str, Any], env: list[dict[str, Any]], mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
     resources: dict[str, dict[str, Any]] = {kind: dict(values) for kind, values in (k.get("resources") or {}).items()}
     if spec.gpu_count:
         resources.setdefault("requests", {})[GPU] = spec.gpu_count
         resources.setdefault("limits", {})[GPU] = spec.gpu_count
-
     container: dict[str, Any] = {"name": "server", "image": c.image}
     if k.get("image_pull_policy"):
         container["imagePullPolicy"] = k["image_pull_policy"]
     if c.command:
-        container["command"] = list(c.command)
+        container["command"] = [expand_safe(a) for a in c.command]
     if c.args:
-        container["args"] = list(c.args)
+        container["args"] = [expand_safe(a) for a in c.args]
     if c.working_dir:
         container["workingDir"] = c.working_dir
-    container["ports"] = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-    container["env"] = env_list
+    container["ports"] = [{"name": "http", "containerPort": cluster_port(spec), "protocol": "TCP"}]
+    container["env"] = env
     if resources:
         container["resources"] = resources
     container.update(probes(spec))
     container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}}
     if mounts:
         container["volumeMounts"] = mounts
+    return container
 
+
+def _pod(
+    spec: ServerSpec,
+    c: ClusterContainer,
+    k: Mapping[str, Any],
+    container: dict[str, Any],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
     pod: dict[str, Any] = {}
     if c.init_script:
         pod["initContainers"] = [
             {
                 "name": "fetch-model",
                 "image": c.image,
-                "command": ["/bin/sh", "-c", c.init_script],
+                "command": ["/bin/sh", "-c", expand_safe(c.init_script)],
                 "volumeMounts": [m for m in mounts if m["name"] != "shm"],
             }
         ]
@@ -275,38 +358,7 @@ def _server_objects(profile: Profile, spec: ServerSpec, c: ClusterContainer, nam
         pod["imagePullSecrets"] = [{"name": s} for s in k["image_pull_secrets"]]
     if volumes:
         pod["volumes"] = volumes
-
-    template_meta: dict[str, Any] = {"labels": labels}
-    if k.get("annotations"):
-        template_meta["annotations"] = dict(k["annotations"])
-    # two pods would need twice the GPUs, or the same ReadWriteOnce volume: replace, never surge
-    recreate = bool(spec.gpu_count) or "cache.pvc" in objects
-    strategy: dict[str, Any] = (
-        {"type": "Recreate"} if recreate else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    )
-    objects["deployment"] = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(name, namespace, labels),
-        "spec": {
-            "replicas": int(k.get("replicas", 1)),
-            "selector": {"matchLabels": selector},
-            "strategy": strategy,
-            "progressDeadlineSeconds": startup_budget(spec) + 120,
-            "template": {"metadata": template_meta, "spec": pod},
-        },
-    }
-    objects["service"] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(name, namespace, labels),
-        "spec": {
-            "type": k.get("service_type", "ClusterIP"),
-            "selector": selector,
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
-    return objects
+    return pod
 
 
 def _toleration(t: Mapping[str, Any]) -> dict[str, Any]:
