@@ -2,7 +2,7 @@
 
 Words are tokens (framed by [CLS]=101 and [SEP]=102, like MiniLM's tokenizer); an embedding is
 a sum of per-token pseudo-random vectors; a pair's score is the overlap of its two sides' words.
-Options come in the model path: `fake:dims=16,max_length=32,cross=1,delay=0.2,load=1.5,log=PATH`.
+Options come in the model path: `fake:dims=16,max_length=32,cross=1,delay=0.2,load=1.5,log=PATH,tlog=PATH`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class FakeEncoder:
         self.vocab_size, self.first_id, self.last_id = VOCAB, CLS, SEP
         self.delay = float(o.get("delay", "0"))
         self.log = o.get("log")
+        self.tlog = o.get("tlog")  # the length of every text tokenized, one per line
 
     def describe(self) -> dict[str, Any]:
         return {"model_type": "reranker" if self.cross_encoder else "embedding", "dtype": "float32", "backend": "fake", "pooling": "mean"}
@@ -51,11 +52,18 @@ class FakeEncoder:
             raise InputTooLong(index, len(ids), limit)
         return [*ids[: limit - 1], SEP]
 
+    def _tokenized(self, texts: list[str]) -> None:
+        if self.tlog:
+            with open(self.tlog, "a") as f:
+                f.writelines(f"{len(t)}\n" for t in texts)
+
     def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
+        self._tokenized(texts)
         limit = min(self.max_length, max_length or self.max_length)
         return [Row(self._fit(i, [CLS, *self.words(t), SEP], truncate, limit)) for i, t in enumerate(texts)]
 
     def tokenize_pairs(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
+        self._tokenized([query, *docs])
         limit = min(self.max_length, max_length or self.max_length)
         q = [CLS, *self.words(query), SEP]
         rows = []

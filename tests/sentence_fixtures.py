@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .conftest import _SESSION_TAGS, ROOT, TAG_VAR, http_get, http_post
 
@@ -172,3 +173,9 @@ def build_tiny_sentence_model(target: Path) -> str:
     )
     st.save(str(target / "st"))
     return str(target / "st")
+
+
+def port_of(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fake_encoder import CLS, SEP, FakeEncoder
 
 from .conftest import http_get, http_post, wait_for
-from .sentence_fixtures import AUTH, KEY, assert_openai_error, post, sentence_server
+from .sentence_fixtures import AUTH, KEY, assert_openai_error, port_of, post, sentence_server
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +387,7 @@ def test_metrics_count_requests_inputs_and_batches(logs):
 def test_work_for_a_client_that_disconnected_never_reaches_the_model(logs, tmp_path):
     seen = tmp_path / "model-rows.jsonl"
     with sentence_server(logs, f"fake:dims=8,delay=1.0,log={seen}", "--model-workers", "1", "--no-warmup", fake=True) as url:
-        port = urlsplit(url).port
+        port = port_of(url)
         busy = concurrent.futures.ThreadPoolExecutor(1).submit(http_post, url + "/v1/embeddings", {"input": "first"})
         wait_for(lambda: seen.exists() and seen.read_text(), 10, what="the first batch to reach the model")
         body = json.dumps({"input": "abandoned request"}).encode()
@@ -428,7 +428,7 @@ def test_half_open_connections_never_starve_health(logs):
     """Past max_connections the oldest idle connections are closed, so the probe always gets in."""
     _raise_own_fd_limit(2000)
     with sentence_server(logs, "fake:dims=8", "--max-connections", "200", "--header-timeout", "60", fake=True) as url:
-        socks = _half_open(urlsplit(url).port, 600)
+        socks = _half_open(port_of(url), 600)
         try:
             t0 = time.monotonic()
             status, body = http_get(url + "/health", timeout=5)
@@ -450,8 +450,8 @@ def test_half_open_connections_never_starve_health(logs):
 def test_the_fd_soft_limit_is_raised_to_the_hard_one(logs):
     _raise_own_fd_limit(1200)
     with sentence_server(logs, "fake:dims=8", "--header-timeout", "60", fake=True, fd_limit=256) as url:
-        assert _soft_fd_limit(_listener_pid(urlsplit(url).port)) > 256
-        socks = _half_open(urlsplit(url).port, 800)  # far more than the 256 it was started with
+        assert _soft_fd_limit(_listener_pid(port_of(url))) > 256
+        socks = _half_open(port_of(url), 800)  # far more than the 256 it was started with
         try:
             assert http_get(url + "/health", timeout=5)[0] == 200
         finally:
@@ -461,7 +461,7 @@ def test_the_fd_soft_limit_is_raised_to_the_hard_one(logs):
 
 def test_a_client_that_never_finishes_its_headers_is_cut_off(logs):
     with sentence_server(logs, "fake:dims=8", "--header-timeout", "1", fake=True) as url:
-        (s,) = _half_open(urlsplit(url).port, 1)
+        (s,) = _half_open(port_of(url), 1)
         s.settimeout(10)
         t0 = time.monotonic()
         assert s.recv(1) == b""
@@ -484,3 +484,23 @@ def _soft_fd_limit(pid: int) -> int:
             if line.startswith("Max open files"):
                 return int(line.split()[3])
     raise AssertionError("no open-files limit")
+
+
+def test_a_huge_input_is_refused_or_cut_before_it_is_tokenized(logs):
+    """A 5 MB string is judged by its length: refused at once without truncate, cut to what the
+    model can read with it; the tokenizer never sees more than limit × CHARS_PER_TOKEN characters."""
+    from servers.sentence.service import CHARS_PER_TOKEN
+
+    tlog = logs / "tokenized.txt"
+    with sentence_server(logs, f"fake:dims=8,max_length=32,tlog={tlog}", "--max-body-bytes", str(8 << 20), fake=True) as url:
+        huge = "word " * (1 << 20)  # 5 MB
+        status, body, _ = http_post(url + "/v1/embeddings", {"input": huge})
+        assert status == 400 and body["error"]["code"] == "input_too_long" and "characters" in body["error"]["message"]
+        status, body, _ = http_post(url + "/v1/embeddings", {"input": ["short", huge]})
+        assert status == 400 and body["error"]["message"].startswith("input[1]")
+        status, body, _ = http_post(url + "/embed", {"inputs": huge, "truncate": True})
+        assert status == 200 and len(body) == 1
+        status, body, _ = http_post(url + "/v1/embeddings", {"input": "hello"})  # and it serves on
+        assert status == 200
+    lengths = [int(n) for n in tlog.read_text().split()]
+    assert max(lengths) <= 32 * CHARS_PER_TOKEN

@@ -165,6 +165,7 @@ class Engine:
 
     async def embed_texts(self, texts: list[str], truncate: bool, param: str = "input") -> tuple[np.ndarray, int]:
         model = self.model_for("embedding")
+        texts = bound_length(texts, model.max_length, truncate, param)
         rows, vectors = await self.run(len(texts), lambda: model.tokenize(texts, truncate), param)
         return vectors, sum(len(r.ids) for r in rows)
 
@@ -176,6 +177,9 @@ class Engine:
     async def score(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None, param: str = "documents") -> Scores:
         """Relevance of each document to the query: cross-encoder pair scores, or cosine similarity."""
         model = self.model_for("rerank")
+        limit = min(model.max_length, max_length or model.max_length)
+        query = bound_length([query], limit, truncate, "query")[0]
+        docs = bound_length(docs, limit, truncate, param)
         if model.cross_encoder:
             rows, raw = await self.run(len(docs), lambda: model.tokenize_pairs(query, docs, truncate, max_length), param)
             return Scores(model.activate(raw), raw, sum(len(r.ids) for r in rows))
@@ -192,8 +196,11 @@ class Engine:
                 400, "predict needs a cross-encoder model; this server reranks by cosine similarity: use /rerank", code="not_supported"
             )
 
+        queries = bound_length([q for q, _ in pairs], model.max_length, truncate, "inputs")
+        docs = bound_length([d for _, d in pairs], model.max_length, truncate, "inputs")
+
         def prepare() -> list[Row]:
-            return [row for q, d in pairs for row in model.tokenize_pairs(q, [d], truncate)]
+            return [row for q, d in zip(queries, docs, strict=True) for row in model.tokenize_pairs(q, [d], truncate)]
 
         rows, raw = await self.run(len(pairs), prepare, "inputs")
         return Scores(model.activate(raw), raw, sum(len(r.ids) for r in rows))
@@ -230,6 +237,35 @@ class Scores:
 
     def order(self) -> list[int]:
         return sorted(range(len(self.scores)), key=lambda i: -float(self.scores[i]))
+
+
+# no tokenizer reads more characters into one token than this (a whole word, at most): a text
+# longer than limit × this is over the limit whatever its tokens, and is refused (or cut) unread
+CHARS_PER_TOKEN = 32
+
+
+def bound_length(texts: list[str], limit: int, truncate: bool, param: str) -> list[str]:
+    """Texts no longer than any `limit` tokens could be, judged by their length before tokenizing:
+    a 5 MB string is refused at once, or cut to what can be served, never tokenized whole."""
+    bound = limit * CHARS_PER_TOKEN
+    if all(len(t) <= bound for t in texts):
+        return texts
+    out = []
+    for i, text in enumerate(texts):
+        if len(text) <= bound:
+            out.append(text)
+        elif truncate:
+            out.append(text[:bound])  # the tokenizer's truncation cuts the rest to `limit` tokens
+        else:
+            where = f"{param}[{i}]" if len(texts) > 1 else param
+            raise ApiError(
+                400,
+                f"{where} has {len(text)} characters, more than {limit} tokens can hold (at most {bound} characters are read); "
+                "shorten it or send truncate: true",
+                param=param,
+                code="input_too_long",
+            )
+    return out
 
 
 def check_text(text: str, where: str, param: str) -> None:
