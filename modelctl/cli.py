@@ -22,9 +22,13 @@ from modelctl import __version__
 from modelctl import lifecycle as lc
 from modelctl.control import Controller, Scope, profile_name_of, systemd_unit_of
 from modelctl.errors import ModelctlError
+from modelctl.files import DiskError, is_disk_error
 from modelctl.format import format_bytes, format_duration, format_startup, styled_state
 from modelctl.names import ServerRef
-from modelctl.state import ServerRecord, StateStore
+from modelctl.record import ServerRecord
+from modelctl.rows import BROKEN, StatusRow
+from modelctl.sanitize import one_line, printable
+from modelctl.state import StateStore
 
 app = typer.Typer(
     help="Start, watch and stop model servers from YAML profiles. Servers are named PROFILE/SERVER.",
@@ -106,7 +110,9 @@ class UpDisplay:
         t.add_column("time", justify="right")
         t.add_column("")
         for rec in records:
-            elapsed = time.time() - (rec.started_at or self.t0) if rec.state != lc.READY else (rec.ready_at or 0) - (rec.started_at or 0)
+            inst = rec.instance
+            started = inst.started_at if inst is not None else self.t0
+            elapsed = (inst.ready_at or 0) - started if rec.state == lc.READY and inst is not None else time.time() - started
             cell: Text | Table = Text(rec.detail or "", style="dim")
             if rec.progress and rec.progress.get("total"):
                 total, done = int(rec.progress["total"]), int(rec.progress.get("completed") or 0)
@@ -183,10 +189,11 @@ def up(
 def _report_not_ready(ctl: Controller, records: list[ServerRecord]) -> None:
     bad = [r for r in records if r.state != lc.READY]
     for rec in bad:
-        why = rec.detail or rec.last_error or rec.state
+        last_error = one_line(rec.history.last_error) if rec.history.last_error else None
+        why = one_line(rec.detail or "") or last_error or rec.state
         err_console.print(Text.assemble("\n", (f"{rec.label} is not ready", "bold red"), f": {why}"), highlight=False)
-        if rec.last_error and rec.last_error not in why:
-            err_console.print(f"  last error: {rec.last_error}", highlight=False)
+        if last_error and last_error not in why:
+            err_console.print(f"  last error: {last_error}", highlight=False)
         _print_tail(err_console, ctl, rec.ref, 15, f"  last lines of {ctl.store.log_path(rec.ref)}:")
     if bad:
         raise typer.Exit(1)
@@ -197,7 +204,7 @@ def _print_summary(ctl: Controller, scope: Scope) -> None:
     for col in ("server", "url", "state", "model"):
         t.add_column(col)
     for r in ctl.status(scope):
-        t.add_row(r["id"], r["url"] or "-", styled_state(r["state"]), r["model"] or "")
+        t.add_row(r.id, r.url or "-", styled_state(r.state), r.model or "")
     console.print(t)
 
 
@@ -217,17 +224,24 @@ def down(
         console.print("no servers to stop")
     for note in skipped:
         console.print(note, highlight=False)
-    failed = False
     for stopped in results:
+        if stopped.unproven:
+            err_console.print(
+                f"{stopped.label}: {stopped.unproven}; fix or remove that file, or stop the process yourself", highlight=False
+            )
+            continue
         console.print(f"{stopped.label}: {stopped.result.how}" + (f" ({stopped.note})" if stopped.note else ""), highlight=False)
         if not stopped.result.ok:
-            failed = True
             err_console.print(
                 f"{stopped.label}: its port still answers after the stop: {stopped.result.port_holder}, which modelctl "
                 "cannot prove is this server's; stop that process yourself",
                 highlight=False,
             )
-    if failed:
+        if stopped.unrecorded:
+            err_console.print(
+                f"{stopped.label}: its processes are stopped, but the record could not say so: {stopped.unrecorded}", highlight=False
+            )
+    if any(not stopped.ok for stopped in results):
         raise typer.Exit(1)
 
 
@@ -249,6 +263,10 @@ def restart(
 
 
 # ---------------------------------------------------------------------------- status / logs
+STATUS_COLUMNS = ("server", "kind", "state", "pid", "url", "gpus", "uptime", "restarts", "memory", "gpu mem", "started in", "model")
+RIGHT_ALIGNED = {"pid", "restarts", "memory", "gpu mem", "uptime", "started in"}
+
+
 @app.command()
 def status(
     server: Optional[str] = typer.Argument(None, help="One server to show in detail."),
@@ -256,129 +274,131 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
 ) -> None:
     """Show servers, grouped by profile: state, pid, URL, GPUs, uptime, restarts, memory."""
-    from modelctl.daemon import supervisor_info
-
     ctl = controller()
     rows = ctl.status(_scope(profile, [server] if server else None))
     ctl.kick()  # a supervisor that died is replaced; it re-adopts live servers
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([r.to_json() for r in rows], indent=2))
         return
     if server:
         _print_detail(ctl, rows[0])
         return
     if not rows:
         console.print(f"no servers in {ctl.store.root}", highlight=False)
-    by_profile: dict[str, list[dict[str, Any]]] = {}
+    by_profile: dict[str, list[StatusRow]] = {}
     for r in rows:
-        by_profile.setdefault(r["profile"], []).append(r)
-    gpu_column = any(r.get("gpu_memory") is not None for r in rows)
+        by_profile.setdefault(r.profile, []).append(r)
+    gpu_column = any(r.gpu_memory is not None for r in rows)
     for name, group in by_profile.items():
-        t = Table(box=None, pad_edge=False, title=f"profile {name}", title_justify="left", title_style="bold")
-        columns = [
-            "server",
-            "kind",
-            "state",
-            "pid",
-            "url",
-            "gpus",
-            "uptime",
-            "restarts",
-            "memory",
-            *(["gpu mem"] if gpu_column else []),
-            "started in",
-            "model",
-        ]
-        for col in columns:
-            t.add_column(col, justify="right" if col in ("pid", "restarts", "memory", "gpu mem", "uptime", "started in") else "left")
-        for r in group:
-            cells = [
-                r["name"],
-                r["kind"],
-                styled_state(r["state"]),
-                str(r["pid"] or "-"),
-                r["url"] or "-",
-                ",".join(map(str, r["gpus"])) or "-",
-                format_duration(r["uptime"]),
-                str(r["restarts"]),
-                format_bytes(r["rss"]),
-                *([format_bytes(r.get("gpu_memory"))] if gpu_column else []),
-                format_duration(r["startup"]["total"], precise=True) if r.get("startup") and "total" in r["startup"] else "-",
-                r["model"] or "",
-            ]
-            t.add_row(*cells)
-        console.print(t)
+        console.print(_status_table(name, group, gpu_column))
         console.print()
     for r in rows:
         _print_notes(ctl, r)
+    console.print(f"supervisor: {_supervisor_line(ctl)}   state: {ctl.store.root}", style="dim", highlight=False)
+
+
+def _status_table(profile_name: str, rows: list[StatusRow], gpu_column: bool) -> Table:
+    t = Table(box=None, pad_edge=False, title=f"profile {profile_name}", title_justify="left", title_style="bold")
+    columns = [c for c in STATUS_COLUMNS if gpu_column or c != "gpu mem"]
+    for col in columns:
+        t.add_column(col, justify="right" if col in RIGHT_ALIGNED else "left")
+    for r in rows:
+        cells: dict[str, str | Text] = {
+            "server": r.name,
+            "kind": r.kind,
+            "state": styled_state(r.state),
+            "pid": str(r.pid or "-"),
+            "url": r.url or "-",
+            "gpus": ",".join(map(str, r.gpus)) or "-",
+            "uptime": format_duration(r.uptime),
+            "restarts": str(r.restarts),
+            "memory": format_bytes(r.rss),
+            "gpu mem": format_bytes(r.gpu_memory),
+            "started in": format_duration(r.startup["total"], precise=True) if r.startup and "total" in r.startup else "-",
+            "model": r.model or "",
+        }
+        t.add_row(*(cells[c] for c in columns))
+    return t
+
+
+def _supervisor_line(ctl: Controller) -> str:
+    from modelctl.supervisor_client import supervisor_info
+
     info = supervisor_info(ctl.store)
     if info is None:
-        sup = "not running"
-    elif not info.responding:
+        return "not running"
+    if not info.responding:
         age = "never" if info.heartbeat_age is None else f"{info.heartbeat_age:.0f}s ago"
-        sup = f"pid {info.pid} NOT RESPONDING (last heartbeat {age}; stopped or hung? kill -CONT {info.pid})"
-    else:
-        sup = f"pid {info.pid}"
-    console.print(f"supervisor: {sup}   state: {ctl.store.root}", style="dim", highlight=False)
+        return f"pid {info.pid} NOT RESPONDING (last heartbeat {age}; stopped or hung? kill -CONT {info.pid})"
+    return f"pid {info.pid}"
 
 
-def _print_notes(ctl: Controller, r: dict[str, Any]) -> None:
-    notes = [x for x in (r["detail"], r["last_exit"] and f"last exit: {r['last_exit']}", r["last_error"]) if x]
-    progress = r["progress"] or {}
-    if r["state"] == lc.STARTING and progress.get("total"):
+def _print_notes(ctl: Controller, r: StatusRow) -> None:
+    last_exit = r.last_exit and f"last exit: {r.last_exit['description']}"
+    notes = [x for x in (r.detail, last_exit, r.last_error) if x]
+    progress = r.progress or {}
+    if r.state == lc.STARTING and progress.get("total"):
         done, total = int(progress.get("completed") or 0), int(progress["total"])
-        notes.insert(0, f"{progress.get('status', '')} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})")
-    if r["state"] in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING, "broken") and notes:
-        console.print(Text.assemble((r["id"], "bold"), ": " + "; ".join(dict.fromkeys(notes))), highlight=False)
-        if r["state"] == lc.FAILED:
-            _print_tail(console, ctl, ServerRef(r["profile"], r["name"]), 10)
+        notes.insert(
+            0, f"{one_line(str(progress.get('status', '')))} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})"
+        )
+    if r.state in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING, BROKEN) and notes:
+        console.print(Text.assemble((r.id, "bold"), ": " + "; ".join(dict.fromkeys(notes))), highlight=False)
+        if r.state == lc.FAILED:
+            _print_tail(console, ctl, ServerRef(r.profile, r.name), 10)
 
 
-def _print_detail(ctl: Controller, r: dict[str, Any]) -> None:
+def _print_detail(ctl: Controller, r: StatusRow) -> None:
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("server", r["id"])
-    t.add_row("state", styled_state(r["state"]))
+    t.add_row("server", r.id)
+    t.add_row("state", styled_state(r.state))
     for key in ("kind", "model", "url", "pid", "managed_by", "desired", "detail", "last_error", "record", "log"):
-        if r.get(key) not in (None, ""):
-            t.add_row(key.replace("_", " "), str(r[key]))
-    if r.get("gpus"):
-        t.add_row("gpus", ",".join(map(str, r["gpus"])))
-    if r.get("uptime") is not None:
-        t.add_row("uptime", format_duration(r["uptime"]))
-    t.add_row("restarts", str(r.get("restarts", 0)))
-    if r.get("rss"):
-        t.add_row("memory", format_bytes(r["rss"]))
-    if r.get("gpu_memory") is not None:
-        t.add_row("gpu memory", format_bytes(r["gpu_memory"]))
-    if r.get("startup"):
-        t.add_row("startup", format_startup(r["startup"]))
+        value = getattr(r, key)
+        if value not in (None, ""):
+            t.add_row(key.replace("_", " "), str(value))
+    if r.gpus:
+        t.add_row("gpus", ",".join(map(str, r.gpus)))
+    if r.uptime is not None:
+        t.add_row("uptime", format_duration(r.uptime))
+    t.add_row("restarts", str(r.restarts))
+    if r.rss:
+        t.add_row("memory", format_bytes(r.rss))
+    if r.gpu_memory is not None:
+        t.add_row("gpu memory", format_bytes(r.gpu_memory))
+    if r.startup:
+        t.add_row("startup", format_startup(r.startup))
     console.print(t)
-    if r.get("exits"):
+    if r.exits:
         console.print("\nlast exits", style="bold")
-        e = Table(box=None, pad_edge=False)
-        for col in ("when", "exit", "class", "why"):
-            e.add_column(col)
-        for x in reversed(r["exits"]):
-            e.add_row(
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["at"])) if x.get("at") else "-",
-                x.get("exit") or "-",
-                x.get("class") or "",
-                x.get("line") or "",
-            )
-        console.print(e)
-    if r["state"] != "broken":
-        _print_tail(console, ctl, ServerRef(r["profile"], r["name"]), 10, f"\nlast lines of {r['log']}", style="bold")
+        console.print(_exits_table(r.exits))
+    if r.state != BROKEN:
+        _print_tail(console, ctl, ServerRef(r.profile, r.name), 10, f"\nlast lines of {r.log}", style="bold")
+
+
+def _exits_table(exits: list[dict[str, Any]]) -> Table:
+    e = Table(box=None, pad_edge=False)
+    for col in ("when", "exit", "class", "why"):
+        e.add_column(col)
+    for x in reversed(exits):
+        e.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["at"])) if x.get("at") else "-",
+            x["exit"]["description"] if x.get("exit") else "-",
+            x.get("class") or "",
+            x.get("line") or "",
+        )
+    return e
 
 
 def _print_tail(out: Console, ctl: Controller, ref: ServerRef, lines: int, header: str = "", style: str = "") -> None:
-    """The end of a server's log, each line marked `  | ` and printed as it is (no markup)."""
+    """The end of a server's log, each line marked `  | `, printed as it is (no markup) and with
+    its control characters made visible: a server's output never reaches the terminal raw."""
     tail = ctl.log_tail(ref, lines)
     if tail and header:
         out.print(header, style=style, highlight=False)
     for line in tail:
-        out.print(f"  | {line}", highlight=False)
+        out.print(f"  | {printable(line)}", highlight=False)
 
 
 @app.command()
@@ -386,24 +406,26 @@ def logs(
     server: str = typer.Argument(..., help="Server: PROFILE/SERVER, or SERVER within -p (or when only one profile has it)."),
     profile: Optional[str] = ProfileScope,
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
-    lines: int = typer.Option(50, "--lines", "-n", help="How many lines from the end."),
+    lines: int = typer.Option(50, "--lines", "-n", help="How many lines from the end (across rotated parts)."),
+    raw: bool = typer.Option(False, "--raw", help="Print control characters as they are, even to a terminal."),
 ) -> None:
-    """Print a server's log (stdout and stderr)."""
+    """Print a server's log (stdout and stderr). On a terminal, control characters are made visible."""
     ctl = controller()
     rec = ctl.resolve(_scope(profile, [server]))[0]
     if not isinstance(rec, ServerRecord):
         raise ModelctlError(f"{rec.label}: broken record {rec.path}: {rec.error}")
-    if rec.managed_by == "systemd":
+    if rec.wish.managed_by == lc.SYSTEMD:
         unit = systemd_unit_of(rec)
         console.print(
             f"{rec.label} runs under systemd; its log is in the journal: journalctl -u {unit} -f  (add --user for user units)",
             highlight=False,
         )
         return
+    clean = sys.stdout.isatty() and not raw
     try:
         source = ctl.follow_log(rec.ref, lines) if follow else iter(ctl.log_tail(rec.ref, lines))
         for line in source:
-            print(line, flush=True)
+            print(printable(line) if clean else line, flush=True)
     except KeyboardInterrupt:
         pass
 
@@ -448,8 +470,8 @@ def supervise(
     """Run the supervisor in the foreground, logging to stderr."""
     import signal as _signal
 
-    from modelctl.daemon import Daemon, signal_supervisor, supervisor_info
-    from modelctl.supervisor import Supervisor
+    from modelctl.daemon import serve
+    from modelctl.supervisor_client import signal_supervisor, supervisor_info
 
     store = ctx_state.store
     if stop:
@@ -465,7 +487,7 @@ def supervise(
         console.print(f"supervisor pid {pid} stopped")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    raise typer.Exit(Daemon(Supervisor(store), exit_when_idle=not stay, metrics_port=metrics_port).serve())
+    raise typer.Exit(serve(store, exit_when_idle=not stay, metrics_port=metrics_port))
 
 
 @app.command()
@@ -550,7 +572,8 @@ def k8s_generate(
             print(f"---\n# {name}\n{text}", end="")
         return
     for path in generated.write(out):
-        console.print(f"wrote {path}", highlight=False)
+        note = " (mode 0600: it holds the API key)" if generated.is_secret(path.name) else ""
+        console.print(f"wrote {path}{note}", highlight=False)
     console.print(f"apply with: kubectl apply -k {out}", highlight=False)
 
 
@@ -609,8 +632,14 @@ def main() -> None:
     try:
         app()
     except ModelctlError as e:
-        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False)
+        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if not is_disk_error(e):
+            raise
+        error = DiskError(e.filename or ctx_state.store.root, e)
+        err_console.print(Text.assemble(("error:", "bold red"), f" {error}"), highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         # a stop cut short leaves its records `stopping` with a dead owner: the supervisor finishes it
         try:

@@ -2,6 +2,10 @@
 
 Servers are named `profile/server`. A `Scope` says which ones a command acts on: one profile's
 (`-p`), named ones (`lab/embed`, or a bare `embed` when only one profile has it), or all.
+
+`up` plans without the state lock (reading the records, discovering GPUs, probing and leasing
+ports can take seconds) and holds the lock only to check that no record changed meanwhile and
+to write its own: the lock others wait for stays short.
 """
 
 from __future__ import annotations
@@ -11,24 +15,27 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from modelctl import lifecycle as lc
 from modelctl import logfiles
 from modelctl.backends import get_backend
-from modelctl.daemon import ensure_supervisor, supervisor_info, wake_supervisor
 from modelctl.errors import ModelctlError, UnknownServerError
-from modelctl.gpus import allocate_gpus, discover_gpus, gpu_memory_by_pid, group_gpu_memory
+from modelctl.gpus import allocate_gpus, discover_gpus
+from modelctl.identity import is_alive
 from modelctl.names import ServerRef, is_valid_name, unit_name
-from modelctl.ports import PortLeases, PortRequest, allocate_ports
-from modelctl.process import group_usage, is_alive
-from modelctl.profile import Profile, peek_profile_name, record_spec
+from modelctl.ports import PortAllocation, PortLeases, PortRequest, allocate_ports
+from modelctl.profile import Profile, record_spec
+from modelctl.record import ServerRecord
+from modelctl.rows import StatusRow, status_rows
 from modelctl.spec import ServerSpec
-from modelctl.state import AnyRecord, BrokenRecord, ServerRecord, StateStore
-from modelctl.stopping import Stopped, record_identity, stop_owner_alive, stop_servers, target_of
+from modelctl.state import AnyRecord, BrokenRecord, Stamp, StateStore
+from modelctl.stopping import Stopped, record_identity, stop_owner_alive, stop_servers
+from modelctl.supervisor_client import ensure_supervisor, supervisor_info, wake_supervisor
+from modelctl.yamlfile import peek_profile_name
 
-SUPERVISOR = "supervisor"
-SYSTEMD = "systemd"
+SUPERVISOR = lc.SUPERVISOR
+SYSTEMD = lc.SYSTEMD
+PLAN_ATTEMPTS = 5  # an up whose records changed under it plans again, this many times
 
 
 def profile_name_of(arg: str | os.PathLike[str]) -> str:
@@ -42,7 +49,7 @@ def profile_name_of(arg: str | os.PathLike[str]) -> str:
 
 
 def systemd_unit_of(rec: ServerRecord) -> str:
-    return rec.info.get("systemd_unit") or unit_name(rec.profile, rec.name)
+    return str(rec.info.get("systemd_unit") or unit_name(rec.profile, rec.name))
 
 
 @dataclass(frozen=True)
@@ -80,17 +87,53 @@ class UpPlan:
     removed: list[Stopped] = field(default_factory=list)  # orphans stopped by --remove-orphans
 
 
-def _spec_changes(rec: ServerRecord, spec: ServerSpec, managed_by: str, port: int | None, gpus: list[int], url: str) -> None:
-    """Write what the profile now says into a record; the supervisor takes it from there."""
+@dataclass
+class Snapshot:
+    """The records as read without the lock, with the stamps that tell whether they changed since."""
+
+    records: list[AnyRecord]
+    stamps: dict[ServerRef, Stamp | None]
+
+    @classmethod
+    def read(cls, store: StateStore) -> Snapshot:
+        records, stamps = [], {}
+        for ref in store.refs():
+            for _ in range(3):  # a record rewritten while we read it: read it again
+                before = store.stamp(ref)
+                rec = store.load(ref)
+                if store.stamp(ref) == before:
+                    break
+            stamps[ref] = before
+            if rec is not None:
+                records.append(rec)
+        return cls(records, stamps)
+
+    def still_current(self, store: StateStore) -> bool:
+        refs = store.refs()
+        return set(refs) == set(self.stamps) and all(store.stamp(ref) == self.stamps[ref] for ref in refs)
+
+
+def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
+    """A server modelctl cannot account for, or one another manager runs: refused before anything changes."""
+    if isinstance(rec, BrokenRecord):
+        raise ModelctlError(
+            f"{rec.label}: its record {rec.path} cannot be read ({rec.error}); modelctl will not start a second copy "
+            f"of a server it cannot account for. Fix or remove that file (`modelctl down {rec.label}` stops the "
+            "process it names, if it can tell), then run up again"
+        )
+    if rec is not None and rec.wish.managed_by != managed_by and is_alive(record_identity(rec)):
+        raise ModelctlError(
+            f"server {rec.label} is run by systemd (unit {systemd_unit_of(rec)}); use systemctl to manage it"
+            if rec.wish.managed_by == SYSTEMD
+            else f"server {rec.label} runs under the modelctl supervisor; `modelctl down {rec.label}` first"
+        )
+
+
+def _write_spec(rec: ServerRecord, spec: ServerSpec, managed_by: lc.ManagedBy, port: int | None, gpus: list[int]) -> None:
+    """What the profile now says, into a record; the supervisor takes it from there."""
     rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
-    rec.managed_by, rec.host, rec.port, rec.gpus, rec.url = managed_by, spec.host, port, gpus, url
-    rec.desired = "running"
-    rec.failures, rec.consecutive_failures, rec.last_error = [], 0, None
-    if rec.state == lc.FAILED:
-        lc.move(rec, lc.STOPPED, expect=lc.FAILED)
-        rec.detail = None
-    elif rec.state == lc.BACKOFF:
-        rec.next_start_at = None  # a new spec: try it now
+    rec.host, rec.port, rec.gpus, rec.url = spec.host, port, gpus, get_backend(spec.kind).base_url(spec, port)
+    lc.wanted(rec, managed_by)
 
 
 class Controller:
@@ -126,83 +169,94 @@ class Controller:
         return found
 
     # ------------------------------------------------------------------ up
-    def plan_up(
-        self, profile: Profile, specs: list[ServerSpec], managed_by: str = SUPERVISOR, force: bool = False
-    ) -> tuple[UpPlan, list[ServerRecord]]:
-        """Decide what to start and allocate ports and GPUs; raise before anything changes.
-
-        Called with the state lock held. Returns the plan and the records to write. `force`
-        starts every spec even if it already runs unchanged (modelctl run).
-        """
-        everything = self.store.load_all()
-        readable = [r for r in everything if isinstance(r, ServerRecord)]
-        mine = {r.ref: r for r in everything if r.ref.profile == profile.name}
+    def plan_up(self, profile: Profile, specs: list[ServerSpec], snapshot: Snapshot, managed_by: lc.ManagedBy, force: bool) -> UpPlan:
+        """Which servers to start; raises before anything changes. `force` starts every spec even if
+        it already runs unchanged (modelctl run)."""
+        mine = {r.ref: r for r in snapshot.records if r.ref.profile == profile.name}
         plan = UpPlan()
         for spec in specs:
             rec = mine.get(spec.ref)
-            if isinstance(rec, BrokenRecord):
-                raise ModelctlError(
-                    f"{rec.label}: its record {rec.path} cannot be read ({rec.error}); modelctl will not start a second copy "
-                    f"of a server it cannot account for. Fix or remove that file (`modelctl down {rec.label}` stops the "
-                    "process it names, if it can tell), then run up again"
-                )
-            if rec is not None and rec.managed_by != managed_by and is_alive(record_identity(rec)):
-                raise ModelctlError(
-                    f"server {rec.label} is run by systemd (unit {systemd_unit_of(rec)}); use systemctl to manage it"
-                    if rec.managed_by == SYSTEMD
-                    else f"server {rec.label} runs under the modelctl supervisor; `modelctl down {rec.label}` first"
-                )
-            same = rec is not None and rec.desired == "running" and rec.fingerprint == spec.fingerprint
-            if not force and same and rec is not None and rec.state != lc.FAILED:
+            _refuse_conflicts(rec, managed_by)
+            same = isinstance(rec, ServerRecord) and rec.wants_running and rec.fingerprint == spec.fingerprint
+            if not force and same and isinstance(rec, ServerRecord) and rec.state != lc.FAILED:
                 plan.unchanged.append(str(spec.ref))
             else:
                 plan.start.append(spec)
-        plan.orphans = [
-            r.label for r in mine.values() if isinstance(r, ServerRecord) and r.name not in profile.servers and r.desired == "running"
-        ]
+        plan.orphans = [r.label for r in mine.values() if isinstance(r, ServerRecord) and r.name not in profile.servers and r.wants_running]
+        return plan
+
+    def allocate(self, profile: Profile, plan: UpPlan, snapshot: Snapshot) -> tuple[PortAllocation, dict[str, list[int]]]:
+        """Ports (leased machine-wide) and GPUs for the servers to start; nothing is taken on an error."""
+        readable = [r for r in snapshot.records if isinstance(r, ServerRecord)]
+        mine = {r.ref: r for r in readable}
         starting = {s.ref for s in plan.start}
         others = [r for r in readable if r.ref not in starting]
-
         requests = []
         for spec in plan.start:
-            rec = mine.get(spec.ref)
-            old = rec if isinstance(rec, ServerRecord) else None
-            alive = old is not None and is_alive(record_identity(old))
+            old = mine.get(spec.ref)
             previous = old.port if old else None
+            alive = old is not None and is_alive(record_identity(old))
             requests.append(PortRequest.of(spec, previous, previous if alive else None, get_backend(spec.kind).is_external(spec)))
-        held = {r.port: r.label for r in others if r.port and r.desired == "running"}
-        ports = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))
+        held = {r.port: r.label for r in others if r.port and r.wants_running}
+        allocation = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))
+        try:
+            # GPUs: exclusive unless shared; enough for all of them, or nothing starts
+            gpu_requests = {str(s.ref): (s.gpus, s.gpus_shared) for s in plan.start if s.gpu_count}
+            gpus: dict[str, list[int]] = {}
+            if gpu_requests:
+                in_use = {g: r.label for r in others if r.wants_running and not r.spec.get("gpus_shared") for g in r.gpus}
+                gpus = allocate_gpus(gpu_requests, discover_gpus(), in_use)
+        except BaseException:
+            allocation.undo()
+            raise
+        return allocation, gpus
 
-        # GPUs: exclusive unless shared; enough for all of them, or nothing starts
-        gpu_requests = {str(s.ref): (s.gpus, s.gpus_shared) for s in plan.start if s.gpu_count}
-        gpus: dict[str, list[int]] = {}
-        if gpu_requests:
-            in_use = {}
-            for r in others:
-                if r.desired == "running" and not r.spec.get("gpus_shared"):
-                    for g in r.gpus:
-                        in_use[g] = r.label
-            gpus = allocate_gpus(gpu_requests, discover_gpus(), in_use)
+    def write_up(
+        self,
+        profile: Profile,
+        specs: list[ServerSpec],
+        managed_by: lc.ManagedBy = SUPERVISOR,
+        force: bool = False,
+        finish: Callable[[ServerRecord], None] | None = None,
+    ) -> tuple[UpPlan, list[ServerRecord]]:
+        """Plan and allocate without the lock; under it, check that nothing changed and write the records.
 
-        new_records = []
-        for spec in plan.start:
-            existing = mine.get(spec.ref)
-            rec = existing if isinstance(existing, ServerRecord) else ServerRecord(profile=spec.profile, name=spec.name)
-            port = ports[spec.ref]
-            _spec_changes(rec, spec, managed_by, port, gpus.get(str(spec.ref), []), get_backend(spec.kind).base_url(spec, port))
-            new_records.append(rec)
-        return plan, new_records
+        `finish` is applied to each record before it is written (modelctl run's own marks).
+        """
+        for _ in range(PLAN_ATTEMPTS):
+            snapshot = Snapshot.read(self.store)
+            plan = self.plan_up(profile, specs, snapshot, managed_by, force)
+            allocation, gpus = self.allocate(profile, plan, snapshot)
+            current = {r.ref: r for r in snapshot.records if isinstance(r, ServerRecord)}
+            records = []
+            for spec in plan.start:
+                rec = current.get(spec.ref) or ServerRecord(profile=spec.profile, name=spec.name)
+                _write_spec(rec, spec, managed_by, allocation.ports[spec.ref], gpus.get(str(spec.ref), []))
+                if finish is not None:
+                    finish(rec)
+                records.append(rec)
+            try:
+                with self.store.locked():
+                    if not snapshot.still_current(self.store):
+                        allocation.undo()
+                        continue  # another command wrote records meanwhile: plan again from what is there now
+                    for rec in records:
+                        self.store.save(rec)
+                    for spec in specs:  # the wish, said again: a disk that refuses it fails up now
+                        if str(spec.ref) in plan.unchanged:
+                            self.store.save(current[spec.ref])
+            except BaseException:
+                allocation.undo()  # a failed up never leaks its port leases
+                raise
+            return plan, records
+        raise ModelctlError(f"the records in {self.store.root} kept changing while up planned; run it again")
 
     def up(self, profile: Profile, names: Iterable[str] = (), remove_orphans: bool = False) -> UpPlan:
         """Ask for the servers to run; returns at once (see wait_ready). Idempotent.
 
         A changed spec is written to the record and the supervisor replaces the running instance.
         """
-        specs = select_specs(profile, names)
-        with self.store.locked():
-            plan, new_records = self.plan_up(profile, specs)
-            for rec in new_records:
-                self.store.save(rec)
+        plan, _ = self.write_up(profile, select_specs(profile, names))
         if remove_orphans and plan.orphans:
             plan.removed = self.remove(Scope(profile.name, tuple(plan.orphans)))
             plan.orphans = []
@@ -218,9 +272,9 @@ class Controller:
     @staticmethod
     def needs_supervisor(records: list[ServerRecord]) -> bool:
         for r in records:
-            if r.managed_by != SUPERVISOR:
+            if r.wish.managed_by != SUPERVISOR:
                 continue
-            if r.desired == "running" or r.state == lc.CRASHED or (r.state == lc.STOPPING and not stop_owner_alive(r)):
+            if r.wants_running or r.state == lc.CRASHED or (r.state == lc.STOPPING and not stop_owner_alive(r)):
                 return True
         return False
 
@@ -251,9 +305,12 @@ class Controller:
 
     @staticmethod
     def _settled(rec: ServerRecord) -> bool:
-        if rec.desired != "running" or rec.state == lc.FAILED:
+        if not rec.wants_running or rec.state == lc.FAILED:
             return True
-        return rec.state == lc.READY and rec.running_fingerprint in (None, rec.fingerprint)
+        if rec.state != lc.READY or (rec.instance is not None and rec.instance.fingerprint != rec.fingerprint):
+            return False
+        ident = record_identity(rec)
+        return ident is None or is_alive(ident)  # a record that says ready about a dead process is not
 
     @staticmethod
     def _patience(rec: ServerRecord | None) -> float:
@@ -269,7 +326,7 @@ class Controller:
         targets = self.resolve(scope)
         skipped = []
         for rec in list(targets):
-            if isinstance(rec, ServerRecord) and rec.managed_by == SYSTEMD and is_alive(record_identity(rec)):
+            if isinstance(rec, ServerRecord) and rec.wish.managed_by == SYSTEMD and is_alive(record_identity(rec)):
                 unit = systemd_unit_of(rec)
                 how = f"systemctl {'--user ' if os.geteuid() else ''}{'stop' if verb == 'down' else 'restart'} {unit}"
                 if scope.names:
@@ -279,11 +336,18 @@ class Controller:
         return targets, skipped
 
     def down(self, scope: Scope = Scope()) -> tuple[list[Stopped], list[str]]:
-        """Stop servers: SIGTERM their groups, wait, SIGKILL; return when gone and ports are free."""
+        """Stop servers: SIGTERM their groups, wait, SIGKILL; return when gone and ports are free.
+
+        What was stopped is returned even if the supervisor cannot be started afterwards (a
+        read-only disk): that failure becomes a note, never hides the stops.
+        """
         targets, skipped = self._stoppable(scope, "down")
         results = stop_servers(self.store, targets, "stopped", before_release=lambda: wake_supervisor(self.store))
         self._release_leases(targets)
-        self.kick()
+        try:
+            self.kick()
+        except ModelctlError as e:
+            skipped.append(f"the supervisor could not be started to go on: {e}")
         return results, skipped
 
     def remove(self, scope: Scope) -> list[Stopped]:
@@ -300,13 +364,9 @@ class Controller:
         targets, _ = self._stoppable(scope, "restart")
         readable = [r for r in targets if isinstance(r, ServerRecord)]
         results = stop_servers(self.store, readable, "running")
-
-        def reset(r: ServerRecord) -> None:
-            r.failures, r.consecutive_failures, r.next_start_at, r.last_error = [], 0, None, None
-
         with self.store.locked():
             for rec in readable:
-                self.store.update(rec.ref, reset)
+                self.store.update(rec.ref, lc.reset_failures)
         self.kick()
         return [r.ref for r in readable], results
 
@@ -315,93 +375,16 @@ class Controller:
         for r in records:
             if isinstance(r, ServerRecord) and r.port:
                 now = self.store.load(r.ref)
-                if isinstance(now, ServerRecord) and now.desired == "stopped":
+                if isinstance(now, ServerRecord) and not now.wants_running:
                     leases.release(r.port, r.ref)
 
     # ------------------------------------------------------------------ status / logs
-    def status(self, scope: Scope = Scope()) -> list[dict[str, Any]]:
+    def status(self, scope: Scope = Scope()) -> list[StatusRow]:
         """One row per server, as observed now (read-only, no lock)."""
-        rows = []
-        now = time.time()
-        records = self.resolve(scope)
-        gpu_usage = gpu_memory_by_pid() if any(isinstance(r, ServerRecord) and r.gpus for r in records) else None
-        for rec in records:
-            if isinstance(rec, BrokenRecord):
-                rows.append(broken_row(rec))
-                continue
-            rows.append(self.row(rec, now, gpu_usage))
-        return rows
-
-    def row(self, rec: ServerRecord, now: float, gpu_usage: dict[int, int] | None = None) -> dict[str, Any]:
-        ident = record_identity(rec)
-        alive = is_alive(ident)
-        state, detail = rec.state, rec.detail
-        if state in lc.ALIVE and ident is not None and not alive:
-            # dead, or its pid now belongs to another process: either way not running
-            state, detail = lc.STOPPED, f"not running: recorded pid {rec.pid} is gone or is another process"
-        pids, rss = group_usage(target_of(rec)) if alive else ([], None)
-        return {
-            "id": rec.label,
-            "profile": rec.profile,
-            "name": rec.name,
-            "kind": rec.kind,
-            "state": state,
-            "desired": rec.desired,
-            "managed_by": rec.managed_by,
-            "pid": rec.pid if alive else None,
-            "host": rec.host,
-            "port": rec.port,
-            "url": rec.url,
-            "gpus": rec.gpus,
-            "model": rec.info.get("model") or model_label(rec),
-            "uptime": (now - rec.started_at) if alive and rec.started_at else None,
-            "restarts": rec.restarts,
-            "rss": rss,
-            "gpu_memory": group_gpu_memory(pids, gpu_usage) if alive else None,
-            "last_exit": rec.last_exit,
-            "last_error": rec.last_error,
-            "detail": detail,
-            "progress": rec.progress,
-            "startup": rec.startup or None,
-            "exits": rec.exits,
-            "log": str(self.store.log_path(rec.ref)),
-            "record": str(self.store.record_path(rec.ref)),
-        }
+        return status_rows(self.store, self.resolve(scope))
 
     def log_tail(self, ref: ServerRef, lines: int = 20) -> list[str]:
-        return logfiles.tail(self.store.log_path(ref), lines)
+        return logfiles.tail_rotated(self.store.log_path(ref), lines)
 
     def follow_log(self, ref: ServerRef, lines: int = 20) -> Iterator[str]:
         return logfiles.follow(self.store.log_path(ref), lines)
-
-
-def broken_row(rec: BrokenRecord) -> dict[str, Any]:
-    return {
-        "id": rec.label,
-        "profile": rec.ref.profile,
-        "name": rec.ref.name,
-        "kind": "",
-        "state": "broken",
-        "desired": None,
-        "managed_by": None,
-        "pid": None,
-        "url": "",
-        "gpus": [],
-        "model": "",
-        "uptime": None,
-        "restarts": 0,
-        "rss": None,
-        "gpu_memory": None,
-        "last_exit": None,
-        "last_error": f"broken record {rec.path}: {rec.error}",
-        "detail": f"fix or remove {rec.path}",
-        "progress": None,
-        "startup": None,
-        "exits": [],
-        "record": str(rec.path),
-    }
-
-
-def model_label(rec: ServerRecord) -> str:
-    spec = record_spec(rec)
-    return get_backend(spec.kind).model_label(spec) if spec is not None else ""

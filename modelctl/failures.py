@@ -11,11 +11,75 @@ other servers the last lines of their log are classified.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 from dataclasses import dataclass
 
+from modelctl.sanitize import one_line
+
 EXIT_CONFIG = 78  # EX_CONFIG: the bundled sentence server cannot start with this configuration
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a process ended: an exit code, a signal, or neither (not our child: status unknown)."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @classmethod
+    def of(cls, returncode: int | None) -> Exit:
+        """From a Popen returncode (negative: killed by that signal; None: not our child)."""
+        if returncode is None:
+            return cls()
+        return cls(signal=-returncode) if returncode < 0 else cls(code=returncode)
+
+    @property
+    def known(self) -> bool:
+        return self.code is not None or self.signal is not None
+
+    @property
+    def clean(self) -> bool:
+        return self.code == 0
+
+    @property
+    def returncode(self) -> int | None:
+        """Popen's convention: the code, or minus the signal."""
+        return -self.signal if self.signal is not None else self.code
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal_name(self.signal)}"
+        if self.code is not None:
+            return f"exit code {self.code}"
+        return "exited (status unknown: not a child of this supervisor)"
+
+    def to_json(self) -> dict[str, int | str | None]:
+        return {"code": self.code, "signal": self.signal, "description": self.describe()}
+
+    @classmethod
+    def from_text(cls, text: str | None) -> Exit | None:
+        """The words of records written before exits were numbers ("exit code 1", "killed by SIGKILL")."""
+        if not text:
+            return None
+        if text.startswith("exit code "):
+            with contextlib.suppress(ValueError):
+                return cls(code=int(text.rsplit(" ", 1)[-1]))
+        if text.startswith("killed by SIG"):
+            with contextlib.suppress(KeyError):
+                return cls(signal=signal.Signals[text.rsplit(" ", 1)[-1]].value)
+        if text.startswith("killed by signal "):
+            with contextlib.suppress(ValueError):
+                return cls(signal=int(text.rsplit(" ", 1)[-1]))
+        return cls()
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 @dataclass(frozen=True)
@@ -60,23 +124,19 @@ _PATTERNS: list[tuple[str, bool, re.Pattern[str]]] = [
 ]
 
 
-def classify_exit(returncode: int | None, lines: list[str]) -> Failure:
+def classify_exit(exit: Exit, lines: list[str]) -> Failure:
     """Class and explaining line of an exit; `lines` are what this instance wrote last.
 
-    `returncode` is None for a process that was not our child (adopted): its status is unknown.
+    An exit without code or signal is a process that was not our child (adopted): status unknown.
     """
-    if returncode == EXIT_CONFIG:
+    if exit.code == EXIT_CONFIG:
         return Failure("config", explaining_line(lines) or "the server reports a configuration error (exit code 78)", False)
     for line in reversed(lines):
         for cls, retry, pattern in _PATTERNS:
             if pattern.search(line):
-                return Failure(cls, line.strip()[:300], retry)
-    if returncode is not None and returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return Failure("signal", f"killed by {name}", True)
+                return Failure(cls, one_line(line.strip()[:300]), retry)
+    if exit.signal is not None:
+        return Failure("signal", f"killed by {signal_name(exit.signal)}", True)
     return Failure("crash", explaining_line(lines), True)
 
 
@@ -84,8 +144,8 @@ def explaining_line(lines: list[str]) -> str:
     """The last line that looks like an error, else the last non-empty line."""
     for line in reversed(lines):
         if re.search(r"error|exception|fatal|cannot|could not|failed", line, re.I):
-            return line.strip()[:300]
+            return one_line(line.strip()[:300])
     for line in reversed(lines):
         if line.strip():
-            return line.strip()[:300]
+            return one_line(line.strip()[:300])
     return ""

@@ -1,54 +1,47 @@
-"""The states a server moves through, and the only moves allowed between them.
+"""The moves a server makes, each setting its state and the fields that go with it.
 
-    stopped → starting → ready ⇄ unhealthy → (crashed → backoff → starting …) → failed
-    starting | ready | unhealthy | crashed → stopping → stopped
-
-One table owns the moves (as llama-swap's process state machine does); `move` is the only way
-a record changes state, and it checks where the record comes from. The few moves outside the
-table (repairing a record whose state cannot be trusted) go through `force`, which says why.
+The states and the table of allowed moves are in modelctl/states.py. This module is the only
+one that writes a record's state, its instance, its history or its wish (tests/test_lifecycle.py
+checks the source for writes elsewhere): every change is a named transition (`intend_start`,
+`spawned`, `became_ready`, `crashed`, `settle_crash`, `begin_stop`, `stopped`, ...) that checks
+where the record comes from (`move(expect=)`) and sets a state and its data together, the way
+llama-swap keeps each state's data beside the state. The few moves outside the table (repairing
+a record whose state cannot be trusted) go through `force`, which says why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Collection
-from typing import Protocol
+from collections.abc import Collection, Mapping
+from typing import Any
 
-STOPPED = "stopped"
-STARTING = "starting"
-READY = "ready"
-UNHEALTHY = "unhealthy"
-CRASHED = "crashed"  # an instance failed; its leftovers are being cleaned up before the next decision
-BACKOFF = "backoff"
-FAILED = "failed"
-STOPPING = "stopping"  # a deliberate stop is under way (down, restart, a changed spec)
-
-STATES = (STOPPED, STARTING, READY, UNHEALTHY, CRASHED, BACKOFF, FAILED, STOPPING)
-
-ALLOWED: dict[str, frozenset[str]] = {
-    STOPPED: frozenset({STARTING}),
-    STARTING: frozenset({READY, CRASHED, FAILED, STOPPING}),
-    READY: frozenset({UNHEALTHY, CRASHED, STOPPING}),
-    UNHEALTHY: frozenset({READY, CRASHED, STOPPING}),
-    CRASHED: frozenset({BACKOFF, FAILED, STOPPED, STOPPING}),
-    BACKOFF: frozenset({STARTING, STOPPED}),
-    FAILED: frozenset({STOPPED}),
-    STOPPING: frozenset({STOPPED}),
-}
-
-# the server's process is expected to be running
-ALIVE = frozenset({STARTING, READY, UNHEALTHY})
-# a process of this server may still exist (alive, or leftovers being stopped)
-MAY_HAVE_PROCESSES = ALIVE | {CRASHED, STOPPING}
+from modelctl import restart
+from modelctl.failures import Exit, Failure
+from modelctl.identity import ProcessIdentity
+from modelctl.record import ExitEntry, Instance, ServerRecord
+from modelctl.spec import RestartPolicy
+from modelctl.states import (  # noqa: F401  (re-exported: callers write lc.READY)
+    ALIVE,
+    ALLOWED,
+    BACKOFF,
+    CRASHED,
+    FAILED,
+    IDLE,
+    MAY_HAVE_PROCESSES,
+    READY,
+    STARTING,
+    STATES,
+    STOPPED,
+    STOPPING,
+    SUPERVISOR,
+    SYSTEMD,
+    UNHEALTHY,
+    Desired,
+    ManagedBy,
+)
 
 log = logging.getLogger("modelctl.lifecycle")
-
-
-class Stateful(Protocol):
-    state: str
-
-    @property
-    def label(self) -> str: ...
 
 
 class TransitionError(RuntimeError):
@@ -59,7 +52,7 @@ def can_move(src: str, dst: str) -> bool:
     return dst in ALLOWED.get(src, frozenset())
 
 
-def move(rec: Stateful, dst: str, expect: Collection[str] | str | None = None) -> None:
+def move(rec: ServerRecord, dst: str, expect: Collection[str] | str | None = None) -> None:
     """Move `rec` to `dst`. With `expect`, only from those states: a mover that read the record
     earlier learns that someone else moved it since, instead of undoing their move."""
     if expect is not None:
@@ -71,8 +64,181 @@ def move(rec: Stateful, dst: str, expect: Collection[str] | str | None = None) -
     rec.state = dst
 
 
-def force(rec: Stateful, dst: str, why: str) -> None:
+def force(rec: ServerRecord, dst: str, why: str) -> None:
     """The exceptions to the table, each named by its reason (logged)."""
     if rec.state != dst:
         log.info("server %s: %s → %s forced: %s", rec.label, rec.state, dst, why)
     rec.state = dst
+
+
+# ---------------------------------------------------------------------- the wish
+def wanted(rec: ServerRecord, managed_by: ManagedBy) -> None:
+    """`up` (or `modelctl run`) asks for the server with the spec now in the record: a fresh count
+    of failures, and a failed or backing-off server tries again at once."""
+    rec.wish = dataclasses.replace(rec.wish, desired="running", managed_by=managed_by)
+    reset_failures(rec)
+    if rec.state == FAILED:
+        move(rec, STOPPED, expect=FAILED)
+        rec.detail = None
+
+
+def reset_failures(rec: ServerRecord) -> None:
+    """Forget the failures that count towards a crash loop (`up` with a new spec, `restart`)."""
+    rec.history = dataclasses.replace(rec.history, failures=[], consecutive_failures=0, next_start_at=None, last_error=None)
+
+
+# ---------------------------------------------------------------------- starting
+def intend_start(rec: ServerRecord, token: str, now: float) -> None:
+    """A start is decided: the instance exists (its token) before any process does, and the
+    record is saved before the spawn, so that a process is never without its record."""
+    after_backoff = rec.state == BACKOFF
+    move(rec, STARTING, expect=(STOPPED, BACKOFF, IDLE))
+    rec.instance = Instance(token=token, fingerprint=rec.fingerprint, started_at=now)
+    rec.history = dataclasses.replace(rec.history, next_start_at=None, restarts=rec.history.restarts + (1 if after_backoff else 0))
+    rec.startup, rec.progress, rec.detail = {}, None, "starting"
+
+
+def spawned(rec: ServerRecord, ident: ProcessIdentity, how: str = "waiting for health") -> None:
+    """The instance's leader runs (started now, or found by its token after a supervisor died)."""
+    assert rec.instance is not None
+    rec.instance = dataclasses.replace(rec.instance, pid=ident.pid, create_time=ident.create_time)
+    rec.detail = how
+
+
+def external_start(rec: ServerRecord) -> None:
+    """A server that lives elsewhere has no process of ours: only probes and preparation."""
+    rec.detail = "waiting for health"
+
+
+def became_ready(rec: ServerRecord, now: float, startup: Mapping[str, Any]) -> None:
+    move(rec, READY, expect=STARTING)
+    assert rec.instance is not None
+    rec.instance = dataclasses.replace(rec.instance, ready_at=now)
+    rec.startup, rec.detail, rec.progress = dict(startup), None, None
+
+
+def became_unhealthy(rec: ServerRecord, why: str) -> None:
+    if rec.state == READY:
+        move(rec, UNHEALTHY, expect=READY)
+    rec.detail = f"unhealthy: {why}"
+
+
+def became_healthy(rec: ServerRecord) -> None:
+    if rec.state == UNHEALTHY:
+        move(rec, READY, expect=UNHEALTHY)
+    rec.detail = None
+
+
+def saw_members(rec: ServerRecord, members: list[list[float]]) -> None:
+    """The leader's descendants seen alive: the proof for ones that later clear their environment."""
+    if rec.instance is not None and rec.instance.members != members:
+        rec.instance = dataclasses.replace(rec.instance, members=members)
+
+
+# ---------------------------------------------------------------------- failing
+def crashed(rec: ServerRecord, now: float, exit: Exit | None, failure: Failure, policy: RestartPolicy) -> None:
+    """An instance failed: counted, remembered, and its leftovers are to be stopped (`crashed`)."""
+    ready_at = rec.instance.ready_at if rec.instance else None
+    rec.history = restart.count_failure(rec.history, policy, failure, exit, now, ready_at)
+    move(rec, CRASHED, expect=ALIVE)
+    if rec.instance is not None:
+        rec.instance = dataclasses.replace(rec.instance, ready_at=None)
+    rec.detail = f"{failure.describe()}; cleaning up"
+
+
+def settle_crash(rec: ServerRecord, decision: restart.Decision, now: float) -> None:
+    """The failed instance is gone: back off, give up, or stay down, as the policy decided."""
+    rec.instance = None
+    rec.detail = decision.reason
+    if isinstance(decision, restart.Backoff):
+        move(rec, BACKOFF, expect=CRASHED)
+        rec.history = dataclasses.replace(rec.history, next_start_at=now + decision.delay)
+    elif isinstance(decision, restart.GiveUp):
+        move(rec, FAILED, expect=CRASHED)
+    else:
+        move(rec, STOPPED, expect=CRASHED)
+        rec.wish = dataclasses.replace(rec.wish, desired="stopped")
+
+
+def failed_to_start(rec: ServerRecord, failure: Failure, now: float) -> None:
+    """No process could be started at all (a missing executable): failed, with the cause."""
+    move(rec, FAILED, expect=STARTING)
+    entry = ExitEntry(at=now, exit=None, cls=failure.cls, line=failure.line, retry=failure.retry)
+    rec.history = dataclasses.replace(rec.history, last_error=failure.describe(), exits=[*rec.history.exits, entry][-restart.EXITS_KEPT :])
+    rec.instance, rec.detail = None, None
+
+
+def spec_unreadable(rec: ServerRecord) -> None:
+    """A record whose spec no longer validates is reported, not crashed on."""
+    force(rec, FAILED, "its spec no longer validates")
+    rec.history = dataclasses.replace(rec.history, last_error=f"cannot read this server's spec (from {rec.source}); run up again")
+
+
+# ---------------------------------------------------------------------- stopping
+def begin_stop(rec: ServerRecord, owner: ProcessIdentity | None, desired_after: Desired, why: str = "stopping") -> None:
+    """A deliberate stop begins; `desired_after` is what the server should do once stopped.
+
+    The wish is written first, so that the exit is not taken for a crash.
+    """
+    rec.wish = dataclasses.replace(rec.wish, desired=desired_after)
+    if rec.state in MAY_HAVE_PROCESSES:
+        if rec.state != STOPPING:
+            move(rec, STOPPING)
+        if rec.instance is not None:
+            rec.instance = dataclasses.replace(rec.instance, stop_owner=[owner.pid, owner.create_time] if owner else None)
+        rec.detail = why
+    elif rec.state in (BACKOFF, FAILED):
+        move(rec, STOPPED)  # nothing runs; leftovers are still looked for by the stop
+        rec.detail = None
+    elif rec.state == IDLE and desired_after == "stopped":
+        move(rec, STOPPED, expect=IDLE)
+        rec.detail = None
+    rec.history = dataclasses.replace(rec.history, next_start_at=None)
+    rec.progress = None
+
+
+def take_over_stop(rec: ServerRecord, owner: ProcessIdentity | None) -> None:
+    """A stop whose owner is gone (Ctrl-C of down) is carried out by whoever takes it over."""
+    if rec.instance is not None:
+        rec.instance = dataclasses.replace(rec.instance, stop_owner=[owner.pid, owner.create_time] if owner else None)
+
+
+def stopped(rec: ServerRecord, token: str | None, port_holder: str | None = None, idle: bool = False) -> bool:
+    """The instance's processes are gone: stopped (or `idle`, an on-demand server's rest).
+
+    False if the record has moved on since the stop began (another command started it again).
+    """
+    if rec.token != token:
+        return False
+    if rec.state == STOPPING:
+        move(rec, IDLE if idle else STOPPED, expect=STOPPING)
+    elif rec.state not in (STOPPED, IDLE):
+        return False
+    rec.instance, rec.detail, rec.progress = None, None, None
+    if port_holder:
+        # our processes are gone, but something we cannot prove is ours answers on the port
+        rec.history = dataclasses.replace(rec.history, last_error=f"after stopping, the port still answers: {port_holder}")
+    return True
+
+
+def armed(rec: ServerRecord) -> None:
+    """An on-demand server waits for its first client: its socket is held, nothing runs."""
+    if rec.state in (STOPPED, CRASHED):
+        move(rec, IDLE)
+    rec.instance, rec.detail = None, None
+
+
+# ---------------------------------------------------------------------- modelctl run (systemd)
+def fresh_start(rec: ServerRecord) -> None:
+    """`modelctl run` starts the server afresh: whatever the record said is over."""
+    if rec.state != STOPPED:
+        force(rec, STOPPED, "modelctl run starts the server afresh")
+    rec.instance = None
+
+
+def at_rest(rec: ServerRecord) -> None:
+    """`modelctl run` exits and leaves restarting to systemd: not wanted by us any more."""
+    rec.wish = dataclasses.replace(rec.wish, desired="stopped")
+    if rec.state == BACKOFF:
+        move(rec, STOPPED, expect=BACKOFF)
+        rec.history = dataclasses.replace(rec.history, next_start_at=None)

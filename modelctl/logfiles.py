@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from modelctl.files import open_private
 from modelctl.spec import LogSpec
-from modelctl.state import open_private
 
 BLOCK = 64 * 1024
 MAX_LINE = 16 * 1024  # longest line printed by `logs`; the rest is cut with a note
@@ -100,6 +100,20 @@ def tail(path: Path, n: int) -> list[str]:
         return tail_lines(f, n)
 
 
+def tail_rotated(path: Path, n: int) -> list[str]:
+    """The last `n` lines across NAME.log and its rotated parts (.1 is the newest old part), read
+    from the end: right after a rotation the newest lines are in NAME.log.1."""
+    lines = tail(path, n)
+    part = 1
+    while len(lines) < n:
+        older = rotated(path, part)
+        if not older.exists():
+            break
+        lines = tail(older, n - len(lines)) + lines
+        part += 1
+    return lines
+
+
 def since_last_start(path: Path, n: int = 60) -> list[str]:
     """The last lines the current (or last) instance wrote: those after the supervisor's mark."""
     lines = tail(path, n)
@@ -111,7 +125,7 @@ def since_last_start(path: Path, n: int = 60) -> list[str]:
 
 def follow(path: Path, n: int, poll: float = 0.2) -> Iterator[str]:
     """The last `n` lines, then each new line as it is written; rotation starts over at 0."""
-    yield from tail(path, n)
+    yield from tail_rotated(path, n)
     pos = path.stat().st_size if path.exists() else 0
     partial = b""
     while True:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,30 +16,15 @@ from prometheus_client.registry import Collector
 
 from modelctl import lifecycle as lc
 from modelctl.format import STARTUP_PHASES
+from modelctl.rows import BROKEN, StatusRow
 
-STATES = (*lc.STATES, "broken")
-
-
-def exit_code(text: str | None) -> int | None:
-    """'exit code 3' → 3; 'killed by SIGKILL' → -9 (as Popen reports a signal); else None."""
-    if not text:
-        return None
-    if text.startswith("exit code "):
-        return int(text.rsplit(" ", 1)[-1])
-    if text.startswith("killed by SIG"):
-        try:
-            return -signal.Signals[text.rsplit(" ", 1)[-1]].value
-        except KeyError:
-            return None
-    if text.startswith("killed by signal "):
-        return -int(text.rsplit(" ", 1)[-1])
-    return None
+STATES = (*lc.STATES, BROKEN)
 
 
 class ServerCollector(Collector):
     """Reads the status rows at each collection: what `modelctl status` sees, now."""
 
-    def __init__(self, rows: Callable[[], list[dict[str, Any]]]):
+    def __init__(self, rows: Callable[[], list[StatusRow]]):
         self.rows = rows
 
     def collect(self) -> Iterator[Metric]:
@@ -53,28 +37,36 @@ class ServerCollector(Collector):
         startup = GaugeMetricFamily("modelctl_server_startup_seconds", "Phases of the last start", labels=["server", "phase"])
         last_exit = GaugeMetricFamily("modelctl_server_last_exit_code", "The last exit's code (negative: the signal)", labels=["server"])
         for r in rows:
-            server = r["id"]
+            server = r.id
             for s in STATES:
-                state.add_metric([server, s], 1.0 if r["state"] == s else 0.0)
-            restarts.add_metric([server], float(r.get("restarts") or 0))
-            up.add_metric([server], 1.0 if r["state"] == lc.READY else 0.0)
-            if r.get("rss") is not None:
-                rss.add_metric([server], float(r["rss"]))
-            if r.get("gpu_memory") is not None:
-                gpu.add_metric([server], float(r["gpu_memory"]))
+                state.add_metric([server, s], 1.0 if r.state == s else 0.0)
+            restarts.add_metric([server], float(r.restarts))
+            up.add_metric([server], 1.0 if r.state == lc.READY else 0.0)
+            if r.rss is not None:
+                rss.add_metric([server], float(r.rss))
+            if r.gpu_memory is not None:
+                gpu.add_metric([server], float(r.gpu_memory))
             for phase in (*STARTUP_PHASES, "total"):
-                if r.get("startup") and phase in r["startup"]:
-                    startup.add_metric([server, phase], float(r["startup"][phase]))
-            if (code := exit_code(r.get("last_exit"))) is not None:
+                if r.startup and phase in r.startup:
+                    startup.add_metric([server, phase], float(r.startup[phase]))
+            if r.last_exit is not None and (code := exit_returncode(r.last_exit)) is not None:
                 last_exit.add_metric([server], float(code))
         yield from (state, restarts, up, rss, gpu, startup, last_exit)
 
 
-def registry_for(rows: Callable[[], list[dict[str, Any]]]) -> CollectorRegistry:
+def exit_returncode(last_exit: dict[str, Any]) -> int | None:
+    """The code, or a signal as its negative number (as Popen reports it)."""
+    if last_exit.get("signal") is not None:
+        return -int(last_exit["signal"])
+    code = last_exit.get("code")
+    return int(code) if code is not None else None
+
+
+def registry_for(rows: Callable[[], list[StatusRow]]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(rows))
     return registry
 
 
-def exposition(rows: Callable[[], list[dict[str, Any]]]) -> bytes:
+def exposition(rows: Callable[[], list[StatusRow]]) -> bytes:
     return generate_latest(registry_for(rows))

@@ -1,59 +1,68 @@
 """The supervisor's reconcile logic: it keeps the servers that should run running.
 
-Each tick reconciles every record — desired vs actual — through a few verbs, in the manner of
-gunicorn's arbiter: `reap` (notice exits), `check_health` (warm-up, preparation, hung servers),
-`start` (first start, restarts after backoff) and `begin_stop` (in the background: never
-under the state lock). Time, process control and the executor for slow work are injected, so
-the restart logic is tested with a fake clock in milliseconds. One bad record never stops the
-loop: each is reconciled under its own guard.
+Each tick reconciles the records that need it — desired vs actual — through a few verbs, in the
+manner of gunicorn's arbiter: `reap` (notice exits), the health watch (warm-up, preparation,
+hung servers: modelctl/warmup.py), `start` (first start, restarts after backoff) and
+`begin_stop` (in the background: never under the state lock). A record needs a tick when its
+file changed, when an event arrived for it (a child exited, a probe or a stop finished) or when
+one of its timers is due; an idle supervisor touches nothing. Time, process control and the
+executors for slow work are injected, so the restart logic is tested with a fake clock in
+milliseconds. One bad record never stops the loop: each is reconciled under its own guard.
 
-The daemon around it (the singleton lock, signals, the wake-up pipe) is modelctl/daemon.py.
+A start saves its intent (state `starting` and the instance's token) before it spawns: a
+process is never without a record that names it, so a supervisor that dies right after a spawn
+leaves a token by which the next one finds and adopts the process instead of starting another.
+
+The loop around it (signals, the wake-up pipe, exit policies) is modelctl/runner.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from modelctl import lifecycle as lc
-from modelctl import logfiles
+from modelctl import logfiles, restart
 from modelctl.backends import get_backend
 from modelctl.backends.base import Launch
-from modelctl.failures import Failure, classify_exit
+from modelctl.failures import Exit, Failure, classify_exit
+from modelctl.files import DiskError
 from modelctl.health import ProbeResult, probe
+from modelctl.identity import ProcessIdentity, identity_of, is_alive
 from modelctl.names import ServerRef
-from modelctl.ports import PortLeases, describe_port_in_use, is_port_free
+from modelctl.ports import describe_port_in_use, is_port_free
 from modelctl.process import (
     INSTANCE_VAR,
-    ProcessIdentity,
     StopResult,
     StopTarget,
-    descendants,
-    describe_exit,
-    identity_of,
-    is_alive,
+    descendants_by_leader,
+    leader_by_token,
     spawn_detached,
     stop_processes,
 )
 from modelctl.profile import record_spec
+from modelctl.record import ServerRecord
 from modelctl.spec import ServerSpec
-from modelctl.state import BrokenRecord, LockTimeout, ServerRecord, StateStore
+from modelctl.state import BrokenRecord, LockTimeout, Stamp, StateStore
 from modelctl.stopping import DEFAULT_STOP_TIMEOUT, finish_stop, record_identity, stop_owner_alive, target_of
+from modelctl.warmup import HealthWatch
 
 log = logging.getLogger("modelctl.supervisor")
 
-STARTUP_PROBE_SECONDS = 0.1
-UNHEALTHY_PROBE_SECONDS = 1.0
-EXITS_KEPT = 10
+MEMBERS_SECONDS = 5.0  # how often a server's descendants are looked at (one /proc scan for all)
 MEMBERS_KEPT = 256
+ADOPTED_POLL_SECONDS = 0.5  # a process that is not our child, where no pidfd tells of its exit
+CRASH_CLEANUP_SECONDS = 3.0  # the leader is gone; what is left of it gets little grace
 
 
 @dataclass
@@ -62,24 +71,48 @@ class Handle:
 
     ident: ProcessIdentity
     popen: Any = None
+    pidfd: int | None = None  # readable once an adopted process exits (Linux pidfd_open)
 
 
-class ProcessControl:
-    """The real processes, ports and probes. Tests pass a fake with the same methods."""
+class ProcessControl(Protocol):
+    """What the supervisor does to processes, ports and servers; tests pass a fake."""
+
+    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle: ...
+
+    def exit_status(self, handle: Handle) -> tuple[bool, Exit]: ...
+
+    def is_alive(self, ident: ProcessIdentity) -> bool: ...
+
+    def find_leader(self, token: str) -> ProcessIdentity | None: ...
+
+    def stop(self, target: StopTarget, timeout: float) -> StopResult: ...
+
+    def port_holder(self, port: int, host: str) -> str | None: ...
+
+    def probe(self, spec: ServerSpec, url: str) -> ProbeResult: ...
+
+    def descendants(self, leaders: list[ProcessIdentity]) -> dict[int, list[ProcessIdentity]]: ...
+
+
+class RealProcesses:
+    """The real processes, ports and probes."""
 
     def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle:
         popen, ident = spawn_detached(launch.argv, env, log_fd, cwd=launch.cwd)
         return Handle(ident, popen)
 
-    def exit_status(self, handle: Handle) -> tuple[bool, int | None]:
-        """(exited, returncode); returncode is None when the process was not our child."""
+    def exit_status(self, handle: Handle) -> tuple[bool, Exit]:
+        """(exited, how); the exit is unknown (neither code nor signal) for a process not our child."""
         if handle.popen is not None:
             rc = handle.popen.poll()
-            return (rc is not None, rc)
-        return (not is_alive(handle.ident), None)
+            return (rc is not None, Exit.of(rc) if rc is not None else Exit())
+        return (not is_alive(handle.ident), Exit())
 
     def is_alive(self, ident: ProcessIdentity) -> bool:
         return is_alive(ident)
+
+    def find_leader(self, token: str) -> ProcessIdentity | None:
+        return leader_by_token(token)
 
     def stop(self, target: StopTarget, timeout: float) -> StopResult:
         return stop_processes(target, timeout)
@@ -90,8 +123,8 @@ class ProcessControl:
     def probe(self, spec: ServerSpec, url: str) -> ProbeResult:
         return probe(spec.health, url)
 
-    def descendants(self, ident: ProcessIdentity) -> list[ProcessIdentity]:
-        return descendants(ident)
+    def descendants(self, leaders: list[ProcessIdentity]) -> dict[int, list[ProcessIdentity]]:
+        return descendants_by_leader(leaders)
 
 
 class InlineExecutor:
@@ -109,6 +142,27 @@ class InlineExecutor:
         pass
 
 
+class ThreadPerJob:
+    """Each job in a thread of its own: stops never wait for each other, nor for probes."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="modelctl-stop", daemon=True).start()
+        return fut
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
 # what to do once a background stop is done
 AFTER_CRASH = "crash"  # a failed instance's leftovers are gone: back off, fail, or stay down
 AFTER_STOP = "stop"  # a deliberate stop (down whose owner died, a replaced spec): stopped
@@ -116,35 +170,54 @@ AFTER_STOP = "stop"  # a deliberate stop (down whose owner died, a replaced spec
 
 @dataclass
 class Slot:
-    """The supervisor's in-memory view of one server: what is in flight for it."""
+    """The supervisor's in-memory view of one server: its record as last read, what is in flight."""
 
+    rec: ServerRecord | None = None
+    stamp: Stamp | None = None
+    saved: dict[str, Any] | None = None  # the record as on disk, to tell whether a tick changed it
     handle: Handle | None = None
     probe: Future[ProbeResult] | None = None
+    probe_submitted: float = 0.0
     prepare: Future[dict[str, Any]] | None = None
     prepare_started: float | None = None
     stop: Future[StopResult] | None = None
     after_stop: str = ""
-    stop_instance: str | None = None
+    stop_token: str | None = None
     failure: Failure | None = None  # the failure whose leftovers are being stopped
+    failure_exit: Exit | None = None
     next_probe_at: float = 0.0
     next_members_at: float = 0.0
     unhealthy_since: float | None = None
+    starved: float = 0.0  # seconds the startup probes waited for a worker: not held against startup_timeout
     prepared: bool = False
     progress: dict[str, Any] | None = None
     spec: ServerSpec | None = None
     spec_key: str = ""
     external: bool = False  # lives elsewhere (an external Ollama): probed and prepared, never spawned
     broken_reported: str = ""
+    due: float = 0.0  # the next time a timer of this server fires
+    dirty: bool = True  # an event arrived for it since its last tick
+    members: list[list[float]] = field(default_factory=list)
 
     def busy(self) -> bool:
         return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stop))
 
+    def wake_at(self, when: float | None) -> None:
+        if when is not None and when < self.due:
+            self.due = when
 
-def remember_exit(rec: ServerRecord, at: float | None, exit_text: str | None, failure: Failure) -> None:
-    """A failure in the record's history (the last EXITS_KEPT) and as its last error."""
-    entry = {"at": at, "exit": exit_text, "class": failure.cls, "line": failure.line, "retry": failure.retry}
-    rec.exits = [*rec.exits, entry][-EXITS_KEPT:]
-    rec.last_error = failure.describe()
+
+@dataclass
+class Server:
+    """One server in a tick: its record, its slot and its spec, passed to the verbs together."""
+
+    rec: ServerRecord
+    slot: Slot
+    spec: ServerSpec
+
+    @property
+    def label(self) -> str:
+        return self.rec.label
 
 
 def server_environment(
@@ -171,67 +244,129 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         procs: ProcessControl | None = None,
         executor: Any = None,
-        managed_by: str = "supervisor",
+        stop_executor: Any = None,
+        managed_by: lc.ManagedBy = lc.SUPERVISOR,
         only: set[ServerRef] | None = None,
         log_to_files: bool = True,
     ):
         self.store = store
         self.clock = clock
-        self.procs = procs or ProcessControl()
+        self.procs: ProcessControl = procs or RealProcesses()
+        # probes and preparations share a pool; stops run apart, so a slow stop never delays a probe
         self.executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="modelctl-work")
+        self.stop_executor = stop_executor or (executor if isinstance(executor, InlineExecutor) else ThreadPerJob())
         self.managed_by = managed_by
         self.only = only
         self.log_to_files = log_to_files  # False: servers write to our stdout (the journal under systemd)
         self.slots: dict[ServerRef, Slot] = {}
+        self.refs: list[ServerRef] | None = None
         self.me = identity_of(os.getpid())
-        self.on_wake: Callable[[], None] = lambda: None  # the daemon's: a finished job wakes the loop
-        self.next_wake: float | None = None
+        self.on_wake: Callable[[], None] = lambda: None  # the runner's: a finished job wakes the loop
+        self.log = log
+        self.health = HealthWatch(self)
+        self._descendants_cache: dict[int, list[ProcessIdentity]] = {}
+        self._descendants_at: float | None = None
 
     # ------------------------------------------------------------------ the loop
-    def tick(self, now: float | None = None) -> None:
-        """One pass over every record, each under its own guard."""
+    def tick(self, now: float | None = None, rescan: bool = True, sweep: bool = False) -> None:
+        """One pass over the records that need it, each under its own guard.
+
+        `rescan` lists the records again (new ones, removed ones); `sweep` reconciles every record
+        whether or not anything is due (a safety net the runner runs now and then).
+        """
         now = self.clock() if now is None else now
-        seen = set()
-        for ref in self.store.refs():
-            if self.only is not None and ref not in self.only:
+        if rescan or self.refs is None:
+            self.refs = [ref for ref in self.store.refs() if self.only is None or ref in self.only]
+            for ref in list(self.slots):
+                if ref not in self.refs and not self.slots[ref].busy():
+                    self.forget(ref)
+        for ref in self.refs:
+            slot = self.slots.setdefault(ref, Slot())
+            # commands wake us (SIGUSR1) after they write a record: its file is looked at on a rescan
+            if not (sweep or self._needs_tick(ref, slot, now, look_at_file=rescan)):
                 continue
-            seen.add(ref)
             try:
-                self._tick_one(ref, now)
+                self._tick_one(ref, slot, now)
             except LockTimeout as e:
                 log.warning("%s; trying again next tick", e)
+                slot.dirty = True
                 break
+            except DiskError as e:
+                log.error("%s: %s", ref, e)
+                slot.rec = slot.stamp = slot.saved = None  # what is on disk is the truth: read it again
+                slot.wake_at(now + 1.0)
             except Exception:
                 log.exception("%s: error while supervising it; trying again next tick", ref)
-        for ref in list(self.slots):
-            if ref not in seen and not self.slots[ref].busy():
-                del self.slots[ref]
+                slot.rec = slot.stamp = slot.saved = None
+                slot.wake_at(now + 1.0)
 
-    def _tick_one(self, ref: ServerRef, now: float) -> None:
+    def forget(self, ref: ServerRef) -> None:
+        slot = self.slots.pop(ref, None)
+        if slot is not None and slot.handle is not None:
+            close_pidfd(slot.handle)
+
+    def _needs_tick(self, ref: ServerRef, slot: Slot, now: float, look_at_file: bool) -> bool:
+        if slot.dirty or now >= slot.due or slot.rec is None:
+            return True
+        if slot.handle is not None and slot.handle.popen is not None and slot.handle.popen.poll() is not None:
+            return True  # our child exited (SIGCHLD woke us)
+        return look_at_file and self.store.stamp(ref) != slot.stamp
+
+    def _tick_one(self, ref: ServerRef, slot: Slot, now: float) -> None:
         with self.store.locked():
-            rec = self.store.load(ref)
-            if rec is None:
+            stamp = self.store.stamp(ref)
+            if slot.rec is None or stamp != slot.stamp:
+                loaded = self.store.load(ref)
+                if loaded is None:
+                    self.forget(ref)
+                    return
+                if isinstance(loaded, BrokenRecord):
+                    if slot.broken_reported != loaded.error:
+                        log.error("%s: broken record %s: %s; not supervising it", ref, loaded.path, loaded.error)
+                        slot.broken_reported = loaded.error
+                    slot.rec, slot.stamp, slot.dirty, slot.due = None, stamp, False, math.inf
+                    return
+                slot.rec, slot.stamp, slot.saved = loaded, stamp, loaded.to_json()
+            rec = slot.rec
+            slot.dirty, slot.due = False, math.inf
+            if rec.wish.managed_by != self.managed_by:
                 return
-            slot = self.slots.setdefault(ref, Slot())
-            if isinstance(rec, BrokenRecord):
-                if slot.broken_reported != rec.error:
-                    log.error("%s: broken record %s: %s; not supervising it", ref, rec.path, rec.error)
-                    slot.broken_reported = rec.error
-                return
-            if rec.managed_by != self.managed_by:
-                return
-            before = rec.to_dict()
             self.reconcile(rec, slot, now)
-            if rec.to_dict() != before:
-                self.store.save(rec, now)
+            self.save_if_changed(rec, slot, now)
+
+    def save_if_changed(self, rec: ServerRecord, slot: Slot, now: float) -> None:
+        after = rec.to_json()
+        if after != slot.saved:
+            self.store.save(rec, now)
+            slot.saved, slot.stamp = rec.to_json(), self.store.stamp(rec.ref)
 
     def wants_to_run(self) -> bool:
-        if any(slot.busy() for slot in self.slots.values()):
-            return True
-        for rec in self.store.records():
-            if rec.managed_by == self.managed_by and (rec.desired == "running" or rec.state in (lc.STOPPING, lc.CRASHED)):
+        """Is there work for a supervisor: a server wanted running, a stop to finish, a job in flight?"""
+        for slot in self.slots.values():
+            if slot.busy():
+                return True
+            rec = slot.rec
+            if rec is None or rec.wish.managed_by != self.managed_by:
+                continue
+            # a stop under way: its owner may die (Ctrl-C) and leave it to us
+            if rec.wants_running or rec.state in (lc.CRASHED, lc.STOPPING):
                 return True
         return False
+
+    def next_due(self) -> float:
+        return min((s.due for s in self.slots.values()), default=math.inf)
+
+    def mark_dirty(self, handle_pidfds: set[int] | None = None) -> None:
+        """An exit was signalled: every server whose process may have exited gets a tick."""
+        for slot in self.slots.values():
+            h = slot.handle
+            if h is None:
+                continue
+            if handle_pidfds is None or (h.pidfd is not None and h.pidfd in handle_pidfds):
+                slot.dirty = True
+
+    def pidfds(self) -> list[int]:
+        return [s.handle.pidfd for s in self.slots.values() if s.handle is not None and s.handle.pidfd is not None]
 
     def reconcile(self, rec: ServerRecord, slot: Slot, now: float) -> None:
         if slot.stop is not None:
@@ -241,133 +376,124 @@ class Supervisor:
         if rec.state == lc.STOPPING:
             self._take_over_stop(rec, slot, now)
             return
-        if rec.desired != "running":
-            self._reap(rec, slot)  # the stopper stops the process; we only collect our child
+        if not rec.wants_running:
+            self._collect_child(slot)  # the stopper stops the process; we only collect our child
             return
         spec = self._spec(rec, slot)
         if spec is None:
             return
+        srv = Server(rec, slot, spec)
         if rec.state in lc.ALIVE:
-            if not self._reap_or_adopt(rec, slot, spec, now):
+            if not self._reap_or_adopt(srv, now):
                 return
-            if rec.running_fingerprint is not None and rec.running_fingerprint != rec.fingerprint:
-                self._replace(rec, slot, spec, now)
+            if rec.instance is not None and rec.instance.fingerprint != rec.fingerprint:
+                self._replace(srv, now)
                 return
-            self._record_members(rec, slot, spec, now)
-            self._check_health(rec, slot, spec, now)
+            self._record_members(srv, now)
+            self.health.check(srv, now)
         elif rec.state == lc.STOPPED:
-            self._start(rec, slot, spec, now)
+            self._start(srv, now)
         elif rec.state == lc.BACKOFF:
-            self._start_if_due(rec, slot, spec, now)
+            self._start_if_due(srv, now)
         elif rec.state == lc.CRASHED:
             # a supervisor died while cleaning up after a crash: finish that first
-            self._begin_stop(rec, slot, spec, AFTER_CRASH, now)
+            self.begin_stop(srv.rec, srv.slot, srv.spec, AFTER_CRASH, now)
 
     # ------------------------------------------------------------------ verbs: exits
-    def _reap(self, rec: ServerRecord, slot: Slot) -> tuple[bool, int | None]:
-        if slot.handle is None:
-            return (False, None)
-        exited, rc = self.procs.exit_status(slot.handle)
-        if exited and rec.desired != "running":
+    def _collect_child(self, slot: Slot) -> None:
+        if slot.handle is not None and self.procs.exit_status(slot.handle)[0]:
+            close_pidfd(slot.handle)
             slot.handle = None
-        return exited, rc
 
-    def _reap_or_adopt(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
+    def _reap_or_adopt(self, srv: Server, now: float) -> bool:
         """Notice an exit (→ crashed); adopt a live server an earlier supervisor started."""
+        rec, slot = srv.rec, srv.slot
         if slot.external:
             return True
-        unknown = slot.handle is None or slot.handle.ident.pid != rec.pid
-        if unknown and not self._adopt(rec, slot):
-            self._crashed(rec, slot, spec, now, describe_exit(None), Failure("crash", "exited while no supervisor was watching", True))
+        if (slot.handle is None or slot.handle.ident.pid != rec.pid) and not self._adopt(srv):
+            failure = Failure("crash", "exited while no supervisor was watching", True)
+            if rec.pid is None:
+                failure = Failure("crash", "the start was interrupted: no process carries its token", True)
+            self.crash(srv, now, Exit(), failure)
             return False
-        exited, rc = self._reap(rec, slot)
+        assert slot.handle is not None
+        exited, exit = self.procs.exit_status(slot.handle)
         if exited:
             lines = logfiles.since_last_start(self.store.log_path(rec.ref)) if self.log_to_files else []
-            self._crashed(rec, slot, spec, now, describe_exit(rc), classify_exit(rc, lines))
+            self.crash(srv, now, exit, classify_exit(exit, lines))
             return False
+        if slot.handle.popen is None and slot.handle.pidfd is None:
+            slot.wake_at(now + ADOPTED_POLL_SECONDS)
         return True
 
-    def _adopt(self, rec: ServerRecord, slot: Slot) -> bool:
+    def _adopt(self, srv: Server) -> bool:
+        """Take on a live instance: by its recorded identity, or (never recorded) by its token."""
+        rec, slot = srv.rec, srv.slot
         ident = record_identity(rec)
+        found_by_token = False
+        if ident is None and rec.token:
+            ident, found_by_token = self.procs.find_leader(rec.token), True
         if ident is None or not self.procs.is_alive(ident):
             return False
-        slot.handle = Handle(ident, None)
+        if slot.handle is not None:
+            close_pidfd(slot.handle)
+        slot.handle = Handle(ident, None, open_pidfd(ident))
         slot.prepared = rec.state in (lc.READY, lc.UNHEALTHY)
-        log.info("%s: adopted running pid %s (%s)", rec.label, rec.pid, rec.state)
+        if found_by_token:
+            lc.spawned(rec, ident, "adopted: started by a supervisor that died before recording it")
+        log.info("%s: adopted running pid %s (%s)", rec.label, ident.pid, rec.state)
         return True
 
-    def _crashed(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float, exit_text: str | None, failure: Failure) -> None:
+    def crash(self, srv: Server, now: float, exit: Exit | None, failure: Failure) -> None:
         """A failure: count it, remember it, and stop what is left of the instance first."""
-        if exit_text is not None:
-            rec.last_exit = exit_text
-        remember_exit(rec, now, exit_text, failure)
-        policy = spec.restart
-        if rec.ready_at is not None and now - rec.ready_at >= policy.stable_after:
-            rec.consecutive_failures = 0
-        rec.failures = [t for t in rec.failures if now - t <= policy.window] + [now]
-        rec.consecutive_failures += 1
-        rec.ready_at = None
-        lc.move(rec, lc.CRASHED, expect=lc.ALIVE)
-        rec.detail = f"{failure.describe()}; cleaning up"
-        slot.failure = failure
-        self._begin_stop(rec, slot, spec, AFTER_CRASH, now)
+        lc.crashed(srv.rec, now, exit, failure, srv.spec.restart)
+        srv.slot.failure, srv.slot.failure_exit = failure, exit
+        self.begin_stop(srv.rec, srv.slot, srv.spec, AFTER_CRASH, now)
 
-    def _after_crash(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+    def _after_crash(self, srv: Server, now: float) -> None:
         """The failed instance is gone: back off, give up (failed) or stay down per the policy."""
-        failure = slot.failure or Failure("crash", rec.last_error or "", True)
-        slot.failure = None
-        rec.pid = rec.create_time = None
-        rec.members, rec.running_fingerprint = [], None
-        policy = spec.restart
-        clean_exit = rec.last_exit == "exit code 0"
-        what = failure.describe()
-        if not failure.retry:
-            lc.move(rec, lc.FAILED, expect=lc.CRASHED)
-            rec.detail = f"configuration error, not retried: {what}"
-            log.error("%s: %s", rec.label, rec.detail)
-        elif policy.policy == "never" or (policy.policy == "on-failure" and clean_exit):
-            lc.move(rec, lc.STOPPED, expect=lc.CRASHED)
-            rec.desired = "stopped"
-            rec.detail = f"exited ({rec.last_exit or what}); restart policy '{policy.policy}'"
-            log.info("%s: %s", rec.label, rec.detail)
-        elif len(rec.failures) >= policy.max_failures:
-            lc.move(rec, lc.FAILED, expect=lc.CRASHED)
-            rec.detail = f"crash loop: {len(rec.failures)} failures within {policy.window:g}s; last: {rec.last_exit or what}"
-            log.error("%s: %s", rec.label, rec.detail)
+        rec, slot = srv.rec, srv.slot
+        failure = slot.failure or Failure("crash", rec.history.last_error or "", True)
+        exit = slot.failure_exit if slot.failure is not None else rec.history.last_exit
+        slot.failure = slot.failure_exit = None
+        decision = restart.decide(srv.spec.restart, rec.history, failure, exit)
+        lc.settle_crash(rec, decision, now)
+        if isinstance(decision, restart.Backoff):
+            log.warning("%s: %s", rec.label, decision.reason)
+            slot.wake_at(rec.history.next_start_at)
+        elif isinstance(decision, restart.GiveUp):
+            log.error("%s: %s", rec.label, decision.reason)
         else:
-            delay = policy.delay(rec.consecutive_failures)
-            rec.next_start_at = now + delay
-            lc.move(rec, lc.BACKOFF, expect=lc.CRASHED)
-            rec.detail = f"{rec.last_exit or what}; restarting in {delay:g}s"
-            log.warning("%s: %s", rec.label, rec.detail)
-            self._wake_at(rec.next_start_at)
+            log.info("%s: %s", rec.label, decision.reason)
 
     # ------------------------------------------------------------------ verbs: start
-    def _start_if_due(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        if now >= (rec.next_start_at or 0):
-            rec.restarts += 1
-            self._start(rec, slot, spec, now)
+    def _start_if_due(self, srv: Server, now: float) -> None:
+        due = srv.rec.history.next_start_at or 0
+        if now >= due:
+            self._start(srv, now)
         else:
-            self._wake_at(rec.next_start_at)
+            srv.slot.wake_at(due)
 
-    def _start(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+    def _start(self, srv: Server, now: float) -> None:
+        """Save the intent, then spawn: the token names the process before it exists."""
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
         launch = get_backend(spec.kind).launch(spec, rec.port, rec.gpus)
-        lc.move(rec, lc.STARTING, expect=(lc.STOPPED, lc.BACKOFF))
-        rec.instance = uuid.uuid4().hex
-        rec.running_fingerprint = rec.fingerprint
-        rec.started_at, rec.ready_at, rec.next_start_at = now, None, None
-        rec.startup, rec.members, rec.stop_owner = {}, [], None
-        rec.progress, rec.detail = None, "waiting for health"
-        slot.prepared, slot.unhealthy_since, slot.next_probe_at = False, None, now
+        lc.intend_start(rec, uuid.uuid4().hex, now)
+        slot.prepared, slot.unhealthy_since, slot.next_probe_at, slot.starved = False, None, now, 0.0
         slot.probe = slot.prepare = None
+        if slot.handle is not None:
+            close_pidfd(slot.handle)
         slot.handle = None
+        slot.wake_at(now)
         if launch is None:  # lives elsewhere: nothing to spawn, only to probe and prepare
-            rec.pid = rec.create_time = None
+            lc.external_start(rec)
             return
         holder = self.procs.port_holder(rec.port, spec.host) if rec.port else None
         if holder:
-            self._crashed(rec, slot, spec, now, None, Failure("address-in-use", f"cannot start: {holder}", True))
+            self.crash(srv, now, None, Failure("address-in-use", f"cannot start: {holder}", True))
             return
+        self.save_if_changed(rec, slot, now)  # the intent: a DiskError here means nothing is spawned
+        assert rec.instance is not None
         log_fd = None
         try:
             if self.log_to_files:
@@ -375,183 +501,67 @@ class Supervisor:
                 self.store.ensure(path.parent)
                 log_fd = logfiles.open_for_append(path)
                 logfiles.write_mark(log_fd, f"starting {rec.label}: {' '.join(launch.argv)}", now)
-            env = server_environment(spec, launch, rec.port, rec.gpus, rec.instance, self.store.root / "cache")
+            env = server_environment(spec, launch, rec.port, rec.gpus, rec.instance.token, self.store.root / "cache")
             handle = self.procs.spawn(launch, env, log_fd)
         except OSError as e:
             what = "missing-executable" if isinstance(e, FileNotFoundError) and e.filename == launch.argv[0] else "cannot-start"
-            self._fail_at_start(rec, Failure(what, f"cannot run {launch.argv[0]!r}: {e.strerror or e}", False))
+            failure = Failure(what, f"cannot run {launch.argv[0]!r}: {e.strerror or e}", False)
+            lc.failed_to_start(rec, failure, now)
+            log.error("%s: %s", rec.label, rec.history.last_error)
             return
         finally:
             if log_fd is not None:
                 os.close(log_fd)
         slot.handle = handle
-        slot.next_probe_at = now + STARTUP_PROBE_SECONDS
-        self._wake_at(slot.next_probe_at)
-        rec.pid, rec.create_time = handle.ident.pid, handle.ident.create_time
-        log.info("%s: started pid %s on port %s", rec.label, rec.pid, rec.port)
+        slot.next_probe_at = now + self.health.startup_probe_seconds
+        slot.wake_at(slot.next_probe_at)
+        lc.spawned(rec, handle.ident)
+        log.info("%s: started pid %s on port %s", rec.label, handle.ident.pid, rec.port)
 
-    def _fail_at_start(self, rec: ServerRecord, failure: Failure) -> None:
-        lc.move(rec, lc.FAILED, expect=lc.STARTING)
-        remember_exit(rec, rec.started_at, None, failure)
-        rec.detail, rec.running_fingerprint = None, None
-        log.error("%s: %s", rec.label, rec.last_error)
-
-    # ------------------------------------------------------------------ verbs: health
-    def _check_health(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        if self._collect_preparation(rec, slot, spec, now):
-            return
-        self._collect_probe(rec, slot, spec, now)
-        if rec.state not in lc.ALIVE or slot.stop is not None:
-            return
-        if self._enforce_timeouts(rec, slot, spec, now):
-            return
-        self._schedule_probe(rec, slot, spec, now)
-
-    def _collect_preparation(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
-        """True while a preparation (pull, import, preload) runs or just ended."""
-        if slot.prepare is None:
-            return False
-        if slot.progress is not None:
-            rec.progress = dict(slot.progress)
-        if not slot.prepare.done():
-            self._enforce_timeouts(rec, slot, spec, now)
-            return True
-        fut, slot.prepare = slot.prepare, None
-        rec.progress = None
-        try:
-            rec.info = fut.result() or {}
-        except Exception as e:
-            log.error("%s: preparation failed: %s", rec.label, e)
-            # what a preparation says (no such model, unsupported file) does not heal by retrying
-            self._crashed(rec, slot, spec, now, None, Failure("prepare", str(e), False))
-            return True
-        slot.prepared = True
-        rec.startup["prepare"] = round(now - (slot.prepare_started or now), 3)
-        self._mark_ready(rec, slot, spec, now)
-        return True
-
-    def _collect_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        if slot.probe is None or not slot.probe.done():
-            return
-        fut, slot.probe = slot.probe, None
-        try:
-            result = fut.result()
-        except Exception as e:
-            result = ProbeResult(False, f"probe error: {e}")
-        interval = STARTUP_PROBE_SECONDS if rec.state == lc.STARTING else spec.health.interval
-        if rec.state == lc.UNHEALTHY:
-            interval = min(interval, UNHEALTHY_PROBE_SECONDS)
-        slot.next_probe_at = now + interval
-        if rec.state == lc.STARTING:
-            self._wake_at(slot.next_probe_at)
-            self._apply_startup_probe(rec, slot, spec, result, now)
-        elif result.ok:
-            if rec.state == lc.UNHEALTHY:
-                log.info("%s: healthy again", rec.label)
-                lc.move(rec, lc.READY, expect=lc.UNHEALTHY)
-            rec.detail, slot.unhealthy_since = None, None
-        else:
-            if rec.state == lc.READY:
-                log.warning("%s: unhealthy: %s", rec.label, result.detail)
-                lc.move(rec, lc.UNHEALTHY, expect=lc.READY)
-                slot.unhealthy_since = now
-            rec.detail = f"unhealthy: {result.detail}"
-
-    def _apply_startup_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, result: ProbeResult, now: float) -> None:
-        started = rec.started_at or now
-        if result.connected and "port_open" not in rec.startup:
-            rec.startup["port_open"] = round(now - started, 3)
-        if not result.ok:
-            rec.detail = f"warming up: {result.detail}"
-            return
-        rec.startup.setdefault("port_open", round(now - started, 3))
-        backend = get_backend(spec.kind)
-        if not slot.prepared and backend.has_prepare:
-            rec.detail = "preparing"
-            slot.prepare_started = now
-
-            def report(progress: dict[str, Any]) -> None:
-                slot.progress = progress
-
-            slot.prepare = self._submit(backend.prepare, spec, self._url(rec, spec), report)
-            return
-        self._mark_ready(rec, slot, spec, now)
-
-    def _mark_ready(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        lc.move(rec, lc.READY, expect=lc.STARTING)
-        rec.ready_at, rec.detail = now, None
-        # the phases add up to the total: spawn → port open → healthy → prepared
-        total = round(now - (rec.started_at or now), 3)
-        port_open = min(rec.startup.get("port_open", total), total)
-        prepare = min(rec.startup.get("prepare", 0.0), total - port_open)
-        rec.startup = {"port_open": port_open, "healthy": round(total - port_open - prepare, 3), "prepare": prepare, "total": total}
-        slot.next_probe_at = now + spec.health.interval
-        log.info("%s: ready after %.1fs", rec.label, now - (rec.started_at or now))
-
-    def _enforce_timeouts(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> bool:
-        """Startup past startup_timeout, or unhealthy past the grace period: a failure."""
-        if rec.state == lc.STARTING and rec.started_at is not None and now - rec.started_at > spec.startup_timeout:
-            reason = f"not ready after {spec.startup_timeout:g}s (startup_timeout): {rec.detail or ''}".rstrip(": ")
-            if slot.external:  # nothing of ours to restart: say so and stop trying
-                self._crashed(rec, slot, spec, now, None, Failure("unreachable", f"{rec.url} did not answer: {reason}", False))
-            else:
-                self._crashed(rec, slot, spec, now, None, Failure("startup-timeout", reason, True))
-            return True
-        since = slot.unhealthy_since
-        if rec.state == lc.UNHEALTHY and since is not None and not slot.external and now - since > spec.health.grace:
-            reason = f"unhealthy for {now - since:.0f}s ({rec.detail}); restarting"
-            self._crashed(rec, slot, spec, now, None, Failure("unhealthy", reason, True))
-            return True
-        return False
-
-    def _schedule_probe(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
-        if slot.probe is None and slot.prepare is None and now >= slot.next_probe_at:
-            slot.probe = self._submit(self._probe_job, spec, self._url(rec, spec), rec.state != lc.STARTING)
-
-    def _probe_job(self, spec: ServerSpec, url: str, check_model: bool) -> ProbeResult:
-        result = self.procs.probe(spec, url)
-        if result.ok and check_model:
-            ok, why = get_backend(spec.kind).is_ready(spec, url)
-            if not ok:
-                return ProbeResult(False, why, connected=True)
-        return result
-
-    def _url(self, rec: ServerRecord, spec: ServerSpec) -> str:
-        return rec.url or get_backend(spec.kind).base_url(spec, rec.port)
-
-    def _record_members(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+    def _record_members(self, srv: Server, now: float) -> None:
         """Remember the leader's descendants: the proof for ones that later clear their environment."""
-        if slot.handle is None or now < slot.next_members_at:
+        slot = srv.slot
+        if slot.handle is None:
             return
-        slot.next_members_at = now + max(spec.health.interval, 1.0)
-        seen = {(int(p), float(c)) for p, c in rec.members}
-        for ident in self.procs.descendants(slot.handle.ident):
+        if now < slot.next_members_at:
+            slot.wake_at(slot.next_members_at)
+            return
+        # on a common grid, so that one scan of the process table serves every server
+        slot.next_members_at = (math.floor(now / MEMBERS_SECONDS) + 1) * MEMBERS_SECONDS
+        slot.wake_at(slot.next_members_at)
+        seen = {(int(p), float(c)) for p, c in (srv.rec.instance.members if srv.rec.instance else [])}
+        for ident in self._descendants(now).get(slot.handle.ident.pid, []):
             seen.add((ident.pid, ident.create_time))
         alive = sorted((p, c) for p, c in seen if self.procs.is_alive(ProcessIdentity(p, c)))[-MEMBERS_KEPT:]
-        rec.members = [[p, c] for p, c in alive]
+        lc.saw_members(srv.rec, [[p, c] for p, c in alive])
+
+    def _descendants(self, now: float) -> dict[int, list[ProcessIdentity]]:
+        if self._descendants_at is None or abs(now - self._descendants_at) >= 1.0:
+            leaders = [s.handle.ident for s in self.slots.values() if s.handle is not None]
+            self._descendants_cache, self._descendants_at = self.procs.descendants(leaders), now
+        return self._descendants_cache
 
     # ------------------------------------------------------------------ verbs: stop
-    def _replace(self, rec: ServerRecord, slot: Slot, spec: ServerSpec, now: float) -> None:
+    def _replace(self, srv: Server, now: float) -> None:
         """The profile changed this server's spec: stop the running instance; the next tick starts the new one."""
-        log.info("%s: spec changed; replacing the running instance", rec.label)
-        lc.move(rec, lc.STOPPING, expect=lc.ALIVE)
-        rec.stop_owner = [self.me.pid, self.me.create_time] if self.me else None
-        rec.detail = "replacing: the spec changed"
-        self._begin_stop(rec, slot, spec, AFTER_STOP, now)
+        log.info("%s: spec changed; replacing the running instance", srv.label)
+        lc.begin_stop(srv.rec, self.me, "running", "replacing: the spec changed")
+        self.begin_stop(srv.rec, srv.slot, srv.spec, AFTER_STOP, now)
 
     def _take_over_stop(self, rec: ServerRecord, slot: Slot, now: float) -> None:
         """A stop is under way. If whoever began it is gone (Ctrl-C), carry it out ourselves."""
-        mine = self.me is not None and rec.stop_owner == [self.me.pid, self.me.create_time]
+        owner = rec.instance.stop_owner if rec.instance else None
+        mine = self.me is not None and owner == [self.me.pid, self.me.create_time]
         if stop_owner_alive(rec) and not mine:
-            self._reap(rec, slot)
+            self._collect_child(slot)
+            if slot.handle is not None:
+                slot.wake_at(self.clock() + ADOPTED_POLL_SECONDS)
             return
         log.info("%s: finishing a stop its command left behind", rec.label)
-        if self.me is not None:
-            rec.stop_owner = [self.me.pid, self.me.create_time]
-        spec = record_spec(rec)
-        self._begin_stop(rec, slot, spec, AFTER_STOP, now)
+        lc.take_over_stop(rec, self.me)
+        self.begin_stop(rec, slot, record_spec(rec), AFTER_STOP, now)
 
-    def _begin_stop(self, rec: ServerRecord, slot: Slot, spec: ServerSpec | None, after: str, now: float) -> None:
+    def begin_stop(self, rec: ServerRecord, slot: Slot, spec: ServerSpec | None, after: str, now: float) -> None:
         """Stop the instance's processes in the background; `after` says what follows.
 
         No port check here: the next start checks its port and names a holder.
@@ -559,98 +569,99 @@ class Supervisor:
         target = dataclasses.replace(target_of(rec), port=None)
         handle, slot.handle = slot.handle, None
         slot.probe = slot.prepare = None
-        slot.after_stop, slot.stop_instance = after, rec.instance
+        slot.after_stop, slot.stop_token = after, rec.token
         timeout = spec.stop_timeout if spec is not None else DEFAULT_STOP_TIMEOUT
         if after == AFTER_CRASH:
-            timeout = min(timeout, 3.0)  # the leader is gone; what is left gets little grace
+            timeout = min(timeout, CRASH_CLEANUP_SECONDS)
 
         def stop() -> StopResult:
             result = self.procs.stop(target, timeout)
-            if handle is not None and handle.popen is not None:
-                handle.popen.poll()  # reap our child
+            if handle is not None:
+                if handle.popen is not None:
+                    handle.popen.poll()  # reap our child
+                close_pidfd(handle)
             return result
 
-        slot.stop = self._submit(stop)
+        slot.stop = self._submit(self.stop_executor, slot, stop)
         if slot.stop.done():  # an inline executor (tests): finish in the same tick
             self._stop_done(rec, slot, now)
 
     def _stop_done(self, rec: ServerRecord, slot: Slot, now: float) -> None:
         fut, slot.stop = slot.stop, None
-        after, instance = slot.after_stop, slot.stop_instance
-        slot.after_stop, slot.stop_instance = "", None
+        after, token = slot.after_stop, slot.stop_token
+        slot.after_stop, slot.stop_token = "", None
         try:
             result = fut.result() if fut is not None else StopResult("not running")
         except Exception as e:
             log.error("%s: stopping failed: %s", rec.label, e)
             result = StopResult("failed")
-        if rec.instance != instance:
+        if rec.token != token:
             return  # someone else has moved the record on since
+        slot.wake_at(now)
         if after == AFTER_CRASH and rec.state == lc.CRASHED:
             spec = self._spec(rec, slot)
             if spec is not None:
-                self._after_crash(rec, slot, spec, now)
+                self._after_crash(Server(rec, slot, spec), now)
         elif after == AFTER_STOP and rec.state == lc.STOPPING:
-            finish_stop(rec, instance, result)
+            finish_stop(rec, token, result)
 
     def _spec(self, rec: ServerRecord, slot: Slot) -> ServerSpec | None:
         if slot.spec is None or slot.spec_key != rec.fingerprint:
             spec = record_spec(rec)
             if spec is None:
-                # a record we cannot use is reported, not crashed on
-                lc.force(rec, lc.FAILED, "its spec no longer validates")
-                rec.last_error = f"cannot read this server's spec (from {rec.source}); run up again"
+                lc.spec_unreadable(rec)
                 return None
             slot.spec, slot.spec_key = spec, rec.fingerprint
             slot.external = get_backend(spec.kind).is_external(spec)
         return slot.spec
 
-    # ------------------------------------------------------------------ housekeeping
-    def housekeeping(self) -> None:
-        """Periodic chores, each under its own guard: log rotation, port leases."""
-        records = self.store.records()
-        for chore in (self.rotate_logs, self.refresh_leases):
-            try:
-                chore(records)
-            except Exception:
-                log.exception("housekeeping: %s failed", chore.__name__)
-
-    def rotate_logs(self, records: list[ServerRecord]) -> None:
-        if not self.log_to_files:
-            return
-        for rec in records:
-            spec = record_spec(rec)
-            if spec is not None and logfiles.rotate_if_needed(self.store.log_path(rec.ref), spec.log):
-                log.info("%s: log rotated", rec.label)
-
-    def refresh_leases(self, records: list[ServerRecord]) -> None:
-        held = [(r.port, r.ref) for r in records if r.port and r.desired == "running" and r.managed_by == self.managed_by]
-        if held:
-            PortLeases(self.store.root).refresh(held)
-
-    def adopt_orphan(self, pid: int, token: str | None) -> ServerRef | None:
-        """A process re-parented to us (we are a subreaper): add it to its server's members."""
-        if token is None:
-            return None
-        owner = next((r for r in self.store.records() if r.instance == token), None)
-        ident = identity_of(pid)
-        if owner is None or ident is None:
-            return None
-        member = [ident.pid, ident.create_time]
-
-        def add(r: ServerRecord) -> None:
-            if member not in r.members:
-                r.members = [*r.members, member][-MEMBERS_KEPT:]
-
-        self.store.update(owner.ref, add)
-        return owner.ref
-
     # ------------------------------------------------------------------ plumbing
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Slow work off the loop; its completion wakes the loop at once."""
-        fut: Future[Any] = self.executor.submit(fn, *args)
-        fut.add_done_callback(lambda _: self.on_wake())
+    def submit(self, slot: Slot, fn: Callable[..., Any], *args: Any, quiet: Callable[[Any], bool] | None = None) -> Future[Any]:
+        """Slow work (a probe, a preparation) off the loop; its completion wakes the loop at once,
+        unless `quiet` says the result changes nothing (a passing probe of a ready server): then the
+        loop collects it on its next wake-up, so that idle servers cost no wake-ups of their own."""
+        return self._submit(self.executor, slot, fn, *args, quiet=quiet)
+
+    def _submit(
+        self, executor: Any, slot: Slot, fn: Callable[..., Any], *args: Any, quiet: Callable[[Any], bool] | None = None
+    ) -> Future[Any]:
+        fut: Future[Any] = executor.submit(fn, *args)
+
+        def done(f: Future[Any]) -> None:
+            slot.dirty = True
+            if quiet is not None and not f.cancelled() and f.exception() is None and quiet(f.result()):
+                return
+            self.on_wake()
+
+        fut.add_done_callback(done)
         return fut
 
-    def _wake_at(self, when: float | None) -> None:
-        if when is not None and (self.next_wake is None or when < self.next_wake):
-            self.next_wake = when
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False)
+        for slot in self.slots.values():
+            if slot.handle is not None:
+                close_pidfd(slot.handle)
+
+
+def open_pidfd(ident: ProcessIdentity) -> int | None:
+    """A pidfd that becomes readable when the process exits (Linux 5.3+), checked against its identity."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        fd: int = pidfd_open(ident.pid)
+    except OSError:
+        return None
+    if not is_alive(ident):  # the pid was reused between our check and the open
+        os.close(fd)
+        return None
+    return fd
+
+
+def close_pidfd(handle: Handle) -> None:
+    if handle.pidfd is not None:
+        try:
+            os.close(handle.pidfd)
+        except OSError:
+            pass
+        handle.pidfd = None

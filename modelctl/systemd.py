@@ -64,7 +64,7 @@ def resolve_allocations(profile: Profile, store: StateStore) -> tuple[dict[str, 
         previous = old.port if old else None  # the server's own port, even if it runs now
         requests.append(PortRequest.of(spec, previous, previous, get_backend(spec.kind).is_external(spec)))
     held = {r.port: r.label for r in records.values() if r.port and r.ref.profile != profile.name}
-    ports = allocate_ports(requests, profile.port_range, held)
+    ports = allocate_ports(requests, profile.port_range, held).ports
     gpu_requests = {s.name: (s.gpus, s.gpus_shared) for s in profile.servers.values() if s.gpu_count}
     gpus = allocate_gpus(gpu_requests, discover_gpus(), {}) if gpu_requests else {}
     return {ref.name: port for ref, port in ports.items()}, gpus

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from modelctl.control import Controller, Scope
 from modelctl.format import format_bytes, format_duration, styled_state
+from modelctl.rows import StatusRow
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 120  # samples kept: 4 minutes at the default 2 s
@@ -120,14 +121,14 @@ class Top:
     def __init__(self, ctl: Controller, scope: Scope = Scope()):
         self.ctl, self.scope = ctl, scope
         self.series: dict[str, Series] = {}
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[StatusRow] = []
 
     def sample(self) -> None:
         self.rows = self.ctl.status(self.scope)
         for row in self.rows:
-            s = self.series.setdefault(row["id"], Series())
-            s.rss.append(float(row.get("rss") or 0))
-            now = scrape(row["url"]) if row.get("url") and row["state"] in ("ready", "unhealthy") else None
+            s = self.series.setdefault(row.id, Series())
+            s.rss.append(float(row.rss or 0))
+            now = scrape(row.url) if row.url and row.state in ("ready", "unhealthy") else None
             if now is None:
                 s.req_s = None
                 continue
@@ -157,15 +158,15 @@ class Top:
         ):
             t.add_column(col, justify=justify)  # type: ignore[arg-type]
         for row in self.rows:
-            s = self.series.get(row["id"], Series())
+            s = self.series.get(row.id, Series())
             t.add_row(
-                row["id"],
-                styled_state(row["state"]),
-                format_duration(row.get("uptime")),
-                str(row.get("restarts", 0)),
-                format_bytes(row.get("rss")),
+                row.id,
+                styled_state(row.state),
+                format_duration(row.uptime),
+                str(row.restarts),
+                format_bytes(row.rss),
                 spark(list(s.rss)),
-                format_bytes(row.get("gpu_memory")) if row.get("gpu_memory") is not None else "-",
+                format_bytes(row.gpu_memory) if row.gpu_memory is not None else "-",
                 f"{s.req_s:.1f}" if s.req_s is not None else "-",
                 spark(list(s.rate)),
                 f"{s.latency * 1000:.0f}ms" if s.latency is not None else "-",

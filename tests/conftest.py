@@ -22,7 +22,8 @@ import yaml
 
 from modelctl.control import Controller
 from modelctl.names import ServerRef
-from modelctl.state import ServerRecord, StateStore
+from modelctl.record import ServerRecord
+from modelctl.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_SERVER = str(ROOT / "tests" / "servers" / "toy_server.py")
@@ -176,7 +177,7 @@ class Harness:
 
     def row(self, name: str) -> dict:
         """A server's status row: `profile/server`, or a bare server name that only one profile has."""
-        rows = self.ctl.status()
+        rows = [r.to_json() for r in self.ctl.status()]
         found = [r for r in rows if r["id"] == name] or [r for r in rows if r["name"] == name]
         assert len(found) == 1, f"{name!r} matches {[r['id'] for r in found]}"
         return found[0]

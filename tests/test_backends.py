@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,12 +56,12 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("export-cache")
 
 
-def encoders(path: str, task: str, cache: Path) -> dict[str, object]:
-    out: dict[str, object] = {"torch": SentenceTransformerEncoder(path, task, "cpu", 16384, 64)}
+def encoders(path: str, task: str, cache: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"torch": SentenceTransformerEncoder(path, task, "cpu", 16384, 64)}
     for name, backend, quantize in (("onnx", "onnx", None), ("onnx-int8", "onnx", "int8"), ("openvino", "openvino", None)):
         out[name] = ExportedEncoder(path, task, "cpu", 16384, 64, backend=backend, quantize=quantize, cache_dir=cache)
     for enc in out.values():
-        enc.set_threads(2, None)  # type: ignore[attr-defined]
+        enc.set_threads(2, None)
     return out
 
 
@@ -70,18 +71,18 @@ def embedders(cache):
 
 
 def test_every_backend_gives_the_torch_vectors(embedders):
-    rows = embedders["torch"].tokenize(SENTENCES, truncate=True)  # type: ignore[attr-defined]
-    want = embedders["torch"].run(rows)  # type: ignore[attr-defined]
+    rows = embedders["torch"].tokenize(SENTENCES, truncate=True)
+    want = embedders["torch"].run(rows)
     for name in ("onnx", "openvino"):
         enc = embedders[name]
-        assert [r.ids for r in enc.tokenize(SENTENCES, truncate=True)] == [r.ids for r in rows]  # type: ignore[attr-defined]
-        got = enc.run(rows)  # type: ignore[attr-defined]
+        assert [r.ids for r in enc.tokenize(SENTENCES, truncate=True)] == [r.ids for r in rows]
+        got = enc.run(rows)
         assert got.shape == want.shape
         assert cosine(got, want).min() > 0.999, name
         # in other batch shapes too (the graph was traced on one)
         for i in range(0, len(rows), 3):
-            assert cosine(enc.run(rows[i : i + 3]), want[i : i + 3]).min() > 0.999, name  # type: ignore[attr-defined]
-    int8 = cosine(embedders["onnx-int8"].run(rows), want)  # type: ignore[attr-defined]
+            assert cosine(enc.run(rows[i : i + 3]), want[i : i + 3]).min() > 0.999, name
+    int8 = cosine(embedders["onnx-int8"].run(rows), want)
     print(f"\nint8 cosine to fp32: min {int8.min():.4f}, mean {int8.mean():.4f}")
     assert int8.min() > INT8_MIN_COSINE
 
@@ -90,14 +91,14 @@ def test_the_rerank_order_is_the_same_on_every_backend(cache, tmp_path_factory):
     ce_path = build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce"))
     for path in (ce_path, minilm_path()):  # a cross-encoder, and a bi-encoder reranking by cosine
         encs = encoders(path, "rerank", cache)
-        if encs["torch"].cross_encoder:  # type: ignore[attr-defined]
-            rows = encs["torch"].tokenize_pairs(QUERY, DOCS, truncate=True)  # type: ignore[attr-defined]
-            scores = {name: e.activate(e.run(rows)) for name, e in encs.items()}  # type: ignore[attr-defined]
+        if encs["torch"].cross_encoder:
+            rows = encs["torch"].tokenize_pairs(QUERY, DOCS, truncate=True)
+            scores = {name: e.activate(e.run(rows)) for name, e in encs.items()}
         else:
-            rows = encs["torch"].tokenize([QUERY, *DOCS], truncate=True)  # type: ignore[attr-defined]
+            rows = encs["torch"].tokenize([QUERY, *DOCS], truncate=True)
             scores = {}
             for name, e in encs.items():
-                v = e.run(rows)  # type: ignore[attr-defined]
+                v = e.run(rows)
                 scores[name] = cosine(v[1:], np.repeat(v[:1], len(DOCS), axis=0))
         want = list(np.argsort(-scores["torch"]))
         for name in ("onnx", "openvino"):

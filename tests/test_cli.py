@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from modelctl import lifecycle as lc
 from modelctl.control import Scope
 from modelctl.profile import load_profile
-from modelctl.state import ServerRecord
+from modelctl.record import Instance, ServerRecord
 
 from .conftest import http_get, tagged_processes, wait_for, wait_ticks
 
@@ -36,7 +37,7 @@ def toy_pids(mc, name_flag: str | None = None) -> list[int]:
 def status_json(mc, key: str = "name") -> dict:
     """Status rows by server name (single-profile tests) or by `id` (profile/server), read in
     process: the rows `status --json` prints (that output is checked in the round-trip test)."""
-    rows = mc.ctl.status()
+    rows = [r.to_json() for r in mc.ctl.status()]
     by_key = {r[key]: r for r in rows}
     assert len(by_key) == len(rows), f"{key} is not unique: {[r['id'] for r in rows]}"
     return by_key
@@ -201,8 +202,9 @@ def test_a_reused_pid_is_reported_stopped_and_never_signalled(mc):
         mc.store.save(
             ServerRecord(
                 profile="test", name="s", kind="command", source=spec.source, spec=dict(spec.raw), fingerprint=spec.fingerprint,
-                desired="running", state=lc.READY, port=23999, url="http://127.0.0.1:23999",
-                pid=bystander.pid, create_time=psutil.Process(bystander.pid).create_time() - 1000,
+                state=lc.READY, port=23999, url="http://127.0.0.1:23999",
+                instance=Instance(token="t", fingerprint=spec.fingerprint, started_at=time.time(), pid=bystander.pid,
+                                  create_time=psutil.Process(bystander.pid).create_time() - 1000),
             )
         )  # fmt: skip
         row = mc.row("s")
@@ -291,6 +293,43 @@ def test_logs_show_the_server_output(mc):
     assert mc.cli("up", "-p", str(path)).returncode == 0
     res = mc.cli("logs", "web", "-n", "5")
     assert res.returncode == 0 and "toy server pid" in res.stdout
+
+
+def test_logs_n_reads_across_a_rotation(mc):
+    """Right after a rotation the current log is empty and the newest lines are in NAME.log.1."""
+    path = mc.profile({"web": {"kind": "command", "command": mc.toy()}})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    log = mc.store.log_path(mc.ref("web"))
+    wait_for(lambda: "toy server pid" in log.read_text(), 10, what="the server's first line")
+    older = log.with_name(log.name + ".2")
+    older.write_text("".join(f"older {i}\n" for i in range(10)))
+    newer = log.with_name(log.name + ".1")
+    newer.write_text(log.read_text() + "".join(f"newer {i}\n" for i in range(3)))
+    os.chmod(older, 0o600)
+    os.chmod(newer, 0o600)
+    os.truncate(log, 0)  # what copytruncate rotation leaves
+    res = mc.cli("logs", "web", "-n", "5")
+    assert res.returncode == 0
+    assert res.stdout.splitlines()[-3:] == ["newer 0", "newer 1", "newer 2"] and len(res.stdout.splitlines()) == 5
+    res = mc.cli("logs", "web", "-n", "1000")
+    lines = res.stdout.splitlines()
+    assert lines[:10] == [f"older {i}" for i in range(10)] and lines[-1] == "newer 2"  # oldest part first
+
+
+def test_a_truncated_record_makes_down_say_what_it_cannot_prove(mc):
+    """A record cut short names no process: `down` says it cannot prove which process is the
+    server, names the file, and fails; it never says "not running" while the server serves."""
+    path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    url = mc.row("web")["url"]
+    record = mc.store.record_path(mc.ref("web"))
+    text = record.read_text()
+    record.write_text(text[: len(text) // 3])
+    res = mc.cli("down", "test/web")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "not running" not in res.stdout + res.stderr
+    assert "cannot read the record, so cannot prove which process is the server" in res.stderr and str(record) in res.stderr
+    assert http_get(url + "/health")[0] == 200  # never signalled without proof
 
 
 def test_state_directory_and_logs_are_private(mc):

@@ -99,16 +99,20 @@ def test_openai_sdk(embed_url, encoded):
 def test_langchain_openai_by_default_gets_a_clear_error_not_wrong_vectors(embed_url):
     import openai
     from langchain_openai import OpenAIEmbeddings
+    from pydantic import SecretStr
 
-    emb = OpenAIEmbeddings(model="minilm", base_url=embed_url + "/v1", api_key=KEY, max_retries=0)
+    emb = OpenAIEmbeddings(model="minilm", base_url=embed_url + "/v1", api_key=SecretStr(KEY), max_retries=0)
     with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length=False"):
         emb.embed_documents(TEXTS)
 
 
 def test_langchain_openai_with_text_input(embed_url, encoded):
     from langchain_openai import OpenAIEmbeddings
+    from pydantic import SecretStr
 
-    emb = OpenAIEmbeddings(model="minilm", base_url=embed_url + "/v1", api_key=KEY, check_embedding_ctx_length=False, max_retries=0)
+    emb = OpenAIEmbeddings(
+        model="minilm", base_url=embed_url + "/v1", api_key=SecretStr(KEY), check_embedding_ctx_length=False, max_retries=0
+    )
     np.testing.assert_allclose(emb.embed_documents(TEXTS), encoded, atol=1e-5)
     np.testing.assert_allclose(emb.embed_query(TEXTS[0]), encoded[0], atol=1e-5)
 

@@ -60,7 +60,7 @@ def test_a_sentence_server_runs_on_its_gpu_and_down_frees_it(mc, monkeypatch):
 
 def test_more_gpus_than_the_machine_has_is_refused_before_starting(mc, monkeypatch):
     monkeypatch.delenv("MODELCTL_GPUS", raising=False)
-    n = len(_nvidia_smi_ids())
+    n = len(_nvidia_smi_ids() or [])
     path = mc.profile({"big": {"kind": "command", "command": ["sleep", "60"], "gpus": n + 1}})
     mc.env.pop("MODELCTL_GPUS", None)
     res = mc.cli("up", "-p", str(path))

@@ -14,7 +14,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelctl.metrics import exit_code
+from modelctl.failures import Exit
+from modelctl.metrics import exit_returncode
 from modelctl.top import quantile, spark
 
 from .conftest import ROOT, http_get, http_post, wait_for, wait_text
@@ -117,7 +118,7 @@ def test_failures_are_kept_with_their_class_and_the_line_that_explains_them(mc):
     path = mc.profile({"bad": {"kind": "command", "command": mc.toy("--exit-code", "3"), "restart": {"backoff": 0.1, "max_failures": 2}}})
     assert mc.cli("up", "-p", str(path)).returncode == 1
     exits = mc.row("bad")["exits"]
-    assert [e["exit"] for e in exits] == ["exit code 3", "exit code 3"]
+    assert [e["exit"]["description"] for e in exits] == ["exit code 3", "exit code 3"] and exits[0]["exit"]["code"] == 3
     assert all(e["class"] == "crash" and e["line"] == "exiting on purpose" and e["at"] > 0 for e in exits)
     out = mc.cli("status", "bad").stdout
     assert "last exits" in out and out.count("exiting on purpose") >= 2 and "exit code 3" in out
@@ -192,6 +193,10 @@ def test_top_runs_live_until_q(mc):
 
 
 def test_exit_codes_sparklines_and_quantiles():
-    assert exit_code("exit code 3") == 3 and exit_code("killed by SIGKILL") == -9 and exit_code("exited (status unknown)") is None
+    assert Exit.of(3) == Exit(code=3) and Exit.of(-9).describe() == "killed by SIGKILL" and not Exit.of(None).known
+    assert exit_returncode(Exit.of(3).to_json()) == 3 and exit_returncode(Exit.of(-9).to_json()) == -9
+    assert exit_returncode(Exit.of(None).to_json()) is None
+    # records written before exits were numbers are read back
+    assert Exit.from_text("exit code 3") == Exit(code=3) and Exit.from_text("killed by SIGKILL") == Exit(signal=9)
     assert spark([0, 1, 2, 4]) == "▁▃▅█" and spark([0, 0]) == "▁▁"
     assert quantile({0.1: 50.0, 0.5: 95.0, 1.0: 100.0, float("inf"): 100.0}, 0.95) == 0.5

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from modelctl import __version__
-from modelctl.state import ServerRecord
+from modelctl.record import ServerRecord
 
 from .conftest import http_get, wait_for
 from .test_cli import status_json, toy_pids
@@ -94,6 +94,18 @@ def test_a_server_removed_from_its_profile_is_reported_as_orphaned_and_can_be_re
     wait_for(lambda: old_pid not in toy_pids(mc), 10, what="the orphan to stop")
 
 
+def as_version_1(data: dict) -> dict:
+    """A record as the first version wrote it: every field at the top, no profile, token or exits."""
+    inst, hist, wish = data.pop("instance") or {}, data.pop("history"), data.pop("wish")
+    for key in ("profile", "version", "startup"):
+        data.pop(key)
+    data.update(wish)
+    data.update({k: inst.get(k) for k in ("pid", "create_time", "started_at", "ready_at")})
+    data.update({k: hist[k] for k in ("restarts", "failures", "consecutive_failures", "next_start_at", "last_error")})
+    data["last_exit"] = None
+    return data
+
+
 def test_records_written_before_profiles_were_projects_keep_working(mc):
     """An old record sits at servers/NAME.json without a profile; its source file names it."""
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="legacy-file")
@@ -102,9 +114,7 @@ def test_records_written_before_profiles_were_projects_keep_working(mc):
     row = mc.row("lab/web")
     # rewrite it the way the earlier version stored it
     new_path = mc.store.record_path(mc.ref("web", "lab"))
-    data = json.loads(new_path.read_text())
-    for key in ("profile", "version", "instance", "members", "stop_owner", "running_fingerprint", "startup", "exits"):
-        data.pop(key)
+    data = as_version_1(json.loads(new_path.read_text()))
     (mc.state_dir / "servers" / "web.json").write_text(json.dumps(data))
     os.chmod(mc.state_dir / "servers" / "web.json", 0o600)
     new_path.unlink()

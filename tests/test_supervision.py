@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from modelctl.daemon import supervisor_info
+from modelctl.supervisor_client import supervisor_info
 
 from .conftest import http_get, wait_for, wait_text, wait_ticks
 from .test_cli import status_json, toy_pids
@@ -33,7 +33,7 @@ def test_a_killed_server_is_ready_again_on_the_same_port(mc):
     os.kill(before["pid"], signal.SIGKILL)
     row = wait_for(lambda: (r := mc.row("web"))["state"] == "ready" and r["pid"] not in (None, before["pid"]) and r, 20, what="a restart")
     assert row["port"] == before["port"] and row["restarts"] == 1
-    assert row["last_exit"] == "killed by SIGKILL"
+    assert row["last_exit"] == {"code": None, "signal": signal.SIGKILL, "description": "killed by SIGKILL"}
     status, body = http_get(before["url"] + "/info")  # the client's old URL works again
     assert status == 200 and body["pid"] == row["pid"]
     assert toy_pids(mc) == [row["pid"]]
@@ -47,7 +47,9 @@ def test_a_server_that_exits_at_once_ends_failed_with_its_log_tail(mc):
     res = mc.cli("up", "-p", str(path))
     assert res.returncode == 1
     row = mc.row("broken")
-    assert row["state"] == "failed" and row["restarts"] == 2 and row["last_exit"] == "exit code 3"
+    assert (
+        row["state"] == "failed" and row["restarts"] == 2 and row["last_exit"] == {"code": 3, "signal": None, "description": "exit code 3"}
+    )
     out = mc.cli("status").stdout
     assert "failed" in out and "crash loop: 3 failures" in out and "exiting on purpose" in out
     # restart clears the failed state and tries again
@@ -89,6 +91,7 @@ def test_servers_outlive_a_killed_supervisor_and_are_adopted(mc):
     assert mc.cli("up", "-p", str(path)).returncode == 0
     before = status_json(mc)
     old = supervisor_pid(mc)
+    assert old is not None
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE, 5, what="the supervisor to die")
     for row in before.values():
@@ -121,7 +124,7 @@ def test_down_during_backoff_leaves_nothing_running(mc):
     # with nothing left to supervise the supervisor exits: nothing can start the server again
     wait_for(lambda: supervisor_pid(mc) is None, 10, what="the supervisor to exit")
     assert toy_pids(mc) == [] and mc.row("web")["state"] == "stopped"
-    assert mc.record("web").next_start_at is None
+    assert mc.record("web").history.next_start_at is None
 
 
 @pytest.mark.slow

@@ -5,32 +5,43 @@ No real process runs here: the supervisor's verbs are driven tick by tick (as ho
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 
 import pytest
 
 from modelctl import lifecycle as lc
+from modelctl.backends.base import Launch
+from modelctl.failures import Exit
+from modelctl.files import DiskError
 from modelctl.health import ProbeResult
+from modelctl.identity import ProcessIdentity, identity_of
 from modelctl.names import ServerRef
-from modelctl.process import ProcessIdentity, StopResult, identity_of
+from modelctl.process import INSTANCE_VAR, StopResult, StopTarget
 from modelctl.profile import parse_server
-from modelctl.state import ServerRecord, StateStore
-from modelctl.supervisor import Handle, InlineExecutor, Supervisor
+from modelctl.record import ServerRecord
+from modelctl.spec import ServerSpec
+from modelctl.state import StateStore
+from modelctl.supervisor import Handle, InlineExecutor, ProcessControl, Supervisor
 
 
 class FakePopen:
     def __init__(self, procs: FakeProcs, pid: int):
         self.procs, self.pid = procs, pid
 
-    def poll(self):
+    def poll(self) -> int | None:
         return self.procs.exit_codes.get(self.pid)
 
 
 class FakeProcs:
-    """Processes that live until a test says they exit; probes that answer what the test says."""
+    """Processes that live until a test says they exit; probes that answer what the test says.
 
-    def __init__(self):
+    It implements modelctl.supervisor.ProcessControl; mypy checks it against that protocol (see
+    `world`), so a change of the protocol cannot leave it behind.
+    """
+
+    def __init__(self) -> None:
         self.pids = itertools.count(1000)
         self.spawned: list[tuple[int, list[str]]] = []
         self.alive: set[int] = set()
@@ -38,42 +49,56 @@ class FakeProcs:
         self.stopped: list[int] = []
         self.healthy = True
         self.port_holders: dict[int, str] = {}
+        self.tokens: dict[str, int] = {}  # the instance token each process carries
+        self.die_after_spawn = False  # the supervisor is killed right after its next spawn
 
-    def spawn(self, launch, env, log_fd):
+    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle:
         pid = next(self.pids)
         self.spawned.append((pid, list(launch.argv)))
         self.alive.add(pid)
+        self.tokens[env[INSTANCE_VAR]] = pid
+        if self.die_after_spawn:
+            self.die_after_spawn = False
+            raise SupervisorKilled(pid)
         return Handle(ProcessIdentity(pid, float(pid)), FakePopen(self, pid))
 
-    def exit_status(self, handle):
+    def exit_status(self, handle: Handle) -> tuple[bool, Exit]:
         if handle.popen is not None:
             rc = handle.popen.poll()
-            return (rc is not None, rc)
-        return (handle.ident.pid not in self.alive, None)
+            return (rc is not None, Exit.of(rc) if rc is not None else Exit())
+        return (handle.ident.pid not in self.alive, Exit())
 
-    def is_alive(self, ident):
+    def is_alive(self, ident: ProcessIdentity) -> bool:
         return ident.pid in self.alive
 
-    def stop(self, target, timeout):
-        pid = target.leader.pid if target.leader else None
-        if pid in self.alive:
+    def find_leader(self, token: str) -> ProcessIdentity | None:
+        pid = self.tokens.get(token)
+        return ProcessIdentity(pid, float(pid)) if pid is not None and pid in self.alive else None
+
+    def stop(self, target: StopTarget, timeout: float) -> StopResult:
+        pid = target.leader.pid if target.leader else self.tokens.get(target.token or "")
+        if pid is not None and pid in self.alive:
             self.stopped.append(pid)
             self.exit(pid, -15)
-            return StopResult("terminated", [pid])
+            return StopResult("terminated")
         return StopResult("not running")
 
-    def descendants(self, ident):
-        return []
+    def descendants(self, leaders: list[ProcessIdentity]) -> dict[int, list[ProcessIdentity]]:
+        return {}
 
-    def port_holder(self, port, host):
+    def port_holder(self, port: int, host: str) -> str | None:
         return self.port_holders.get(port)
 
-    def probe(self, spec, url):
+    def probe(self, spec: ServerSpec, url: str) -> ProbeResult:
         return ProbeResult(self.healthy, "ok" if self.healthy else "503", connected=True)
 
     def exit(self, pid: int, code: int) -> None:
         self.alive.discard(pid)
         self.exit_codes[pid] = code
+
+
+class SupervisorKilled(BaseException):
+    """The supervisor process dies (OOM killer, kill -9) at this point."""
 
 
 def add_server(store: StateStore, name: str = "s", port: int = 9100, **extra) -> ServerRecord:
@@ -100,8 +125,9 @@ def world(tmp_path):
         procs = FakeProcs()
         now = 1000.0
 
-        def sup(self):
-            return Supervisor(self.store, clock=lambda: self.now, procs=self.procs, executor=InlineExecutor())
+        def sup(self) -> Supervisor:
+            procs: ProcessControl = self.procs  # checked by mypy: the fake keeps up with the protocol
+            return Supervisor(self.store, clock=lambda: self.now, procs=procs, executor=InlineExecutor())
 
         def rec(self, name="s"):
             return self.store.load(ServerRef("test", name))
@@ -124,7 +150,7 @@ def test_a_new_server_starts_and_becomes_ready(world):
     rec = run_until(world, sup, "s", lc.READY)
     assert len(world.procs.spawned) == 1
     assert world.procs.spawned[0][1] == ["srv", "9100"]
-    assert rec.pid == world.procs.spawned[0][0] and rec.ready_at is not None
+    assert rec.pid == world.procs.spawned[0][0] and rec.instance.ready_at is not None
 
 
 def test_a_crash_restarts_on_the_same_port_after_a_doubling_backoff(world):
@@ -136,11 +162,11 @@ def test_a_crash_restarts_on_the_same_port_after_a_doubling_backoff(world):
         world.procs.exit(rec.pid, 1)
         sup.tick(world.now)
         rec = world.rec("s")
-        assert rec.state == lc.BACKOFF and rec.last_exit == "exit code 1"
-        delays.append(rec.next_start_at - world.now)
+        assert rec.state == lc.BACKOFF and rec.history.last_exit == Exit(code=1)
+        delays.append(rec.history.next_start_at - world.now)
     assert delays == [1, 2, 4, 4]  # doubling, capped at backoff_max
     rec = run_until(world, sup, "s", lc.READY)
-    assert rec.restarts == 4
+    assert rec.history.restarts == 4
     assert all(argv == ["srv", "9100"] for _, argv in world.procs.spawned)
 
 
@@ -193,13 +219,13 @@ def test_stable_uptime_resets_the_backoff(world):
         rec = run_until(world, sup, "s", lc.READY)
         world.procs.exit(rec.pid, 1)
         sup.tick(world.now)
-    assert world.rec("s").next_start_at - world.now == 4
+    assert world.rec("s").history.next_start_at - world.now == 4
     rec = run_until(world, sup, "s", lc.READY)
     world.now += 61
     sup.tick(world.now)
     world.procs.exit(rec.pid, 1)
     sup.tick(world.now)
-    assert world.rec("s").next_start_at - world.now == 1
+    assert world.rec("s").history.next_start_at - world.now == 1
 
 
 def test_down_during_backoff_means_no_restart(world):
@@ -211,8 +237,7 @@ def test_down_during_backoff_means_no_restart(world):
     assert world.rec("s").state == lc.BACKOFF
 
     def down(r):  # what `down` writes for a server in backoff
-        r.desired = "stopped"
-        lc.move(r, lc.STOPPED)
+        lc.begin_stop(r, None, "stopped")
 
     world.store.update(ServerRef("test", "s"), down)
     world.now += 60
@@ -227,14 +252,13 @@ def test_an_exit_after_down_is_not_a_crash(world):
     me = identity_of(os.getppid())  # the `down` command marks itself as the stop's owner, and lives
 
     def down(r):
-        r.desired, r.stop_owner = "stopped", [me.pid, me.create_time]
-        lc.move(r, lc.STOPPING)
+        lc.begin_stop(r, me, "stopped")
 
     world.store.update(ServerRef("test", "s"), down)
     world.procs.exit(rec.pid, -15)
     sup.tick(world.now)
     rec = world.rec("s")
-    assert rec.state == lc.STOPPING and rec.restarts == 0 and rec.failures == []
+    assert rec.state == lc.STOPPING and rec.history.restarts == 0 and rec.history.failures == []
 
 
 def test_a_hung_server_is_restarted_after_the_grace_period(world):
@@ -276,7 +300,7 @@ def test_startup_timeout_counts_as_a_failure(world):
     world.procs.healthy = False
     sup = world.sup()
     rec = run_until(world, sup, "s", lc.BACKOFF, step=0.5)
-    assert "not ready after 3s" in rec.last_error
+    assert "not ready after 3s" in rec.history.last_error
     assert world.procs.stopped  # the hung process was stopped first
 
 
@@ -286,7 +310,7 @@ def test_a_taken_port_is_reported_with_its_holder_and_not_spawned(world):
     sup = world.sup()
     sup.tick(world.now)
     rec = world.rec("s")
-    assert rec.state == lc.BACKOFF and "pid 4242 (nginx)" in rec.last_error
+    assert rec.state == lc.BACKOFF and "pid 4242 (nginx)" in rec.history.last_error
     rec = run_until(world, sup, "s", lc.FAILED)
     assert world.procs.spawned == [] and "pid 4242" in rec.detail
 
@@ -303,7 +327,7 @@ def test_a_new_supervisor_adopts_a_live_server_instead_of_starting_another(world
     world.procs.alive.discard(rec.pid)  # not our child: seen only as gone
     second.tick(world.now)
     rec = world.rec("s")
-    assert rec.state == lc.BACKOFF and "status unknown" in rec.last_exit
+    assert rec.state == lc.BACKOFF and "status unknown" in rec.history.last_exit.describe()
     assert run_until(world, second, "s", lc.READY).pid != rec.pid
 
 
@@ -328,3 +352,68 @@ def test_on_failure_policy_restarts_only_failures(world):
     world.procs.exit(rec.pid, 0)
     sup.tick(world.now)
     assert world.rec("s").state == lc.STOPPED and len(world.procs.spawned) == 2
+
+
+def change_spec(world, name: str = "s", **extra) -> None:
+    """What `up` writes when the profile changes a server's spec."""
+
+    def change(r):
+        raw = {**r.spec, **extra}
+        r.spec, r.fingerprint = raw, parse_server(name, raw, "test.yaml", "test").fingerprint
+
+    world.store.update(ServerRef("test", name), change)
+
+
+def test_a_spec_change_replaces_the_instance_and_records_no_error(world):
+    add_server(world.store)
+    sup = world.sup()
+    first = run_until(world, sup, "s", lc.READY).pid
+    change_spec(world, env={"NEW": "1"})
+    rec = run_until(world, sup, "s", lc.READY)
+    assert first in world.procs.stopped and rec.pid != first
+    assert rec.history.last_error is None  # the port was free after the stop: nothing to report
+
+
+def test_a_supervisor_killed_right_after_a_spawn_leaves_a_record_the_next_one_adopts(world):
+    """The intent (state starting, the instance's token) is saved before the spawn, so the process
+    a dying supervisor started is found by its token, adopted, and never started twice."""
+    add_server(world.store)
+    world.procs.die_after_spawn = True
+    with pytest.raises(SupervisorKilled):
+        world.sup().tick(world.now)
+    ((pid, _),) = world.procs.spawned
+    rec = world.rec("s")
+    assert rec.state == lc.STARTING and rec.token is not None and rec.pid is None
+    second = world.sup()
+    rec = run_until(world, second, "s", lc.READY)
+    assert len(world.procs.spawned) == 1 and rec.pid == pid and rec.history.restarts == 0
+
+
+def test_a_start_whose_process_never_came_is_retried_not_lost(world):
+    """A supervisor that died between saving the intent and spawning: no process carries the
+    token, so the start counts as interrupted and is tried again."""
+    add_server(world.store, restart={"backoff": 0.5})
+    world.procs.die_after_spawn = True
+    with pytest.raises(SupervisorKilled):
+        world.sup().tick(world.now)
+    world.procs.alive.clear()  # it died too (or never ran)
+    second = world.sup()
+    rec = run_until(world, second, "s", lc.READY)
+    assert len(world.procs.spawned) == 2 and rec.history.restarts == 1
+    assert "interrupted" in rec.history.exits[0].line
+
+
+def test_a_disk_that_refuses_the_intent_means_nothing_is_spawned(world, monkeypatch):
+    add_server(world.store)
+    sup = world.sup()
+
+    def full(*args, **kwargs):
+        raise DiskError(world.store.record_path(ServerRef("test", "s")), OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(world.store, "save", full)
+    for _ in range(5):
+        sup.tick(world.now)
+        world.now += 1
+    assert world.procs.spawned == [] and world.rec("s").state == lc.STOPPED
+    monkeypatch.undo()
+    assert run_until(world, sup, "s", lc.READY).pid == world.procs.spawned[0][0]

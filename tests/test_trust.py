@@ -13,15 +13,16 @@ import sys
 import threading
 import time
 import uuid
+from typing import BinaryIO, cast
 
 import psutil
 import pytest
 
 from modelctl import lifecycle as lc
-from modelctl.daemon import supervisor_info
 from modelctl.process import INSTANCE_VAR
 from modelctl.profile import load_profile
-from modelctl.state import ServerRecord
+from modelctl.record import Instance, ServerRecord
+from modelctl.supervisor_client import supervisor_info
 
 from .conftest import http_get, tagged_processes, wait_for, wait_ticks
 from .test_cli import status_json, toy_pids
@@ -40,6 +41,10 @@ def sleeper(env: dict | None = None, new_session: bool = True) -> subprocess.Pop
     )
 
 
+def instance(token: str, pid: int | None = None, create_time: float | None = None) -> Instance:
+    return Instance(token=token, fingerprint="", started_at=time.time(), pid=pid, create_time=create_time)
+
+
 def fake_record(mc, name: str, **fields) -> ServerRecord:
     spec = load_profile(mc.profile({name: {"kind": "command", "command": mc.toy()}})).servers[name]
     rec = ServerRecord(
@@ -55,7 +60,7 @@ def test_down_never_signals_a_process_group_whose_leader_is_not_the_recorded_one
     stranger = sleeper()  # a session (and group) leader, started after the "recorded" time
     try:
         created = psutil.Process(stranger.pid).create_time()
-        fake_record(mc, "s", state=lc.READY, pid=stranger.pid, create_time=created - 1000, port=23999, instance=uuid.uuid4().hex)
+        fake_record(mc, "s", state=lc.READY, port=23999, instance=instance(uuid.uuid4().hex, stranger.pid, created - 1000))
         res = mc.cli("down", "s")
         assert res.returncode == 0, res.stderr
         assert "not running" in res.stdout
@@ -71,7 +76,7 @@ def test_a_dead_leaders_leftovers_are_stopped_only_with_proof(mc):
     leftover = sleeper({**os.environ, INSTANCE_VAR: token})  # ours: carries the instance token
     stranger = sleeper({**os.environ, INSTANCE_VAR: uuid.uuid4().hex})  # another instance's
     try:
-        fake_record(mc, "s", state=lc.READY, pid=999_999, create_time=1.0, instance=token)
+        fake_record(mc, "s", state=lc.READY, instance=instance(token, 999_999, 1.0))
         assert mc.cli("down", "s").returncode == 0
         wait_for(lambda: leftover.poll() is not None, 10, what="the leftover to be stopped")
         assert stranger.poll() is None
@@ -157,7 +162,7 @@ def test_a_broken_record_is_shown_never_hidden_and_up_does_not_start_a_second_co
     pid = mc.row("web")["pid"]
     record = mc.store.record_path(mc.ref("web"))
     data = json.loads(record.read_text())
-    data["restarts"] = "many"  # wrong JSON type; pid and create_time still intact
+    data["history"]["restarts"] = "many"  # wrong JSON type; pid and create_time still intact
     record.write_text(json.dumps(data))
 
     res = mc.cli("status")
@@ -187,7 +192,7 @@ def test_the_supervisor_keeps_supervising_the_others_past_a_garbage_record(mc):
     assert mc.cli("up", "-p", str(path)).returncode == 0
     bad = mc.store.record_path(mc.ref("bad"))
     data = json.loads(bad.read_text())
-    data["pid"] = "not-a-pid"  # wrong JSON type where the supervisor adopts from
+    data["instance"]["pid"] = "not-a-pid"  # wrong JSON type where the supervisor adopts from
     bad.write_text(json.dumps(data))
     before = mc.row("good")
     os.kill(before["pid"], signal.SIGKILL)
@@ -321,7 +326,7 @@ def test_status_says_when_the_supervisor_does_not_respond(mc):
     path = mc.profile({"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}})
     assert mc.cli("up", "-p", str(path)).returncode == 0
     sup = supervisor_info(mc.store)
-    assert sup is not None and sup.responding
+    assert sup is not None and sup.responding and sup.pid is not None
     os.kill(sup.pid, signal.SIGSTOP)
     try:
         res = wait_for(
@@ -513,9 +518,9 @@ def test_logs_n_reads_from_the_end_of_a_big_log_and_cuts_long_lines(mc):
             self.read_bytes += len(data)
             return data
 
-    with open(big, "rb") as f:
-        counting = Counting(f)
-        lines = tail_lines(counting, 2)
+    with open(big, "rb") as src:
+        counting = Counting(src)
+        lines = tail_lines(cast(BinaryIO, counting), 2)
     assert lines[-1] == "last" and len(lines[0]) < MAX_LINE + 100 and "more bytes cut" in lines[0]
     assert counting.read_bytes < 1024 * 1024
 
@@ -559,7 +564,7 @@ def test_a_sentence_server_whose_model_is_missing_fails_at_once_with_the_cause(m
     assert res.returncode == 1
     row = mc.row("emb")
     assert row["state"] == "failed" and row["restarts"] == 0 and len(row["exits"]) == 1
-    assert row["last_exit"] == "exit code 78" and row["exits"][0]["class"] == "config"
+    assert row["last_exit"] == {"code": 78, "signal": None, "description": "exit code 78"} and row["exits"][0]["class"] == "config"
     assert "does not exist" in row["last_error"] and "configuration error" in res.stdout + res.stderr
     assert elapsed < 20  # one attempt, no backoff
 
@@ -570,4 +575,8 @@ def test_a_hub_model_that_is_not_available_offline_fails_at_once(mc):
     res = mc.cli("up", "-p", str(path), timeout=300)
     assert res.returncode == 1
     row = mc.row("emb")
-    assert row["state"] == "failed" and row["restarts"] == 0 and row["last_exit"] == "exit code 78"
+    assert (
+        row["state"] == "failed"
+        and row["restarts"] == 0
+        and row["last_exit"] == {"code": 78, "signal": None, "description": "exit code 78"}
+    )

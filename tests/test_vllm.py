@@ -35,6 +35,7 @@ def test_argv_uses_the_module_entry_point_and_adds_managed_flags():
         "--host", "127.0.0.1", "--port", "8123", "--served-model-name", "tiny", "--tensor-parallel-size", "2",
         "--dtype", "float32", "--api-key", "k",
     ]  # fmt: skip
+    assert launch is not None
     env = server_environment(spec, launch, 8123, [1, 2], "token")
     assert env["CUDA_VISIBLE_DEVICES"] == "1,2"
 

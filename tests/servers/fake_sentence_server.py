@@ -9,7 +9,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from servers.sentence.__main__ import main
+from servers.sentence.service import ModelFactory
 from tests.fake_encoder import FakeEncoder
 
 if __name__ == "__main__":
-    main(sys.argv[1:], model_factory=FakeEncoder)
+    factory: ModelFactory = FakeEncoder  # type: ignore[assignment]
+    main(sys.argv[1:], model_factory=factory)

@@ -44,6 +44,8 @@ def serve(a: argparse.Namespace, children: list[int]) -> None:
                     time.sleep(3600)
                 if a.unhealthy_file and os.path.exists(a.unhealthy_file):
                     return self._send(503, {"status": "unhealthy"})
+                if a.health_body is not None:
+                    return self._send(503, {"status": a.health_body})
                 if time.time() - opened < a.ready_delay:
                     return self._send(503, {"status": "loading"})
                 return self._send(200, {"status": "ok"})
@@ -95,6 +97,11 @@ def main() -> None:
     p.add_argument("--pid-file", default=None)
     p.add_argument("--serve-only", action="store_true")
     p.add_argument("--spam", type=int, default=0, help="write this many bytes of output per second")
+    p.add_argument("--say", default=None, help="print this line first (escapes like \\x1b are decoded)")
+    p.add_argument("--health-body", default=None, help="answer /health 503 with this status text")
+    p.add_argument(
+        "--kill-parent-once", default=None, help="SIGKILL our parent (the supervisor) if this file does not exist yet, then create it"
+    )
     a = p.parse_args()
     if a.port is None:
         a.port = int(os.environ["PORT"])  # a server that reads its port from the environment
@@ -105,6 +112,13 @@ def main() -> None:
                 f.write(str(os.getpid()))
         serve(a, [])
         return
+    if a.kill_parent_once and not os.path.exists(a.kill_parent_once):
+        open(a.kill_parent_once, "w").close()
+        os.kill(os.getppid(), signal.SIGKILL)  # the supervisor dies right after spawning us
+    if a.say is not None:
+        print(a.say.encode().decode("unicode_escape"), flush=True)
+    if a.health_body is not None:
+        a.health_body = a.health_body.encode().decode("unicode_escape")
     print(f"toy server pid {os.getpid()} starting on {a.host}:{a.port}", flush=True)
     if a.exit_code is not None:
         print("exiting on purpose", flush=True)

@@ -1,7 +1,7 @@
 """The `ollama` kind: a model made present in an Ollama server (managed or external).
 
 The model handling (list, import, pull) is in models.py; it imports the `ollama` client only
-when a server is prepared.
+when a server is prepared, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, ClusterContainer, Launch, ProgressReport
+from modelctl.backends.ollama.models import ensure_model, model_present, normalize_model_name
 from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, describe, required
 
 OFFICIAL_IMAGE = "ollama/ollama:latest"  # pin a version with k8s: {image: ollama/ollama:X.Y.Z}
-
-
-def normalize_model_name(name: str) -> str:
-    """Ollama's own rule: a name without a tag means `:latest`."""
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last else f"{name}:latest"
 
 
 def check_keep_alive(value: Any) -> str | int:
@@ -106,13 +101,9 @@ class OllamaBackend(Backend):
         return super().base_url(spec, port)
 
     def prepare(self, spec: ServerSpec, base_url: str, report: ProgressReport) -> dict[str, Any]:
-        from modelctl.backends.ollama.models import ensure_model
-
         return ensure_model(spec, base_url, report)
 
     def is_ready(self, spec: ServerSpec, base_url: str) -> tuple[bool, str]:
-        from modelctl.backends.ollama.models import model_present
-
         return model_present(spec, base_url)
 
     def model_label(self, spec: ServerSpec) -> str:

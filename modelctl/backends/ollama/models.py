@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modelctl.backends.ollama import normalize_model_name
 from modelctl.spec import ServerSpec
 
 log = logging.getLogger("modelctl.ollama")
@@ -22,6 +21,12 @@ PULL_ATTEMPTS = 3  # Ollama resumes a pull where it stopped, so a retry continue
 SAFETENSORS_FILES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".jinja")
 
 Report = Callable[[dict[str, Any]], None]
+
+
+def normalize_model_name(name: str) -> str:
+    """Ollama's own rule: a name without a tag means `:latest`."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
 
 
 class OllamaError(RuntimeError):
