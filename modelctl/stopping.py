@@ -131,55 +131,57 @@ def stop_servers(
     Runs the process stops in daemon threads: a Ctrl-C ends the command at once and leaves the
     records `stopping` with a dead owner, which the supervisor finishes.
     """
-    me = identity_of(os.getpid())
-    jobs: list[_Job] = []
     with store.locked():
-        for old in records:
-            rec = store.load(old.ref)
-            if isinstance(rec, ServerRecord):
-                target = target_of(rec)  # before the marking: the state says whether a port check is due
-                lc.begin_stop(rec, me, desired_after)
-                job = _Job(rec.ref, rec.label, target, stop_timeout_of(rec), rec.token, True)
-                try:
-                    store.save(rec)
-                except DiskError as e:
-                    job.unrecorded = str(e)  # stop it all the same: a full disk must not keep it running
-                jobs.append(job)
-            elif isinstance(rec, BrokenRecord):
-                broken_target = target_of_broken(rec)
-                why = (
-                    ""
-                    if broken_target is not None
-                    else f"cannot read the record, so cannot prove which process is the server: {rec.path} ({rec.error})"
-                )
-                jobs.append(_Job(rec.ref, rec.label, broken_target, DEFAULT_STOP_TIMEOUT, None, False, unproven=why))
+        jobs = [job for old in records if (job := _mark_stopping(store, old, desired_after)) is not None]
     if before_release is not None:
         before_release()
 
     results: dict[str, StopResult] = {}
 
     def run(job: _Job) -> None:
-        target = job.target
         # an empty target signals nothing, but its port is still checked (a failed record's)
-        results[job.label] = stop_processes(target, job.timeout) if target is not None else StopResult("not running")
+        results[job.label] = stop_processes(job.target, job.timeout) if job.target is not None else StopResult("not running")
 
     threads = [threading.Thread(target=run, args=(job,), daemon=True) for job in jobs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-
-    out = []
     with store.locked():
-        for job in jobs:
-            result = results.get(job.label) or StopResult("not running")
-            note = ""
-            if job.readable:
-                try:
-                    store.update(job.ref, functools.partial(finish_stop, token=job.token, result=result))
-                except DiskError as e:
-                    job.unrecorded = job.unrecorded or str(e)
-            else:
-                note = "broken record: left in place to fix or remove"
-            out.append(Stopped(job.label, result, note, job.unproven, job.unrecorded))
-    return out
+        return [_mark_stopped(store, job, results.get(job.label) or StopResult("not running")) for job in jobs]
+
+
+def _mark_stopping(store: StateStore, old: ServerRecord | BrokenRecord, desired_after: lc.Desired) -> _Job | None:
+    """Step 1, under the lock: the record says a stop is under way, and what proves its processes."""
+    rec = store.load(old.ref)
+    if isinstance(rec, ServerRecord):
+        target = target_of(rec)  # before the marking: the state says whether a port check is due
+        lc.begin_stop(rec, identity_of(os.getpid()), desired_after)
+        job = _Job(rec.ref, rec.label, target, stop_timeout_of(rec), rec.token, True)
+        try:
+            store.save(rec)
+        except DiskError as e:
+            job.unrecorded = str(e)  # stop it all the same: a full disk must not keep it running
+        return job
+    if isinstance(rec, BrokenRecord):
+        broken_target = target_of_broken(rec)
+        why = (
+            ""
+            if broken_target is not None
+            else f"cannot read the record, so cannot prove which process is the server: {rec.path} ({rec.error})"
+        )
+        return _Job(rec.ref, rec.label, broken_target, DEFAULT_STOP_TIMEOUT, None, False, unproven=why)
+    return None
+
+
+def _mark_stopped(store: StateStore, job: _Job, result: StopResult) -> Stopped:
+    """Step 3, under the lock: stopping → stopped, unless the record moved on; what the stop did."""
+    note = ""
+    if job.readable:
+        try:
+            store.update(job.ref, functools.partial(finish_stop, token=job.token, result=result))
+        except DiskError as e:
+            job.unrecorded = job.unrecorded or str(e)
+    else:
+        note = "broken record: left in place to fix or remove"
+    return Stopped(job.label, result, note, job.unproven, job.unrecorded)

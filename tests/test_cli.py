@@ -354,3 +354,33 @@ def test_the_cli_does_not_import_model_libraries(mc, args):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mc.env, timeout=60)
     assert "HEAVY []" in res.stderr, res.stderr
+
+
+def test_up_discovers_gpus_and_probes_ports_without_holding_the_state_lock(mc, monkeypatch):
+    """GPU discovery (nvidia-smi: up to 10 s) and port probing happen before the lock is taken:
+    another command waiting for the lock never waits for them."""
+    import threading
+
+    import modelctl.control as control
+
+    discovering = threading.Event()
+
+    def slow_discovery() -> list[int]:
+        discovering.set()
+        time.sleep(3)
+        return [0]
+
+    monkeypatch.setattr(control, "discover_gpus", slow_discovery)
+    monkeypatch.setattr(control, "ensure_supervisor", lambda store: 0)  # no supervisor: only the planning is looked at
+    path = mc.profile({"g": {"kind": "command", "command": mc.toy(), "gpus": 1}})
+    up = threading.Thread(target=mc.ctl.up, args=(load_profile(path),))
+    up.start()
+    try:
+        assert discovering.wait(10)
+        t0 = time.monotonic()
+        with mc.store.locked(timeout=1.0):
+            pass
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        up.join(30)
+    assert mc.record("g", "test").gpus == [0]

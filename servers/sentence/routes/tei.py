@@ -179,54 +179,64 @@ def embedding_router(ctx: Context) -> APIRouter:
     return api
 
 
+async def tei_rerank(ctx: Context, req: TeiRerankRequest) -> JSONResponse:
+    """TEI's rerank: a bare list of {index, score, text?}, best first."""
+    _right_only(req.truncation_direction)
+    truncate = ctx.settings.truncate if req.truncate is None else req.truncate
+    scores = await cohere._score(ctx, req.query, list(req.texts), truncate)
+    values = scores.raw if req.raw_scores else scores.scores
+    out = [{"index": i, "score": float(values[i]), **({"text": req.texts[i]} if req.return_text else {})} for i in scores.order()]
+    return JSONResponse(out)
+
+
+def predict_pairs(req: PredictRequest) -> tuple[list[tuple[str, str]], bool]:
+    """The (query, document) pairs of a predict request, and whether it sent a single one."""
+    single = isinstance(req.inputs, str) or isinstance(req.inputs[0], str)
+    batch = [req.inputs] if single else req.inputs
+    pairs = []
+    for i, item in enumerate(batch):
+        seq = [item] if isinstance(item, str) else item
+        if len(seq) != 2:
+            raise ApiError(
+                400,
+                f"inputs[{i}]: a cross-encoder scores a (query, document) pair: send [query, document]",
+                param="inputs",
+                code="invalid_input",
+            )
+        pairs.append((str(seq[0]), str(seq[1])))
+    return pairs, single
+
+
+async def predict(ctx: Context, req: PredictRequest) -> JSONResponse:
+    """TEI's predict: cross-encoder scores of pairs, as classifier-style predictions."""
+    _right_only(req.truncation_direction)
+    pairs, single = predict_pairs(req)
+    ctx.engine.check_count(len(pairs), "inputs")
+    for q, d in pairs:
+        ctx.engine.check_texts([q, d], "inputs")
+    truncate = ctx.settings.truncate if req.truncate is None else req.truncate
+    scores = await ctx.engine.predict_pairs(pairs, truncate)
+    ctx.count(len(pairs), scores.tokens)
+    values = scores.raw if req.raw_scores else scores.scores
+    predictions = [[{"score": float(v), "label": "LABEL_0"}] for v in values]
+    return JSONResponse(predictions[0] if single else predictions)
+
+
 def rerank_router(ctx: Context) -> APIRouter:
     api = APIRouter(tags=["TEI"])
-
-    async def tei_rerank(req: TeiRerankRequest) -> JSONResponse:
-        _right_only(req.truncation_direction)
-        truncate = ctx.settings.truncate if req.truncate is None else req.truncate
-        scores = await cohere._score(ctx, req.query, list(req.texts), truncate)
-        values = scores.raw if req.raw_scores else scores.scores
-        out = [{"index": i, "score": float(values[i]), **({"text": req.texts[i]} if req.return_text else {})} for i in scores.order()]
-        return JSONResponse(out)
-
-    async def predict(req: PredictRequest) -> JSONResponse:
-        _right_only(req.truncation_direction)
-        single = isinstance(req.inputs, str) or isinstance(req.inputs[0], str)
-        batch = [req.inputs] if single else req.inputs
-        pairs = []
-        for i, item in enumerate(batch):
-            seq = [item] if isinstance(item, str) else item
-            if len(seq) != 2:
-                raise ApiError(
-                    400,
-                    f"inputs[{i}]: a cross-encoder scores a (query, document) pair: send [query, document]",
-                    param="inputs",
-                    code="invalid_input",
-                )
-            pairs.append((str(seq[0]), str(seq[1])))
-        ctx.engine.check_count(len(pairs), "inputs")
-        for q, d in pairs:
-            ctx.engine.check_texts([q, d], "inputs")
-        truncate = ctx.settings.truncate if req.truncate is None else req.truncate
-        scores = await ctx.engine.predict_pairs(pairs, truncate)
-        ctx.count(len(pairs), scores.tokens)
-        values = scores.raw if req.raw_scores else scores.scores
-        predictions = [[{"score": float(v), "label": "LABEL_0"}] for v in values]
-        return JSONResponse(predictions[0] if single else predictions)
 
     @api.post("/rerank", response_model=Union[list[Rank], cohere.RerankResponse], responses=POST_ERRORS)
     async def rerank(body: RerankBody) -> JSONResponse:
         """TEI's shape (`texts`) answers a bare list; Cohere's (`documents`) answers `{results}`."""
         req = body.root
         if isinstance(req, TeiRerankRequest):
-            return await tei_rerank(req)
+            return await tei_rerank(ctx, req)
         return await cohere.rerank_v1(ctx, req)
 
     @api.post("/predict", response_model=Union[list[Prediction], list[list[Prediction]]], responses=POST_ERRORS)
     async def predict_route(req: PredictRequest) -> JSONResponse:
         """Cross-encoder scores of one (query, document) pair or a batch of them."""
-        return await predict(req)
+        return await predict(ctx, req)
 
     @api.post("/", response_model=Union[list[Rank], list[Prediction], list[list[Prediction]]], responses=POST_ERRORS)
     @api.post(
@@ -239,8 +249,8 @@ def rerank_router(ctx: Context) -> APIRouter:
         """TEI's root route (and SageMaker's /invocations) on a rerank server: rerank or predict."""
         req = body.root
         if isinstance(req, TeiRerankRequest):
-            return await tei_rerank(req)
-        return await predict(req)
+            return await tei_rerank(ctx, req)
+        return await predict(ctx, req)
 
     api.add_api_route("/info", info_route(ctx), methods=["GET"], response_model=Info, responses={**GET_ERRORS, **error_responses(503)})
     return api
