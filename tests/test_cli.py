@@ -361,7 +361,7 @@ def test_up_discovers_gpus_and_probes_ports_without_holding_the_state_lock(mc, m
     another command waiting for the lock never waits for them."""
     import threading
 
-    import modelctl.control as control
+    from modelctl import control
 
     discovering = threading.Event()
 
