@@ -57,7 +57,9 @@ class Chores:
 
     def reap_orphans(self) -> None:
         """Reap exited orphans; attribute live ones to their server by the token they carry."""
-        ours = {slot.handle.ident.pid for slot in self.sup.slots.values() if slot.handle is not None and slot.handle.popen is not None}
+        ours = {
+            h.ident.pid for slot in self.sup.slots.values() for h in (slot.handle, slot.successor) if h is not None and h.popen is not None
+        }
         for pid in own_children():
             if pid in ours:
                 continue  # our own spawned servers are reaped through their Popen
@@ -84,7 +86,7 @@ class Chores:
         """A process re-parented to us (we are a subreaper): add it to its server's members."""
         if token is None:
             return None
-        owner = next((rec for rec, _ in self._mine() if rec.token == token), None)
+        owner = next((rec for rec, _ in self._mine() if token in (rec.token, rec.successor.token if rec.successor else None)), None)
         ident = identity_of(pid)
         if owner is None or ident is None:
             return None

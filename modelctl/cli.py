@@ -187,15 +187,25 @@ def up(
 
 
 def _report_not_ready(ctl: Controller, records: list[ServerRecord]) -> None:
-    bad = [r for r in records if r.state != lc.READY]
-    for rec in bad:
-        last_error = one_line(rec.history.last_error) if rec.history.last_error else None
-        why = one_line(rec.detail or "") or last_error or rec.state
-        err_console.print(Text.assemble("\n", (f"{rec.label} is not ready", "bold red"), f": {why}"), highlight=False)
-        if last_error and last_error not in why:
-            err_console.print(f"  last error: {last_error}", highlight=False)
+    """Each server that is not ready, or whose new instance could not take over, with why and
+    the end of its log; exit 1 if there is one."""
+    reported = False
+    for rec in records:
+        if rec.state != lc.READY:
+            last_error = one_line(rec.history.last_error) if rec.history.last_error else None
+            why = one_line(rec.detail or "") or last_error or rec.state
+            err_console.print(Text.assemble("\n", (f"{rec.label} is not ready", "bold red"), f": {why}"), highlight=False)
+            if last_error and last_error not in why:
+                err_console.print(f"  last error: {last_error}", highlight=False)
+        elif (abandoned := rec.abandoned_replacement) is not None:
+            err_console.print(
+                Text.assemble("\n", (f"{rec.label} was not replaced", "bold red"), f": {one_line(abandoned)}"), highlight=False
+            )
+        else:
+            continue
+        reported = True
         _print_tail(err_console, ctl, rec.ref, 15, f"  last lines of {ctl.store.log_path(rec.ref)}:")
-    if bad:
+    if reported:
         raise typer.Exit(1)
 
 
@@ -255,7 +265,7 @@ def restart(
     if not servers and not profile:
         raise ModelctlError("name the servers to restart, or -p PROFILE for all of a profile's")
     ctl = controller()
-    refs, _ = ctl.restart(_scope(profile, servers))
+    refs = ctl.restart(_scope(profile, servers))
     if wait:
         records = ctl.wait_ready(refs)
         _print_summary(ctl, Scope(None, tuple(str(r) for r in refs)))
@@ -263,7 +273,21 @@ def restart(
 
 
 # ---------------------------------------------------------------------------- status / logs
-STATUS_COLUMNS = ("server", "kind", "state", "pid", "url", "gpus", "uptime", "restarts", "memory", "gpu mem", "started in", "model")
+STATUS_COLUMNS = (
+    "server",
+    "kind",
+    "state",
+    "pid",
+    "url",
+    "socket",
+    "gpus",
+    "uptime",
+    "restarts",
+    "memory",
+    "gpu mem",
+    "started in",
+    "model",
+)
 RIGHT_ALIGNED = {"pid", "restarts", "memory", "gpu mem", "uptime", "started in"}
 
 
@@ -309,6 +333,7 @@ def _status_table(profile_name: str, rows: list[StatusRow], gpu_column: bool) ->
             "state": styled_state(r.state),
             "pid": str(r.pid or "-"),
             "url": r.url or "-",
+            "socket": _socket_cell(r),
             "gpus": ",".join(map(str, r.gpus)) or "-",
             "uptime": format_duration(r.uptime),
             "restarts": str(r.restarts),
@@ -319,6 +344,15 @@ def _status_table(profile_name: str, rows: list[StatusRow], gpu_column: bool) ->
         }
         t.add_row(*(cells[c] for c in columns))
     return t
+
+
+def _socket_cell(r: StatusRow) -> str:
+    """held (by the supervisor, across restarts) / instance (held by the running instance only) / -"""
+    if r.socket == "held":
+        return f"held, {r.backlog} waiting" if r.backlog else "held"
+    if r.socket.startswith("held by the instance"):
+        return "instance"
+    return "-" if not r.socket else "no"
 
 
 def _supervisor_line(ctl: Controller) -> str:
@@ -354,7 +388,7 @@ def _print_detail(ctl: Controller, r: StatusRow) -> None:
     t.add_column()
     t.add_row("server", r.id)
     t.add_row("state", styled_state(r.state))
-    for key in ("kind", "model", "url", "pid", "managed_by", "desired", "detail", "last_error", "record", "log"):
+    for key in ("kind", "model", "url", "socket", "backlog", "pid", "managed_by", "desired", "detail", "last_error", "record", "log"):
         value = getattr(r, key)
         if value not in (None, ""):
             t.add_row(key.replace("_", " "), str(value))

@@ -131,6 +131,8 @@ def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
 
 def _write_spec(rec: ServerRecord, spec: ServerSpec, managed_by: lc.ManagedBy, port: int | None, gpus: list[int]) -> None:
     """What the profile now says, into a record; the supervisor takes it from there."""
+    if rec.fingerprint != spec.fingerprint and rec.socket.startswith("not held"):
+        rec.socket = ""  # a new spec (another vLLM, say): try the held socket again
     rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
     rec.host, rec.port, rec.gpus, rec.url = spec.host, port, gpus, get_backend(spec.kind).base_url(spec, port)
     lc.wanted(rec, managed_by)
@@ -307,7 +309,7 @@ class Controller:
     def _settled(rec: ServerRecord) -> bool:
         if not rec.wants_running or rec.state == lc.FAILED:
             return True
-        if rec.state != lc.READY or (rec.instance is not None and rec.instance.fingerprint != rec.fingerprint):
+        if rec.state != lc.READY or rec.outdated:
             return False
         ident = record_identity(rec)
         return ident is None or is_alive(ident)  # a record that says ready about a dead process is not
@@ -359,16 +361,17 @@ class Controller:
                     self.store.delete(r.ref)
         return results
 
-    def restart(self, scope: Scope) -> tuple[list[ServerRef], list[Stopped]]:
-        """Stop and start again from the recorded spec; clears a failed state."""
+    def restart(self, scope: Scope) -> list[ServerRef]:
+        """A new instance of each server from its recorded spec; clears a failed state. The
+        supervisor replaces the running instance: where it holds the socket and the server says
+        READY=1, the new one starts first and the old one is stopped once it serves (no gap)."""
         targets, _ = self._stoppable(scope, "restart")
         readable = [r for r in targets if isinstance(r, ServerRecord)]
-        results = stop_servers(self.store, readable, "running")
         with self.store.locked():
             for rec in readable:
-                self.store.update(rec.ref, lc.reset_failures)
+                self.store.update(rec.ref, lc.restart_wanted)
         self.kick()
-        return [r.ref for r in readable], results
+        return [r.ref for r in readable]
 
     def _release_leases(self, records: list[AnyRecord]) -> None:
         leases = PortLeases(self.store.root)

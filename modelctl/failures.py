@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from modelctl.sanitize import one_line
 
 EXIT_CONFIG = 78  # EX_CONFIG: the bundled sentence server cannot start with this configuration
+EXIT_NO_SOCKET = 79  # modelctl's vLLM launcher: this vLLM cannot serve from a handed socket
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,11 @@ def classify_exit(exit: Exit, lines: list[str]) -> Failure:
 
     An exit without code or signal is a process that was not our child (adopted): status unknown.
     """
+    if exit.code in (126, 127):  # the shell's "cannot execute" and "not found"
+        cls = "missing-executable" if exit.code == 127 else "permission-denied"
+        return Failure(cls, explaining_line(lines) or f"the program could not be run (exit code {exit.code})", False)
+    if exit.code == EXIT_NO_SOCKET:
+        return Failure("no-socket", explaining_line(lines) or "cannot serve from a handed socket", True)
     if exit.code == EXIT_CONFIG:
         return Failure("config", explaining_line(lines) or "the server reports a configuration error (exit code 78)", False)
     for line in reversed(lines):

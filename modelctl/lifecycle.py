@@ -19,7 +19,7 @@ from typing import Any
 from modelctl import restart
 from modelctl.failures import Exit, Failure
 from modelctl.identity import ProcessIdentity
-from modelctl.record import ExitEntry, Instance, ServerRecord
+from modelctl.record import ExitEntry, FailedReplacement, Instance, ServerRecord
 from modelctl.spec import RestartPolicy
 from modelctl.states import (  # noqa: F401  (re-exported: callers write lc.READY)
     ALIVE,
@@ -84,7 +84,19 @@ def wanted(rec: ServerRecord, managed_by: ManagedBy) -> None:
 
 def reset_failures(rec: ServerRecord) -> None:
     """Forget the failures that count towards a crash loop (`up` with a new spec, `restart`)."""
-    rec.history = dataclasses.replace(rec.history, failures=[], consecutive_failures=0, next_start_at=None, last_error=None)
+    rec.history = dataclasses.replace(
+        rec.history, failures=[], consecutive_failures=0, next_start_at=None, last_error=None, failed_replacement=None
+    )
+
+
+def restart_wanted(rec: ServerRecord) -> None:
+    """`restart`: a new instance of the same spec. The supervisor replaces the running one (the new
+    one first where the socket is held), or starts one; a failed server tries again."""
+    rec.wish = dataclasses.replace(rec.wish, desired="running", generation=rec.wish.generation + 1)
+    reset_failures(rec)
+    if rec.state == FAILED:
+        move(rec, STOPPED, expect=FAILED)
+        rec.detail = None
 
 
 # ---------------------------------------------------------------------- starting
@@ -93,7 +105,7 @@ def intend_start(rec: ServerRecord, token: str, now: float) -> None:
     record is saved before the spawn, so that a process is never without its record."""
     after_backoff = rec.state == BACKOFF
     move(rec, STARTING, expect=(STOPPED, BACKOFF, IDLE))
-    rec.instance = Instance(token=token, fingerprint=rec.fingerprint, started_at=now)
+    rec.instance = Instance(token=token, fingerprint=rec.fingerprint, started_at=now, generation=rec.wish.generation)
     rec.history = dataclasses.replace(rec.history, next_start_at=None, restarts=rec.history.restarts + (1 if after_backoff else 0))
     rec.startup, rec.progress, rec.detail = {}, None, "starting"
 
@@ -127,6 +139,52 @@ def became_healthy(rec: ServerRecord) -> None:
     if rec.state == UNHEALTHY:
         move(rec, READY, expect=UNHEALTHY)
     rec.detail = None
+
+
+# ---------------------------------------------------------------------- replacing without a gap
+def intend_successor(rec: ServerRecord, token: str, now: float, why: str) -> None:
+    """A new instance starts beside the serving one, on the same socket (saved before the spawn)."""
+    if rec.state not in (READY, UNHEALTHY):
+        raise TransitionError(f"server {rec.label}: is {rec.state}; a successor starts only beside a serving instance")
+    rec.successor = Instance(token=token, fingerprint=rec.fingerprint, started_at=now, generation=rec.wish.generation)
+    rec.detail = f"replacing ({why}): a new instance is starting; the old one serves meanwhile"
+
+
+def successor_spawned(rec: ServerRecord, ident: ProcessIdentity) -> None:
+    assert rec.successor is not None
+    rec.successor = dataclasses.replace(rec.successor, pid=ident.pid, create_time=ident.create_time)
+
+
+def successor_took_over(rec: ServerRecord, now: float) -> Instance:
+    """The new instance is ready: it is the server's instance now. Returns the old one, to stop."""
+    assert rec.successor is not None and rec.instance is not None
+    old, new = rec.instance, dataclasses.replace(rec.successor, ready_at=now)
+    rec.instance, rec.successor = new, None
+    if rec.state == UNHEALTHY:
+        move(rec, READY, expect=UNHEALTHY)
+    rec.startup = {"port_open": 0.0, "healthy": round(now - new.started_at, 3), "prepare": 0.0, "total": round(now - new.started_at, 3)}
+    rec.detail = None
+    return old
+
+
+def successor_failed(rec: ServerRecord, failure: Failure, exit: Exit | None, now: float) -> None:
+    """The new instance could not take over: the old one keeps serving; this spec and generation
+    are not tried again (the profile or a restart asks anew)."""
+    entry = ExitEntry(at=now, exit=exit, cls=failure.cls, line=failure.line, retry=failure.retry)
+    error = f"the new instance failed ({failure.describe()}); the previous one still serves"
+    rec.history = dataclasses.replace(
+        rec.history,
+        last_error=error,
+        exits=[*rec.history.exits, entry][-restart.EXITS_KEPT :],
+        last_exit=exit if exit is not None else rec.history.last_exit,
+        failed_replacement=FailedReplacement(rec.fingerprint, rec.wish.generation, error),
+    )
+    rec.successor, rec.detail = None, error
+
+
+def lost_successor(rec: ServerRecord) -> None:
+    """The serving instance failed while a successor started: both go, the crash path starts anew."""
+    rec.successor = None
 
 
 def saw_members(rec: ServerRecord, members: list[list[float]]) -> None:
@@ -214,7 +272,7 @@ def stopped(rec: ServerRecord, token: str | None, port_holder: str | None = None
         move(rec, IDLE if idle else STOPPED, expect=STOPPING)
     elif rec.state not in (STOPPED, IDLE):
         return False
-    rec.instance, rec.detail, rec.progress = None, None, None
+    rec.instance, rec.successor, rec.detail, rec.progress = None, None, None, None
     if port_holder:
         # our processes are gone, but something we cannot prove is ours answers on the port
         rec.history = dataclasses.replace(rec.history, last_error=f"after stopping, the port still answers: {port_holder}")

@@ -36,6 +36,10 @@ class ServerCollector(Collector):
         gpu = GaugeMetricFamily("modelctl_server_gpu_memory_bytes", "GPU memory of the server's processes (NVML)", labels=["server"])
         startup = GaugeMetricFamily("modelctl_server_startup_seconds", "Phases of the last start", labels=["server", "phase"])
         last_exit = GaugeMetricFamily("modelctl_server_last_exit_code", "The last exit's code (negative: the signal)", labels=["server"])
+        held = GaugeMetricFamily(
+            "modelctl_server_socket_held", "1 while the server's listening socket is held across its restarts", labels=["server"]
+        )
+        backlog = GaugeMetricFamily("modelctl_server_backlog", "Connections waiting in the held socket's backlog", labels=["server"])
         for r in rows:
             server = r.id
             for s in STATES:
@@ -51,7 +55,11 @@ class ServerCollector(Collector):
                     startup.add_metric([server, phase], float(r.startup[phase]))
             if r.last_exit is not None and (code := exit_returncode(r.last_exit)) is not None:
                 last_exit.add_metric([server], float(code))
-        yield from (state, restarts, up, rss, gpu, startup, last_exit)
+            if r.socket:
+                held.add_metric([server], 1.0 if r.socket.startswith("held") else 0.0)
+            if r.backlog is not None:
+                backlog.add_metric([server], float(r.backlog))
+        yield from (state, restarts, up, rss, gpu, startup, last_exit, held, backlog)
 
 
 def exit_returncode(last_exit: dict[str, Any]) -> int | None:

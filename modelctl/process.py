@@ -58,9 +58,10 @@ class StopResult:
 
 
 def spawn_detached(
-    argv: Sequence[str], env: Mapping[str, str], log_fd: int | None, cwd: str | None = None
+    argv: Sequence[str], env: Mapping[str, str], log_fd: int | None, cwd: str | None = None, pass_fds: Sequence[int] = ()
 ) -> tuple[subprocess.Popen[bytes], ProcessIdentity]:
-    """Start argv in a new session (its own process group) with stdout and stderr on log_fd.
+    """Start argv in a new session (its own process group) with stdout and stderr on log_fd, and
+    no other fd of ours but `pass_fds` (a held listening socket).
 
     With no log_fd the output goes where ours goes (the journal, under systemd).
     """
@@ -73,6 +74,7 @@ def spawn_detached(
         cwd=cwd,
         start_new_session=True,
         close_fds=True,
+        pass_fds=tuple(pass_fds),
     )
     try:
         created = psutil.Process(proc.pid).create_time()

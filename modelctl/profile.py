@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modelctl.backends import KINDS
+from modelctl.backends.base import Backend
 from modelctl.errors import ProfileError
 from modelctl.k8s.keys import check_profile_k8s, check_server_k8s
 from modelctl.names import NAME_RULE, is_valid_name
@@ -21,8 +22,11 @@ from modelctl.record import ServerRecord
 from modelctl.spec import (
     Key,
     KeyProblem,
+    ReplaceChoice,
     ServerSpec,
+    check_backlog,
     check_bool,
+    check_choice,
     check_env,
     check_gpus,
     check_port,
@@ -73,6 +77,13 @@ COMMON_KEYS: dict[str, Key] = {
     "restart": Key(lambda v: v, None, "restart policy"),
     "log": Key(lambda v: v, None, "log rotation: {max_bytes: 50MB, keep: 3}"),
     "k8s": Key(lambda v: v, None, "Kubernetes: image, resources, node_selector, tolerations, cache, ..."),
+    "socket": Key(
+        check_choice("inherit", "none"), None, "inherit: modelctl holds the listening socket across restarts (default for kinds that can)"
+    ),
+    "replace": Key(
+        check_choice("overlap", "stop-first"), None, "a restart or new spec: start the new instance first (overlap) or stop the old first"
+    ),
+    "backlog": Key(check_backlog, 4096, "connections the held socket queues while no instance accepts"),
     "description": Key(check_str, None, "free text"),
 }
 _NESTED = ("kind", "health", "restart", "log", "k8s")  # checked by their own parsers below
@@ -105,6 +116,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         common = _check_keys(raw, {k: v for k, v in COMMON_KEYS.items() if k not in _NESTED})
         options = _check_keys(raw, backend.keys, kind=kind)
         backend.validate(options, common)
+        socket, notify, replace = socket_mode(backend, options, common)
         health = parse_health(raw.get("health"), backend.default_health(options))
         restart = parse_restart(raw.get("restart"))
         log = parse_log(raw.get("log"))
@@ -130,7 +142,33 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         log=log,
         options=options,
         k8s=k8s,
+        socket=socket,
+        notify=notify,
+        replace=replace,
+        backlog=common["backlog"],
     )
+
+
+def socket_mode(backend: Backend, options: Mapping[str, Any], common: Mapping[str, Any]) -> tuple[bool, bool, ReplaceChoice]:
+    """Whether the supervisor holds the server's socket, whether it says READY=1, and how it is replaced.
+
+    A new instance is started beside the old one (overlap) only where it can say when it is
+    ready and the socket is held; a server with exclusive GPUs is stopped first unless the profile
+    says overlap (two instances would need the GPU memory twice).
+    """
+    why_not = backend.socket_support(options)
+    asked = common.get("socket")
+    if asked == "inherit" and why_not:
+        raise KeyProblem("socket", f"cannot be inherit: {why_not}")
+    socket = bool(why_not is None and (asked == "inherit" or (asked is None and backend.socket_by_default(options))))
+    notify = socket and backend.says_ready(options)
+    replace: ReplaceChoice | None = common.get("replace")
+    if replace == "overlap" and not notify:
+        raise KeyProblem("replace", "overlap needs a held socket and a server that says READY=1 (notify): without them use stop-first")
+    if replace is None:
+        exclusive_gpus = bool(common.get("gpus")) and not common.get("gpus_shared")
+        replace = "overlap" if notify and not exclusive_gpus else "stop-first"
+    return socket, notify, replace
 
 
 def record_spec(rec: ServerRecord) -> ServerSpec | None:

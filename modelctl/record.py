@@ -33,6 +33,7 @@ class Wish:
 
     desired: Desired = "running"
     managed_by: ManagedBy = "supervisor"
+    generation: int = 0  # `restart` counts it up: an instance of an older generation is replaced
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Instance:
     token: str
     fingerprint: str  # of the spec it was started with
     started_at: float
+    generation: int = 0  # the wish's generation it was started for
     pid: int | None = None
     create_time: float | None = None
     ready_at: float | None = None
@@ -72,6 +74,16 @@ class ExitEntry:
 
 
 @dataclass
+class FailedReplacement:
+    """A new instance that could not take over: the old one keeps serving, and this spec and
+    generation are not tried again until the profile or a restart asks anew."""
+
+    fingerprint: str
+    generation: int
+    error: str
+
+
+@dataclass
 class History:
     """What the restart policy reads: failures, their timing, and what they were."""
 
@@ -82,6 +94,7 @@ class History:
     last_exit: Exit | None = None
     last_error: str | None = None
     exits: list[ExitEntry] = field(default_factory=list)  # the last few, oldest first
+    failed_replacement: FailedReplacement | None = None
 
 
 @dataclass
@@ -101,11 +114,14 @@ class ServerRecord:
     state: str = states.STOPPED
     wish: Wish = field(default_factory=Wish)
     instance: Instance | None = None
+    # a new instance started beside the serving one, on the same socket, to take over once ready
+    successor: Instance | None = None
     history: History = field(default_factory=History)
     detail: str | None = None  # what is happening now ("pulling model", "unhealthy: ...")
     progress: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # facts from preparation (model digest, ...)
     startup: dict[str, Any] = field(default_factory=dict)  # phases of the last start, in seconds
+    socket: str = ""  # the listening socket: "held" by the supervisor, "held by the instance", or why not
     updated_at: float | None = None
     version: int = RECORD_VERSION
 
@@ -128,6 +144,25 @@ class ServerRecord:
     @property
     def wants_running(self) -> bool:
         return self.wish.desired == "running"
+
+    @property
+    def abandoned_replacement(self) -> str | None:
+        """Why the new instance that the current wish asks for could not take over (the old one
+        still serves), or None."""
+        inst, failed = self.instance, self.history.failed_replacement
+        if inst is None or failed is None or (failed.fingerprint, failed.generation) != (self.fingerprint, self.wish.generation):
+            return None
+        return failed.error if (inst.fingerprint, inst.generation) != (self.fingerprint, self.wish.generation) else None
+
+    @property
+    def outdated(self) -> bool:
+        """The running instance is not what is wanted now (a new spec, a restart), and its
+        replacement was not given up."""
+        inst = self.instance
+        if inst is None or (inst.fingerprint == self.fingerprint and inst.generation == self.wish.generation):
+            return False
+        failed = self.history.failed_replacement
+        return failed is None or (failed.fingerprint, failed.generation) != (self.fingerprint, self.wish.generation)
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

@@ -20,6 +20,7 @@ from modelctl.process import Usage, alive_in, process_table, usage_by_leader
 from modelctl.profile import record_spec
 from modelctl.record import ServerRecord
 from modelctl.sanitize import one_line
+from modelctl.sockets import accept_queue
 from modelctl.state import AnyRecord, BrokenRecord, StateStore
 from modelctl.stopping import record_identity
 
@@ -55,6 +56,8 @@ class StatusRow:
     exits: list[dict[str, Any]] = field(default_factory=list)  # [{at, exit, class, line, retry}], oldest first
     log: str | None = None
     record: str = ""
+    socket: str = ""  # "held" (by the supervisor), "held by the instance", "not held: why"; "" for kinds without
+    backlog: int | None = None  # connections waiting in the held socket's backlog for an instance to accept them
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,6 +116,8 @@ def record_row(
         exits=[{**e.to_json(), "line": one_line(e.line)} for e in hist.exits],
         log=str(store.log_path(rec.ref)),
         record=str(store.record_path(rec.ref)),
+        socket=rec.socket,
+        backlog=accept_queue(rec.port, rec.host) if rec.socket.startswith("held") and rec.port else None,
     )
 
 

@@ -155,16 +155,19 @@ class Runner:
         due = self.sup.next_due()
         if due != float("inf"):
             timeout = min(timeout, max(0.0, due - self.sup.clock()))
-        waiting = [self.wake_r, *self.sup.pidfds()] if self.wake_r is not None else self.sup.pidfds()
+        pidfds, notify_fds = self.sup.pidfds(), self.sup.notify_fds()
+        waiting = [*([self.wake_r] if self.wake_r is not None else []), *pidfds, *notify_fds]
         try:
             readable, _, _ = select.select(waiting, [], [], timeout)
         except InterruptedError:
             readable = []
-        except OSError:  # a pidfd closed under us by a finishing stop: look again next time
+        except OSError:  # an fd closed under us by a finishing stop: look again next time
             readable = []
-        exited = {fd for fd in readable if fd != self.wake_r}
-        if exited:
+        ready = set(readable)
+        if exited := ready & set(pidfds):
             self.sup.mark_dirty(exited)
+        if said := ready & set(notify_fds):
+            self.sup.on_notify(said)
         if self.wake_r is not None:
             with contextlib.suppress(BlockingIOError, OSError):
                 while os.read(self.wake_r, 512):

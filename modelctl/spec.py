@@ -137,6 +137,12 @@ def check_choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def check_backlog(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 65535:
+        raise ValueError(f"must be a whole number from 16 to 65535, got {describe(value)}")
+    return value
+
+
 def check_port(value: Any) -> int | None:
     if value == "auto" or value is None:
         return None
@@ -208,6 +214,7 @@ def check_section(value: Any, keys: Mapping[str, Key], parent: str, extra: tuple
 
 HealthKind = Literal["http", "tcp", "none"]
 RestartChoice = Literal["always", "on-failure", "never"]
+ReplaceChoice = Literal["overlap", "stop-first"]
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,11 @@ class ServerSpec:
     log: LogSpec = LogSpec()
     options: Mapping[str, Any] = field(default_factory=dict)
     k8s: Mapping[str, Any] = field(default_factory=dict)  # the server's checked k8s: keys
+    # the supervisor holds the listening socket and hands it to each instance (LISTEN_FDS)
+    socket: bool = False
+    notify: bool = False  # an instance says READY=1 on NOTIFY_SOCKET once it serves
+    replace: ReplaceChoice = "stop-first"  # a restart or a new spec: start the new instance first, or stop the old first
+    backlog: int = 4096
 
     @property
     def ref(self) -> ServerRef:

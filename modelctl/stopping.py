@@ -53,6 +53,15 @@ def target_of(rec: ServerRecord) -> StopTarget:
     return StopTarget(rec.label, record_identity(rec), rec.token, members, port, rec.host)
 
 
+def successor_target(rec: ServerRecord) -> StopTarget | None:
+    """A new instance that was starting beside the serving one: stopped with it."""
+    inst = rec.successor
+    if inst is None:
+        return None
+    leader = ProcessIdentity(inst.pid, inst.create_time) if inst.pid is not None and inst.create_time is not None else None
+    return StopTarget(f"{rec.label} (new instance)", leader, inst.token, tuple(ProcessIdentity(int(p), float(c)) for p, c in inst.members))
+
+
 def target_of_broken(rec: BrokenRecord) -> StopTarget | None:
     """What a broken record still tells about its process, if its fields for that are intact."""
     data = rec.data or {}
@@ -118,6 +127,7 @@ class _Job:
     readable: bool
     unproven: str = ""
     unrecorded: str = ""
+    also: StopTarget | None = None  # a successor starting beside the instance
 
 
 def stop_servers(
@@ -139,6 +149,8 @@ def stop_servers(
     results: dict[str, StopResult] = {}
 
     def run(job: _Job) -> None:
+        if job.also is not None:
+            stop_processes(job.also, job.timeout)
         # an empty target signals nothing, but its port is still checked (a failed record's)
         results[job.label] = stop_processes(job.target, job.timeout) if job.target is not None else StopResult("not running")
 
@@ -157,7 +169,7 @@ def _mark_stopping(store: StateStore, old: ServerRecord | BrokenRecord, desired_
     if isinstance(rec, ServerRecord):
         target = target_of(rec)  # before the marking: the state says whether a port check is due
         lc.begin_stop(rec, identity_of(os.getpid()), desired_after)
-        job = _Job(rec.ref, rec.label, target, stop_timeout_of(rec), rec.token, True)
+        job = _Job(rec.ref, rec.label, target, stop_timeout_of(rec), rec.token, True, also=successor_target(rec))
         try:
             store.save(rec)
         except DiskError as e:

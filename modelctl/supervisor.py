@@ -35,7 +35,7 @@ from modelctl import lifecycle as lc
 from modelctl import logfiles, restart
 from modelctl.backends import get_backend
 from modelctl.backends.base import Launch
-from modelctl.failures import Exit, Failure, classify_exit
+from modelctl.failures import EXIT_NO_SOCKET, Exit, Failure, classify_exit, explaining_line
 from modelctl.files import DiskError
 from modelctl.health import ProbeResult, probe
 from modelctl.identity import ProcessIdentity, identity_of, is_alive
@@ -51,7 +51,8 @@ from modelctl.process import (
     stop_processes,
 )
 from modelctl.profile import record_spec
-from modelctl.record import ServerRecord
+from modelctl.record import Instance, ServerRecord
+from modelctl.sockets import Listener, NotifySocket, activation_argv, activation_env, take_from_process
 from modelctl.spec import ServerSpec
 from modelctl.state import BrokenRecord, LockTimeout, Stamp, StateStore
 from modelctl.stopping import DEFAULT_STOP_TIMEOUT, finish_stop, record_identity, stop_owner_alive, target_of
@@ -77,7 +78,7 @@ class Handle:
 class ProcessControl(Protocol):
     """What the supervisor does to processes, ports and servers; tests pass a fake."""
 
-    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle: ...
+    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None, pass_fds: tuple[int, ...] = ()) -> Handle: ...
 
     def exit_status(self, handle: Handle) -> tuple[bool, Exit]: ...
 
@@ -97,8 +98,8 @@ class ProcessControl(Protocol):
 class RealProcesses:
     """The real processes, ports and probes."""
 
-    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle:
-        popen, ident = spawn_detached(launch.argv, env, log_fd, cwd=launch.cwd)
+    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None, pass_fds: tuple[int, ...] = ()) -> Handle:
+        popen, ident = spawn_detached(launch.argv, env, log_fd, cwd=launch.cwd, pass_fds=pass_fds)
         return Handle(ident, popen)
 
     def exit_status(self, handle: Handle) -> tuple[bool, Exit]:
@@ -198,9 +199,17 @@ class Slot:
     due: float = 0.0  # the next time a timer of this server fires
     dirty: bool = True  # an event arrived for it since its last tick
     members: list[list[float]] = field(default_factory=list)
+    notify: NotifySocket | None = None  # where the current instance says READY=1
+    notified: bool = False
+    successor: Handle | None = None  # a new instance starting beside the current one
+    successor_notify: NotifySocket | None = None
+    successor_notified: bool = False
+    retiring: list[Future[StopResult]] = field(default_factory=list)  # stops of replaced instances
+    no_socket: str = ""  # why this server runs without a held socket (a vLLM whose internals differ)
 
     def busy(self) -> bool:
-        return any(f is not None and not f.done() for f in (self.probe, self.prepare, self.stop))
+        jobs = (self.probe, self.prepare, self.stop, *self.retiring)
+        return any(f is not None and not f.done() for f in jobs) or self.successor is not None
 
     def wake_at(self, when: float | None) -> None:
         if when is not None and when < self.due:
@@ -225,7 +234,8 @@ def server_environment(
 ) -> dict[str, str]:
     """The environment a server starts with: ours, the kind's, the profile's, its GPUs and its token."""
     env = dict(os.environ)
-    env.pop(INSTANCE_VAR, None)
+    for inherited in (INSTANCE_VAR, "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(inherited, None)  # ours (under systemd, modelctl run's own) are never the server's
     env.update(launch.env)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     env["MODELCTL_SERVER"] = str(spec.ref)
@@ -266,6 +276,7 @@ class Supervisor:
         self.health = HealthWatch(self)
         self._descendants_cache: dict[int, list[ProcessIdentity]] = {}
         self._descendants_at: float | None = None
+        self.listeners: dict[ServerRef, Listener] = {}  # the sockets held across an instance's restarts
 
     # ------------------------------------------------------------------ the loop
     def tick(self, now: float | None = None, rescan: bool = True, sweep: bool = False) -> None:
@@ -301,9 +312,15 @@ class Supervisor:
                 slot.wake_at(now + 1.0)
 
     def forget(self, ref: ServerRef) -> None:
+        """A record that is gone: whatever we held for it is let go (its socket is closed)."""
         slot = self.slots.pop(ref, None)
-        if slot is not None and slot.handle is not None:
-            close_pidfd(slot.handle)
+        if slot is not None:
+            if slot.handle is not None:
+                close_pidfd(slot.handle)
+            for notify in (slot.notify, slot.successor_notify):
+                if notify is not None:
+                    notify.close()
+        self.close_listener(ref)
 
     def _needs_tick(self, ref: ServerRef, slot: Slot, now: float, look_at_file: bool) -> bool:
         if slot.dirty or now >= slot.due or slot.rec is None:
@@ -368,7 +385,28 @@ class Supervisor:
     def pidfds(self) -> list[int]:
         return [s.handle.pidfd for s in self.slots.values() if s.handle is not None and s.handle.pidfd is not None]
 
+    def notify_fds(self) -> list[int]:
+        """Where instances say READY=1: the runner waits on them with everything else."""
+        return [n.fileno() for s in self.slots.values() for n in (s.notify, s.successor_notify) if n is not None]
+
+    def on_notify(self, fds: set[int]) -> None:
+        """Read what instances said on their notify sockets; a READY=1 gets its server a tick."""
+        for slot in self.slots.values():
+            for which in ("notify", "successor_notify"):
+                sock: NotifySocket | None = getattr(slot, which)
+                if sock is None or sock.fileno() not in fds:
+                    continue
+                said = sock.read()
+                if said.ready:
+                    if which == "notify":
+                        slot.notified = True
+                    else:
+                        slot.successor_notified = True
+                    slot.dirty = True
+
     def reconcile(self, rec: ServerRecord, slot: Slot, now: float) -> None:
+        if not rec.wants_running:
+            self.close_listener(rec.ref)  # down: new connections are refused from now on
         if slot.stop is not None:
             if not slot.stop.done():
                 return
@@ -386,9 +424,11 @@ class Supervisor:
         if rec.state in lc.ALIVE:
             if not self._reap_or_adopt(srv, now):
                 return
-            if rec.instance is not None and rec.instance.fingerprint != rec.fingerprint:
-                self._replace(srv, now)
-                return
+            if rec.outdated or rec.successor is not None:
+                if not self._overlaps(srv):
+                    self._replace(srv, now)
+                    return
+                self._take_over(srv, now)
             self._record_members(srv, now)
             self.health.check(srv, now)
         elif rec.state == lc.STOPPED:
@@ -420,6 +460,8 @@ class Supervisor:
         exited, exit = self.procs.exit_status(slot.handle)
         if exited:
             lines = logfiles.since_last_start(self.store.log_path(rec.ref)) if self.log_to_files else []
+            if exit.code == EXIT_NO_SOCKET and self.uses_socket(srv):
+                self._without_socket(srv, explaining_line(lines) or "the server cannot take a socket")
             self.crash(srv, now, exit, classify_exit(exit, lines))
             return False
         if slot.handle.popen is None and slot.handle.pidfd is None:
@@ -439,13 +481,27 @@ class Supervisor:
             close_pidfd(slot.handle)
         slot.handle = Handle(ident, None, open_pidfd(ident))
         slot.prepared = rec.state in (lc.READY, lc.UNHEALTHY)
+        slot.notified = rec.state in (lc.READY, lc.UNHEALTHY)
         if found_by_token:
             lc.spawned(rec, ident, "adopted: started by a supervisor that died before recording it")
         log.info("%s: adopted running pid %s (%s)", rec.label, ident.pid, rec.state)
+        if self.uses_socket(srv) and rec.ref not in self.listeners and rec.port:
+            held = take_from_process(ident.pid, rec.port, srv.spec.host)
+            if held is not None:
+                self.listeners[rec.ref] = held
+                rec.socket = "held"
+                log.info("%s: took its listening socket back from pid %s", rec.label, ident.pid)
+            else:
+                rec.socket = "held by the instance: modelctl takes it again when the instance restarts"
         return True
 
     def crash(self, srv: Server, now: float, exit: Exit | None, failure: Failure) -> None:
-        """A failure: count it, remember it, and stop what is left of the instance first."""
+        """A failure: count it, remember it, and stop what is left of the instance first (and a
+        successor that was starting beside it: the crash path starts a fresh one)."""
+        if srv.rec.successor is not None:
+            self._retire(srv, srv.rec.successor, srv.slot.successor, srv.slot.successor_notify, now)
+            srv.slot.successor, srv.slot.successor_notify, srv.slot.successor_notified = None, None, False
+            lc.lost_successor(srv.rec)
         lc.crashed(srv.rec, now, exit, failure, srv.spec.restart)
         srv.slot.failure, srv.slot.failure_exit = failure, exit
         self.begin_stop(srv.rec, srv.slot, srv.spec, AFTER_CRASH, now)
@@ -477,23 +533,60 @@ class Supervisor:
     def _start(self, srv: Server, now: float) -> None:
         """Save the intent, then spawn: the token names the process before it exists."""
         rec, slot, spec = srv.rec, srv.slot, srv.spec
-        launch = get_backend(spec.kind).launch(spec, rec.port, rec.gpus)
         lc.intend_start(rec, uuid.uuid4().hex, now)
         slot.prepared, slot.unhealthy_since, slot.next_probe_at, slot.starved = False, None, now, 0.0
         slot.probe = slot.prepare = None
-        if slot.handle is not None:
-            close_pidfd(slot.handle)
-        slot.handle = None
+        self._drop_instance_handles(slot)
         slot.wake_at(now)
-        if launch is None:  # lives elsewhere: nothing to spawn, only to probe and prepare
+        if get_backend(spec.kind).is_external(spec):  # lives elsewhere: nothing to spawn, only to probe and prepare
             lc.external_start(rec)
             return
-        holder = self.procs.port_holder(rec.port, spec.host) if rec.port else None
-        if holder:
-            self.crash(srv, now, None, Failure("address-in-use", f"cannot start: {holder}", True))
+        if self.uses_socket(srv):
+            problem = self._hold_socket(srv)
+        else:
+            holder = self.procs.port_holder(rec.port, spec.host) if rec.port else None
+            problem = f"cannot start: {holder}" if holder else None
+        if problem:
+            self.crash(srv, now, None, Failure("address-in-use", problem, True))
             return
         self.save_if_changed(rec, slot, now)  # the intent: a DiskError here means nothing is spawned
         assert rec.instance is not None
+        spawned = self._spawn(srv, rec.instance.token, now)
+        if isinstance(spawned, Failure):
+            lc.failed_to_start(rec, spawned, now)
+            log.error("%s: %s", rec.label, rec.history.last_error)
+            return
+        slot.handle, slot.notify = spawned
+        slot.notified = False
+        slot.next_probe_at = now + self.health.startup_probe_seconds
+        slot.wake_at(slot.next_probe_at)
+        lc.spawned(rec, slot.handle.ident)
+        log.info(
+            "%s: started pid %s on port %s%s",
+            rec.label,
+            slot.handle.ident.pid,
+            rec.port,
+            " (held socket)" if slot.notify or self.uses_socket(srv) else "",
+        )
+
+    def _spawn(self, srv: Server, token: str, now: float) -> tuple[Handle, NotifySocket | None] | Failure:
+        """One instance's process: its log, its environment and token, the held socket as fd 3
+        and a notify socket for its READY=1 where the server takes them."""
+        rec, spec = srv.rec, srv.spec
+        listener = self.listeners.get(rec.ref) if self.uses_socket(srv) else None
+        launch = get_backend(spec.kind).launch(spec, rec.port, rec.gpus, socket=listener is not None)
+        assert launch is not None
+        env = server_environment(spec, launch, rec.port, rec.gpus, token, self.store.root / "cache")
+        program = launch.argv[0]
+        notify: NotifySocket | None = None
+        pass_fds: tuple[int, ...] = ()
+        if listener is not None:
+            env.update(activation_env(), MODELCTL_BACKLOG=str(spec.backlog))
+            launch = dataclasses.replace(launch, argv=activation_argv(launch.argv, listener.fileno()))
+            pass_fds = (listener.fileno(),)
+            if spec.notify:
+                notify = NotifySocket(token)
+                env["NOTIFY_SOCKET"] = notify.address
         log_fd = None
         try:
             if self.log_to_files:
@@ -501,22 +594,133 @@ class Supervisor:
                 self.store.ensure(path.parent)
                 log_fd = logfiles.open_for_append(path)
                 logfiles.write_mark(log_fd, f"starting {rec.label}: {' '.join(launch.argv)}", now)
-            env = server_environment(spec, launch, rec.port, rec.gpus, rec.instance.token, self.store.root / "cache")
-            handle = self.procs.spawn(launch, env, log_fd)
+            return self.procs.spawn(launch, env, log_fd, pass_fds), notify
         except OSError as e:
-            what = "missing-executable" if isinstance(e, FileNotFoundError) and e.filename == launch.argv[0] else "cannot-start"
-            failure = Failure(what, f"cannot run {launch.argv[0]!r}: {e.strerror or e}", False)
-            lc.failed_to_start(rec, failure, now)
-            log.error("%s: %s", rec.label, rec.history.last_error)
-            return
+            if notify is not None:
+                notify.close()
+            what = "missing-executable" if isinstance(e, FileNotFoundError) and e.filename == program else "cannot-start"
+            return Failure(what, f"cannot run {program!r}: {e.strerror or e}", False)
         finally:
             if log_fd is not None:
                 os.close(log_fd)
-        slot.handle = handle
-        slot.next_probe_at = now + self.health.startup_probe_seconds
-        slot.wake_at(slot.next_probe_at)
-        lc.spawned(rec, handle.ident)
-        log.info("%s: started pid %s on port %s", rec.label, handle.ident.pid, rec.port)
+
+    # ------------------------------------------------------------------ verbs: the held socket
+    def uses_socket(self, srv: Server) -> bool:
+        refused = srv.slot.no_socket or srv.rec.socket.startswith("not held")
+        return srv.spec.socket and not refused and srv.rec.port is not None
+
+    def _hold_socket(self, srv: Server) -> str | None:
+        """Bind the server's port and listen, once for the server's life; why not, if it cannot."""
+        rec, spec = srv.rec, srv.spec
+        if rec.ref in self.listeners:
+            return None
+        assert rec.port is not None
+        try:
+            self.listeners[rec.ref] = Listener.bind(spec.host, rec.port, spec.backlog)
+        except OSError as e:
+            holder = self.procs.port_holder(rec.port, spec.host) or f"port {rec.port}: {e.strerror or e}"
+            return f"cannot hold the port: {holder}"
+        rec.socket = "held"
+        log.info("%s: holding %s:%s (backlog %s)", rec.label, spec.host, rec.port, spec.backlog)
+        return None
+
+    def _without_socket(self, srv: Server, why: str) -> None:
+        """The server said it cannot serve from a handed socket (a vLLM whose internals differ):
+        run it the plain way from now on, and say so in status."""
+        srv.slot.no_socket = why
+        srv.rec.socket = f"not held: {why}"
+        self.close_listener(srv.rec.ref)
+        log.warning("%s: runs without a held socket: %s", srv.label, why)
+
+    def close_listener(self, ref: ServerRef) -> None:
+        listener = self.listeners.pop(ref, None)
+        if listener is not None:
+            listener.close()
+            slot = self.slots.get(ref)
+            if slot is not None and slot.rec is not None and slot.rec.socket == "held":
+                slot.rec.socket = ""
+            log.info("%s: closed its listening socket", ref)
+
+    def _overlaps(self, srv: Server) -> bool:
+        """A replacement starts the new instance first where the server says READY=1 on the held socket."""
+        return srv.spec.replace == "overlap" and srv.spec.notify and self.uses_socket(srv) and srv.rec.ref in self.listeners
+
+    def _take_over(self, srv: Server, now: float) -> None:
+        """Start a successor beside the serving instance; once it says READY=1, it takes over and the
+        old one is stopped (SIGTERM: in-flight requests finish). Both accept meanwhile."""
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        if rec.successor is None:
+            if not rec.outdated:
+                return
+            why = "the spec changed" if rec.instance and rec.instance.fingerprint != rec.fingerprint else "restart"
+            lc.intend_successor(rec, uuid.uuid4().hex, now, why)
+            self.save_if_changed(rec, slot, now)
+            assert rec.successor is not None
+            spawned = self._spawn(srv, rec.successor.token, now)
+            if isinstance(spawned, Failure):
+                lc.successor_failed(rec, spawned, None, now)
+                return
+            slot.successor, slot.successor_notify = spawned
+            slot.successor_notified = False
+            lc.successor_spawned(rec, slot.successor.ident)
+            log.info("%s: replacing (%s): new instance pid %s on the same socket", rec.label, why, slot.successor.ident.pid)
+            slot.wake_at(now + spec.startup_timeout)
+            return
+        if slot.successor is None:  # a supervisor died during the overlap: the successor is not ours to watch
+            ident = self.procs.find_leader(rec.successor.token)
+            if ident is None:
+                lc.successor_failed(rec, Failure("crash", "the new instance is gone", True), Exit(), now)
+                return
+            slot.successor = Handle(ident, None, open_pidfd(ident))
+        exited, exit = self.procs.exit_status(slot.successor)
+        if exited or now - rec.successor.started_at > spec.startup_timeout:
+            failure = (
+                classify_exit(exit, logfiles.since_last_start(self.store.log_path(rec.ref)) if self.log_to_files else [])
+                if exited
+                else Failure("startup-timeout", f"not ready after {spec.startup_timeout:g}s (startup_timeout)", True)
+            )
+            self._retire(srv, rec.successor, slot.successor, slot.successor_notify, now)
+            slot.successor, slot.successor_notify, slot.successor_notified = None, None, False
+            lc.successor_failed(rec, failure, exit if exited else None, now)
+            log.error("%s: %s", rec.label, rec.history.last_error)
+            return
+        if not slot.successor_notified:
+            slot.wake_at(rec.successor.started_at + spec.startup_timeout)
+            return
+        old_handle, old_notify = slot.handle, slot.notify
+        old = lc.successor_took_over(rec, now)
+        slot.handle, slot.notify, slot.notified = slot.successor, slot.successor_notify, True
+        slot.successor, slot.successor_notify, slot.successor_notified = None, None, False
+        slot.unhealthy_since, slot.prepared = None, True
+        slot.next_probe_at = now + spec.health.interval
+        log.info("%s: the new instance pid %s took over; stopping the old one (pid %s)", rec.label, rec.pid, old.pid)
+        self._retire(srv, old, old_handle, old_notify, now)
+
+    def _retire(self, srv: Server, inst: Instance, handle: Handle | None, notify: NotifySocket | None, now: float) -> None:
+        """Stop a replaced (or failed new) instance in the background; nothing waits for it."""
+        members = tuple(ProcessIdentity(int(p), float(c)) for p, c in inst.members)
+        leader = ProcessIdentity(inst.pid, inst.create_time) if inst.pid is not None and inst.create_time is not None else None
+        target = StopTarget(f"{srv.label} (replaced)", leader, inst.token, members)
+        if notify is not None:
+            notify.close()
+
+        def stop() -> StopResult:
+            result = self.procs.stop(target, srv.spec.stop_timeout)
+            if handle is not None:
+                if handle.popen is not None:
+                    handle.popen.poll()
+                close_pidfd(handle)
+            return result
+
+        srv.slot.retiring = [f for f in srv.slot.retiring if not f.done()] + [self._submit(self.stop_executor, srv.slot, stop)]
+
+    def _drop_instance_handles(self, slot: Slot) -> None:
+        if slot.handle is not None:
+            close_pidfd(slot.handle)
+        slot.handle = None
+        if slot.notify is not None:
+            slot.notify.close()
+        slot.notify, slot.notified = None, False
 
     def _record_members(self, srv: Server, now: float) -> None:
         """Remember the leader's descendants: the proof for ones that later clear their environment."""
@@ -568,6 +772,9 @@ class Supervisor:
         """
         target = dataclasses.replace(target_of(rec), port=None)
         handle, slot.handle = slot.handle, None
+        if slot.notify is not None:
+            slot.notify.close()
+        slot.notify, slot.notified = None, False
         slot.probe = slot.prepare = None
         slot.after_stop, slot.stop_token = after, rec.token
         timeout = spec.stop_timeout if spec is not None else DEFAULT_STOP_TIMEOUT
@@ -641,6 +848,10 @@ class Supervisor:
         for slot in self.slots.values():
             if slot.handle is not None:
                 close_pidfd(slot.handle)
+        # the held sockets close with us: running instances keep their own copies and serve on;
+        # the next supervisor takes them back from the instances (pidfd_getfd)
+        for listener in self.listeners.values():
+            listener.close()
 
 
 def open_pidfd(ident: ProcessIdentity) -> int | None:

@@ -47,6 +47,9 @@ class HealthWatch:
     def check(self, srv: _Server, now: float) -> None:
         if self.collect_preparation(srv, now):
             return
+        if srv.rec.state == lc.STARTING and srv.slot.notify is not None:
+            self.await_ready(srv, now)
+            return
         self.collect_probe(srv, now)
         if srv.rec.state not in lc.ALIVE or srv.slot.stop is not None:
             return
@@ -79,6 +82,18 @@ class HealthWatch:
         rec.startup["prepare"] = round(now - (slot.prepare_started or now), 3)
         self.mark_ready(srv, now)
         return True
+
+    # ------------------------------------------------------------------ READY=1
+    def await_ready(self, srv: _Server, now: float) -> None:
+        """A server on a held socket is ready when it says so: a probe through the socket could be
+        answered by nobody yet (it waits in the backlog) or by another instance."""
+        rec, slot = srv.rec, srv.slot
+        if slot.notified:
+            rec.startup["port_open"] = 0.0  # held all along
+            self.apply_startup_probe(srv, ProbeResult(True, "READY=1", connected=True), now)
+            return
+        rec.detail = "starting: the socket is held; waiting for the server's READY=1"
+        self.enforce_timeouts(srv, now)
 
     # ------------------------------------------------------------------ probes
     def collect_probe(self, srv: _Server, now: float) -> None:

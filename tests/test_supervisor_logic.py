@@ -52,7 +52,7 @@ class FakeProcs:
         self.tokens: dict[str, int] = {}  # the instance token each process carries
         self.die_after_spawn = False  # the supervisor is killed right after its next spawn
 
-    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None) -> Handle:
+    def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None, pass_fds: tuple[int, ...] = ()) -> Handle:
         pid = next(self.pids)
         self.spawned.append((pid, list(launch.argv)))
         self.alive.add(pid)

@@ -57,8 +57,22 @@ class Backend:
         """True when the server lives elsewhere: nothing to spawn or bind, only to probe and prepare."""
         return False
 
-    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch | None:
-        """The process to run, or None when the server lives elsewhere (an external host)."""
+    def socket_support(self, options: Mapping[str, Any]) -> str | None:
+        """None if servers of this kind (with these keys) can serve from an inherited listening
+        socket (LISTEN_FDS); else why not, for the error that refuses `socket: inherit`."""
+        return f"kind '{self.kind}' binds its own port and cannot take a socket from modelctl"
+
+    def socket_by_default(self, options: Mapping[str, Any]) -> bool:
+        """Whether `socket:` left out means inherit."""
+        return False
+
+    def says_ready(self, options: Mapping[str, Any]) -> bool:
+        """Whether an instance sends READY=1 to NOTIFY_SOCKET once it serves (when it has a socket)."""
+        return False
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch | None:
+        """The process to run, or None when the server lives elsewhere (an external host).
+        With `socket`, the process finds its listening socket at fd 3 (LISTEN_FDS)."""
         raise NotImplementedError
 
     def base_url(self, spec: ServerSpec, port: int | None) -> str:

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, ClusterContainer, Launch
-from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_str, check_str_list, required
+from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, check_str_list, required
 
-PLACEHOLDERS = ("port", "host", "gpus", "model", "name")
+PLACEHOLDERS = ("port", "host", "gpus", "model", "name", "fd")
 
 
 def placeholders_in(argv: list[str], key: str = "command") -> set[str]:
@@ -36,6 +36,7 @@ def fill_placeholders(argv: list[str], spec: ServerSpec, port: int | None, gpus:
         "gpus": ",".join(map(str, gpus)),
         "model": str(spec.options.get("model") or ""),
         "name": spec.name,
+        "fd": "3",  # SD_LISTEN_FDS_START: where an inherited socket is (socket: inherit)
     }
     return [arg.format_map(values) for arg in argv]
 
@@ -50,6 +51,7 @@ class CommandBackend(Backend):
         "model": Key(check_str, None, "value of the {model} placeholder"),
         "cwd": Key(check_str, None, "working directory"),
         "port_env": Key(check_str, None, "environment variable the server reads its port from (e.g. PORT), for argvs without {port}"),
+        "notify": Key(check_bool, False, "the server says READY=1 on $NOTIFY_SOCKET once it serves (with socket: inherit)"),
     }
 
     def default_health(self, options: Mapping[str, Any]) -> HealthSpec:
@@ -62,7 +64,12 @@ class CommandBackend(Backend):
         used = placeholders_in(argv)
         fixed = common.get("port")
         literal = fixed is not None and any(str(fixed) in arg for arg in argv)
-        if "port" not in used and not options.get("port_env") and not literal:
+        inherits = common.get("socket") == "inherit"
+        if "fd" in used and not inherits:
+            raise KeyProblem("command", "uses {fd} (an inherited socket) but the server has no socket: inherit")
+        if options.get("notify") and not inherits:
+            raise KeyProblem("notify", "READY=1 is read from servers that take their socket from modelctl: add socket: inherit")
+        if "port" not in used and not options.get("port_env") and not literal and not inherits:
             # the server would listen somewhere else than where modelctl probes and clients call
             raise KeyProblem(
                 "command",
@@ -82,6 +89,12 @@ class CommandBackend(Backend):
         env = {spec.options["port_env"]: str(port)} if spec.options.get("port_env") else {}
         return ClusterContainer(image=image, command=argv, args=[], env=env, cache_path="/cache", working_dir=spec.options.get("cwd"))
 
-    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
+    def socket_support(self, options: Mapping[str, Any]) -> str | None:
+        return None  # any server that reads LISTEN_FDS (gunicorn, uvicorn --fd 3, ...), when the profile says so
+
+    def says_ready(self, options: Mapping[str, Any]) -> bool:
+        return bool(options.get("notify"))
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch:
         env = {spec.options["port_env"]: str(port)} if spec.options.get("port_env") else {}
         return Launch(argv=fill_placeholders(spec.options["command"], spec, port, gpus), env=env, cwd=spec.options.get("cwd"))

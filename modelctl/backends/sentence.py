@@ -78,7 +78,8 @@ class SentenceBackend(Backend):
         return str(spec.options.get("model_name") or spec.name)
 
     def server_args(self, spec: ServerSpec, port: int | None) -> list[str]:
-        """The bundled server's flags (also the container's args on Kubernetes)."""
+        """The bundled server's flags (also the container's args on Kubernetes). With a socket
+        from LISTEN_FDS it ignores --host and --port, and loads its model before it accepts."""
         o = spec.options
         args = [
             "--model-path", o["model"],
@@ -113,7 +114,16 @@ class SentenceBackend(Backend):
             downloads=spec.options["model"] != BUNDLED_MODEL or spec.options["backend"] != "torch",
         )
 
-    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
+    def socket_support(self, options: Mapping[str, Any]) -> str | None:
+        return None
+
+    def socket_by_default(self, options: Mapping[str, Any]) -> bool:
+        return True
+
+    def says_ready(self, options: Mapping[str, Any]) -> bool:
+        return True
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch:
         argv = [spec.options.get("python") or sys.executable, "-m", "servers.sentence", *self.server_args(spec, port)]
         # put the bundled `servers` package on the path, keeping whatever path we were given
         env = {"PYTHONPATH": os.pathsep.join(p for p in (servers_root(), os.environ.get("PYTHONPATH")) if p)}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
+from modelctl import launchers
 from modelctl.backends.base import Backend, ClusterContainer, Launch
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_count, check_str, check_str_list, required
 
@@ -57,10 +59,24 @@ class VllmBackend(Backend):
             shm=tp > 1,
         )
 
-    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch:
+    def socket_support(self, options: Mapping[str, Any]) -> str | None:
+        if options.get("executable"):
+            return "`vllm serve` (executable:) is run as it is; give python: instead, whose launcher hands vLLM the socket"
+        return None
+
+    def socket_by_default(self, options: Mapping[str, Any]) -> bool:
+        return True
+
+    def says_ready(self, options: Mapping[str, Any]) -> bool:
+        return True  # the launcher says READY=1 once uvicorn serves
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch:
         o = spec.options
         if o.get("executable"):
             argv = [o["executable"], "serve", o["model"]]
+        elif socket:
+            # modelctl's launcher, run by vLLM's interpreter: vLLM serves on the inherited socket
+            argv = [o["python"], str(Path(launchers.__file__).parent / "vllm_socket.py"), "--model", o["model"]]
         else:
             argv = [o["python"], "-m", "vllm.entrypoints.openai.api_server", "--model", o["model"]]
         argv += ["--host", spec.host, "--port", str(port), "--served-model-name", self.served_name(spec)]

@@ -8,11 +8,14 @@ instead of restarting it in a loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn, get_args
 
+from servers.sentence.activation import inherited_socket, notify
 from servers.sentence.app import EXIT_CONFIG
 from servers.sentence.service import ModelFactory
 from servers.sentence.settings import Backend, ServerSettings, Task
@@ -93,12 +96,20 @@ def check_model_path(model_path: str) -> None:
         sys.exit(EXIT_CONFIG)
 
 
+BACKLOG = 4096  # the same as the supervisor's: listen() again on an inherited socket must not shrink it
+
+
 def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = False, model_factory: ModelFactory | None = None) -> None:
+    """Serve on settings.port, or on the socket a supervisor handed us (LISTEN_FDS): then load
+    the model before accepting anything, and say READY=1 once serving."""
     import uvicorn
 
     from servers.sentence.app import create_app
     from servers.sentence.protocol import connection_cap, guarded_protocol, raise_fd_limit
 
+    sock = inherited_socket()
+    if sock is not None:
+        settings = dataclasses.replace(settings, load_before_serving=True)
     cap = connection_cap(settings, raise_fd_limit())
     config = uvicorn.Config(
         create_app(settings, model_factory),
@@ -108,8 +119,16 @@ def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = 
         access_log=access_log,
         timeout_graceful_shutdown=5,
         http=guarded_protocol(settings, cap),
+        backlog=BACKLOG,
     )
-    uvicorn.Server(config).run()
+
+    class NotifyingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                notify("READY=1")
+
+    NotifyingServer(config).run(sockets=[sock] if sock is not None else None)
 
 
 def main(argv: list[str] | None = None, model_factory: ModelFactory | None = None) -> None:

@@ -80,7 +80,11 @@ def create_app(settings: ServerSettings, model_factory: ModelFactory | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        threading.Thread(target=_load, args=(engine, loop), name="load-model", daemon=True).start()
+        if settings.load_before_serving:
+            await asyncio.to_thread(_load, engine, None)  # uvicorn accepts only after this
+            engine.start_batcher()
+        else:
+            threading.Thread(target=_load, args=(engine, loop), name="load-model", daemon=True).start()
         yield
         if engine.batcher is not None:
             await engine.batcher.stop()
@@ -107,8 +111,9 @@ def create_app(settings: ServerSettings, model_factory: ModelFactory | None = No
     return app
 
 
-def _load(engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-    """Load the model; a model that cannot load ends the server with its reason and exit code."""
+def _load(engine: Engine, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Load the model; a model that cannot load ends the server with its reason and exit code.
+    With a loop, the batcher is started on it once loaded (else the caller starts it)."""
     try:
         engine.load()
     except ConfigurationError as e:
@@ -116,7 +121,8 @@ def _load(engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
     except Exception as e:
         traceback.print_exc()
         _die(engine, f"{type(e).__name__}: {e}", EXIT_LOAD_FAILED)
-    loop.call_soon_threadsafe(engine.start_batcher)
+    if loop is not None:
+        loop.call_soon_threadsafe(engine.start_batcher)
 
 
 def _die(engine: Engine, reason: str, code: int) -> None:

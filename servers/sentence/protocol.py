@@ -7,6 +7,11 @@
   gets in.
 - File descriptors: the soft limit is raised to the hard one at start, and `max_connections`
   defaults to that limit less a reserve for the model's own files.
+
+And a drain that loses nothing at shutdown (SIGTERM): the listening socket is closed first (on a
+socket a supervisor holds, new connections wait in its backlog for the next instance); requests
+under way are answered; a connection accepted just before, whose request is still on its way,
+gets DRAIN_FIRST_REQUEST_SECONDS to send it and is answered too, with `Connection: close`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from servers.sentence.settings import ServerSettings
 log = logging.getLogger("servers.sentence")
 
 FD_RESERVE = 256  # descriptors kept for model files, threads and the listening socket
+DRAIN_FIRST_REQUEST_SECONDS = 2.0
 
 
 def raise_fd_limit() -> int:
@@ -74,6 +80,8 @@ def guarded_protocol(settings: ServerSettings, cap: int) -> type:
 
     class GuardedProtocol(HttpToolsProtocol):
         _timer: asyncio.TimerHandle | None = None
+        _served = 0
+        _draining = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -94,14 +102,30 @@ def guarded_protocol(settings: ServerSettings, cap: int) -> type:
             super().on_headers_complete()
             registry.busy(self, True)  # a whole request line and headers: no longer a candidate to close
             self._arm(settings.body_timeout)
+            if self._draining and self.cycle is not None:
+                self.cycle.keep_alive = False  # answered, then closed: we are shutting down
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._disarm()  # the request is in: the app's own time is not limited here
 
         def on_response_complete(self) -> None:
+            self._served += 1
             super().on_response_complete()
             registry.busy(self, False)
+
+        def shutdown(self) -> None:
+            """Graceful shutdown: a fresh connection whose first request is still on its way is
+            given time to send it (it is answered), instead of being closed unanswered."""
+            self._draining = True
+            if self.cycle is None and self._served == 0 and not self.transport.is_closing():
+                self.loop.call_later(DRAIN_FIRST_REQUEST_SECONDS, self._close_if_still_idle)
+                return
+            super().shutdown()
+
+        def _close_if_still_idle(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
 
         def close_idle(self, why: str) -> None:
             self._disarm()

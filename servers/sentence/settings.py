@@ -36,6 +36,9 @@ class ServerSettings:
     backend: Backend = "torch"  # what runs the network: torch, or the model exported to ONNX (onnx, openvino)
     quantize: Literal["int8"] | None = None  # dynamic int8 weights (backend onnx)
     cache_dir: str | None = None  # where exports are kept (default: $MODELCTL_CACHE_DIR, else ~/.cache/modelctl)
+    # serving from a socket a supervisor holds: accept nothing before the model is loaded (clients
+    # wait in the backlog), so that the first request is answered by a ready model, never 503
+    load_before_serving: bool = False
 
     @classmethod
     def api_key_from_env(cls) -> str | None:

@@ -51,7 +51,10 @@ class OllamaBackend(Backend):
     def is_external(self, spec: ServerSpec) -> bool:
         return bool(spec.options["external"])
 
-    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int]) -> Launch | None:
+    def socket_support(self, options: Mapping[str, Any]) -> str | None:
+        return "`ollama serve` binds OLLAMA_HOST itself and cannot take a socket from modelctl"
+
+    def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch | None:
         if self.is_external(spec):
             return None
         o = spec.options
