@@ -187,8 +187,11 @@ class Controller:
         plan.orphans = [r.label for r in mine.values() if isinstance(r, ServerRecord) and r.name not in profile.servers and r.wants_running]
         return plan
 
-    def allocate(self, profile: Profile, plan: UpPlan, snapshot: Snapshot) -> tuple[PortAllocation, dict[str, list[int]]]:
-        """Ports (leased machine-wide) and GPUs for the servers to start; nothing is taken on an error."""
+    def allocate(
+        self, profile: Profile, plan: UpPlan, snapshot: Snapshot, handed: dict[ServerRef, int] | None = None
+    ) -> tuple[PortAllocation, dict[str, list[int]]]:
+        """Ports (leased machine-wide) and GPUs for the servers to start; nothing is taken on an error.
+        `handed`: ports whose listening socket we were handed (systemd's): in use, and ours."""
         readable = [r for r in snapshot.records if isinstance(r, ServerRecord)]
         mine = {r.ref: r for r in readable}
         starting = {s.ref for s in plan.start}
@@ -198,7 +201,8 @@ class Controller:
             old = mine.get(spec.ref)
             previous = old.port if old else None
             alive = old is not None and is_alive(record_identity(old))
-            requests.append(PortRequest.of(spec, previous, previous if alive else None, get_backend(spec.kind).is_external(spec)))
+            own = (handed or {}).get(spec.ref) or (previous if alive else None)
+            requests.append(PortRequest.of(spec, previous, own, get_backend(spec.kind).is_external(spec)))
         held = {r.port: r.label for r in others if r.port and r.wants_running}
         allocation = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))
         try:
@@ -220,6 +224,7 @@ class Controller:
         managed_by: lc.ManagedBy = SUPERVISOR,
         force: bool = False,
         finish: Callable[[ServerRecord], None] | None = None,
+        handed: dict[ServerRef, int] | None = None,
     ) -> tuple[UpPlan, list[ServerRecord]]:
         """Plan and allocate without the lock; under it, check that nothing changed and write the records.
 
@@ -228,7 +233,7 @@ class Controller:
         for _ in range(PLAN_ATTEMPTS):
             snapshot = Snapshot.read(self.store)
             plan = self.plan_up(profile, specs, snapshot, managed_by, force)
-            allocation, gpus = self.allocate(profile, plan, snapshot)
+            allocation, gpus = self.allocate(profile, plan, snapshot, handed)
             current = {r.ref: r for r in snapshot.records if isinstance(r, ServerRecord)}
             records = []
             for spec in plan.start:

@@ -22,6 +22,7 @@ from modelctl.names import ServerRef, unit_name
 from modelctl.profile import Profile
 from modelctl.record import ServerRecord
 from modelctl.runner import Runner
+from modelctl.sockets import Listener, inherited_listen_fd
 from modelctl.state import StateStore
 from modelctl.stopping import record_identity, stop_servers
 from modelctl.supervisor import Supervisor
@@ -105,6 +106,12 @@ def run_foreground(store: StateStore, profile: Profile, name: str, port: int | N
     if gpus is not None:
         spec = dataclasses.replace(spec, gpus=tuple(gpus))
     ctl = Controller(store)
+    handed = inherited_listen_fd()
+    listener = Listener.from_fd(handed, spec.host, 0) if handed is not None else None
+    if listener is not None:
+        listener.port = listener.sock.getsockname()[1]
+        if spec.port is None:
+            spec = dataclasses.replace(spec, port=listener.port)  # the .socket unit's port
     existing = store.load(spec.ref)
     if isinstance(existing, ServerRecord) and is_alive(record_identity(existing)):
         if existing.wish.managed_by != lc.SYSTEMD:
@@ -115,9 +122,15 @@ def run_foreground(store: StateStore, profile: Profile, name: str, port: int | N
         lc.fresh_start(rec)
         rec.info = {**rec.info, "systemd_unit": unit_name(profile.name, name)}
 
-    ctl.write_up(profile, [spec], managed_by=lc.SYSTEMD, force=True, finish=finish)
+    ctl.write_up(profile, [spec], managed_by=lc.SYSTEMD, force=True, finish=finish, handed={spec.ref: listener.port} if listener else None)
 
     notifier = Notifier(os.environ.get("NOTIFY_SOCKET"))
     notifier.send(f"STATUS=starting {spec.ref}")
     supervisor = Supervisor(store, managed_by=lc.SYSTEMD, only={spec.ref}, log_to_files=False)
+    if listener is not None:
+        # systemd's .socket unit holds the socket across our restarts: hand it on to the server
+        supervisor.listeners[spec.ref] = listener
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(key, None)
+        log.info("%s: serving on the socket systemd holds (port %s)", spec.ref, listener.port)
     return Runner(supervisor, ForegroundPolicy(store, spec.ref, notifier)).run()

@@ -10,8 +10,8 @@
   that can take a socket is ready when it says so.
 
 `LISTEN_PID` must be the pid of the process that reads it, which is known only after the fork:
-instances start through `/bin/sh`, which moves the socket to fd 3, sets `LISTEN_PID=$$` and
-execs the server (same pid). A supervisor that adopts a running instance after a restart of its
+instances start through a tiny exec shim that moves the socket to fd 3, sets `LISTEN_PID` to
+its own pid and execs the server (same pid). A supervisor that adopts a running instance after a restart of its
 own takes a copy of the instance's socket back with pidfd_getfd(2).
 """
 
@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 log = logging.getLogger("modelctl.sockets")
@@ -32,8 +33,20 @@ LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 DEFAULT_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 FD_NAME = "http"
 _SYS_PIDFD_GETFD = 438  # x86_64, aarch64 and the other generic syscall tables alike
-# /bin/sh moves the socket from fd $0 to 3, closes $0, names itself as LISTEN_PID and execs the server
-_SHIM = 'exec 3<&"$0" || exit 71; [ "$0" = 3 ] || eval "exec $0<&-"; LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+# moves the socket from fd argv[1] to 3, names itself as LISTEN_PID and execs the server (same pid);
+# Python rather than /bin/sh, whose redirections take fd numbers up to 9 only (dash)
+_SHIM = """import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as e:
+    sys.stderr.write(f"cannot run {sys.argv[2]!r}: {e.strerror}\\n")
+    os._exit(127 if isinstance(e, FileNotFoundError) else 126)
+"""
 
 
 class Listener:
@@ -150,8 +163,9 @@ def take_from_process(pid: int, port: int, host: str) -> Listener | None:
 
 
 def activation_argv(argv: list[str], fd: int) -> list[str]:
-    """argv run so that it finds the socket now at `fd` as fd 3, with LISTEN_PID set to its own pid."""
-    return ["/bin/sh", "-c", _SHIM, str(fd), *argv]
+    """argv run so that it finds the socket now at `fd` as fd 3, with LISTEN_PID set to its own pid
+    (a tiny Python exec shim: -I -S, about 15 ms)."""
+    return [sys.executable, "-I", "-S", "-c", _SHIM, str(fd), *argv]
 
 
 def activation_env(name: str = FD_NAME) -> dict[str, str]:

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ from modelctl.process import (
 )
 from modelctl.profile import record_spec
 from modelctl.record import Instance, ServerRecord
+from modelctl.sanitize import one_line
 from modelctl.sockets import Listener, NotifySocket, activation_argv, activation_env, take_from_process
 from modelctl.spec import ServerSpec
 from modelctl.state import BrokenRecord, LockTimeout, Stamp, StateStore
@@ -578,6 +580,9 @@ class Supervisor:
         assert launch is not None
         env = server_environment(spec, launch, rec.port, rec.gpus, token, self.store.root / "cache")
         program = launch.argv[0]
+        mark = f"starting {rec.label}: {one_line(shlex.join(launch.argv))}" + (
+            " (on the held socket, as fd 3)" if listener is not None else ""
+        )
         notify: NotifySocket | None = None
         pass_fds: tuple[int, ...] = ()
         if listener is not None:
@@ -593,7 +598,7 @@ class Supervisor:
                 path = self.store.log_path(rec.ref)
                 self.store.ensure(path.parent)
                 log_fd = logfiles.open_for_append(path)
-                logfiles.write_mark(log_fd, f"starting {rec.label}: {' '.join(launch.argv)}", now)
+                logfiles.write_mark(log_fd, mark, now)
             return self.procs.spawn(launch, env, log_fd, pass_fds), notify
         except OSError as e:
             if notify is not None:
@@ -613,6 +618,7 @@ class Supervisor:
         """Bind the server's port and listen, once for the server's life; why not, if it cannot."""
         rec, spec = srv.rec, srv.spec
         if rec.ref in self.listeners:
+            rec.socket = "held"
             return None
         assert rec.port is not None
         try:

@@ -3,6 +3,10 @@
 Ports and GPUs are resolved when the units are written — an `auto` port becomes a number in
 the unit — so the servers come back at boot where clients expect them. Unit names carry the
 profile (modelctl-<profile>-<server>.service), so two profiles' servers never collide.
+
+A server that can take a socket gets a `.socket` unit beside its service (`ListenStream=`,
+`Accept=no`): systemd holds the listening socket across restarts of the service, exactly as
+the supervisor does, and `modelctl run` hands it on to the server (fd 3, LISTEN_FDS).
 """
 
 from __future__ import annotations
@@ -70,6 +74,40 @@ def resolve_allocations(profile: Profile, store: StateStore) -> tuple[dict[str, 
     return {ref.name: port for ref, port in ports.items()}, gpus
 
 
+def socket_unit_name(profile: Profile, spec: ServerSpec) -> str:
+    return unit_name(profile.name, spec.name).removesuffix(".service") + ".socket"
+
+
+def listen_address(host: str, port: int) -> str:
+    if host in ("", "*"):
+        return str(port)
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def socket_unit(profile: Profile, spec: ServerSpec, port: int) -> str:
+    """The listening socket systemd holds for the server across restarts of its service."""
+    return "\n".join(
+        [
+            "[Unit]",
+            f"Description=modelctl socket of {spec.kind} server {spec.name} (profile {profile.name})",
+            f"PartOf={target_name(profile)}",
+            "",
+            "[Socket]",
+            f"ListenStream={listen_address(spec.host, port)}",
+            "Accept=no",
+            f"Backlog={spec.backlog}",
+            "FileDescriptorName=http",
+            f"Service={unit_name(profile.name, spec.name)}",
+            "",
+            "[Install]",
+            f"WantedBy={target_name(profile)}",
+            "",
+        ]
+    )
+
+
 def service_unit(profile: Profile, spec: ServerSpec, store: StateStore, port: int | None, gpus: list[int], user: bool) -> str:
     argv = [sys.executable, "-m", "modelctl", "--state-dir", str(Path(store.root).resolve()), "run", spec.name,
             "--profile", str(Path(profile.path).resolve())]  # fmt: skip
@@ -79,11 +117,14 @@ def service_unit(profile: Profile, spec: ServerSpec, store: StateStore, port: in
         argv += ["--gpus", ",".join(map(str, gpus))]
     policy = spec.restart
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), **spec.env}
+    held = spec.socket and port is not None
+    socket_deps = [f"Requires={socket_unit_name(profile, spec)}", f"After={socket_unit_name(profile, spec)}"] if held else []
     lines = [
         "[Unit]",
         f"Description=modelctl {spec.kind} server {spec.name} (profile {profile.name})",
         "After=network-online.target",
         "Wants=network-online.target",
+        *socket_deps,
         f"PartOf={target_name(profile)}",
         f"StartLimitIntervalSec={int(policy.window)}",
         f"StartLimitBurst={policy.max_failures}",
@@ -129,10 +170,12 @@ def target_unit(profile: Profile, user: bool) -> str:
 def generate_units(profile: Profile, store: StateStore, user: bool = True) -> dict[str, str]:
     """File name → unit text, for every server of the profile and its target."""
     ports, gpus = resolve_allocations(profile, store)
-    units = {
-        unit_name(profile.name, spec.name): service_unit(profile, spec, store, ports[spec.name], gpus.get(spec.name, []), user)
-        for spec in profile.servers.values()
-    }
+    units = {}
+    for spec in profile.servers.values():
+        port = ports[spec.name]
+        units[unit_name(profile.name, spec.name)] = service_unit(profile, spec, store, port, gpus.get(spec.name, []), user)
+        if spec.socket and port is not None:
+            units[socket_unit_name(profile, spec)] = socket_unit(profile, spec, port)
     units[target_name(profile)] = target_unit(profile, user)
     return units
 

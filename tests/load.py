@@ -5,7 +5,8 @@ answered (with its status), refused (nothing listened: ECONNREFUSED) or failed (
 before an answer, timed out). A request whose connection was closed before any answer is sent
 once more, as HTTP clients do (the openai SDK retries connection errors twice): a request that a
 killed process had accepted dies with it, and no manager can answer it. Refused connections are
-not retried. The outage is the longest time in which no request was answered 200. Used by the
+not retried; after one, or after an answer other than 200, a client pauses 0.1 s (RETRY_PAUSE).
+The outage is the longest time in which no request was answered 200. Used by the
 tests of held sockets and by bench/socket_restarts.py.
 """
 
@@ -83,6 +84,9 @@ class Tally:
 RETRIED = ("RemoteDisconnected", "ConnectionResetError", "BrokenPipeError")
 
 
+RETRY_PAUSE = 0.1  # after a refused connection or an answer other than 200, as an impatient client
+
+
 class ClosedLoop:
     """`clients` threads, each sending the same POST again as soon as it is answered."""
 
@@ -116,8 +120,8 @@ class ClosedLoop:
                 outcome = dataclasses.replace(self.call(), retried=True)
             with self._lock:
                 self.tally.outcomes.append(outcome)
-            if outcome.error == "refused":
-                time.sleep(0.01)  # a refused connect returns at once: do not spin
+            if outcome.status != 200:
+                time.sleep(RETRY_PAUSE)  # a refused connect or a 503 returns at once: do not spin
 
     def call(self) -> Outcome:
         t0 = time.monotonic()

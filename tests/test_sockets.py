@@ -232,3 +232,60 @@ def test_a_vllm_that_cannot_take_the_socket_runs_the_plain_way_and_status_says_s
     assert row["state"] == "ready" and row["socket"].startswith("not held") and "create_server_socket" in row["socket"]
     assert http_get(row["url"] + "/health")[0] == 200
     assert "not held" in mc.cli("status", "test/llm").stdout
+
+
+def test_a_missing_program_on_a_held_socket_fails_at_once(mc):
+    path = mc.profile(
+        {"web": {**listen_server(), "command": ["/no/such/server", "--fd", "{fd}"], "restart": {"backoff": 0.2, "max_failures": 5}}}
+    )
+    res = mc.cli("up", "-p", str(path))
+    assert res.returncode == 1
+    row = mc.row("web")
+    assert row["state"] == "failed" and row["restarts"] == 0 and row["exits"][0]["class"] == "missing-executable"
+    assert "/no/such/server" in row["last_error"]
+
+
+# ---------------------------------------------------------------------- the bundled server, real MiniLM
+@pytest.mark.slow
+def test_the_first_request_to_a_fresh_minilm_server_is_answered_by_a_ready_model_never_503(mc):
+    path = mc.profile({"emb": {"kind": "sentence"}})
+    assert mc.cli("up", "-p", str(path), "--no-wait").returncode == 0
+    url = mc.row("emb")["url"]
+    status, body, _ = http_post(url + "/v1/embeddings", {"input": "the model is still loading"}, timeout=120)
+    assert status == 200 and len(body["data"][0]["embedding"]) == 384
+    row = mc.row("emb")
+    assert row["state"] == "ready" and row["socket"] == "held"
+
+
+@pytest.mark.slow
+def test_minilm_sigkill_restart_and_a_new_spec_refuse_and_fail_no_request(mc):
+    """8 clients call the real MiniLM server in a closed loop (timeouts long enough to wait out a
+    model load) while it is SIGKILLed, restarted, and replaced by a new spec."""
+    server = {"kind": "sentence", "restart": {"backoff": 0.5}}
+    up(mc, {"emb": server})
+    row = mc.row("emb")
+    totals = {}
+    with ClosedLoop(row["url"], "/v1/embeddings", {"input": "hello world"}, clients=8, timeout=120) as load:
+        load.wait_answered(50)
+        t0 = time.monotonic()
+        os.kill(row["pid"], signal.SIGKILL)
+        row = ready_again(mc, "emb", row["pid"], timeout=120)
+        load.wait_answered(50)
+        totals["kill"] = load.tally.summary(t0, time.monotonic())
+        start_time = row["startup"]["total"]
+        t0 = time.monotonic()
+        assert mc.cli("restart", "test/emb").returncode == 0
+        row = ready_again(mc, "emb", row["pid"], timeout=120)
+        load.wait_answered(50)
+        totals["restart"] = load.tally.summary(t0, time.monotonic())
+        t0 = time.monotonic()
+        up(mc, {"emb": {**server, "model_name": "minilm-2"}})
+        row = ready_again(mc, "emb", row["pid"], timeout=120)
+        load.wait_answered(50)
+        totals["replace"] = load.tally.summary(t0, time.monotonic())
+    print(f"\nMiniLM, socket held (start time {start_time:.1f}s): {totals}")
+    for what, t in totals.items():
+        assert t["refused"] == 0 and t["failed"] == 0, (what, t)
+    assert totals["kill"]["outage_s"] <= start_time + 0.5 + 3.0, totals  # its start, the backoff, a margin
+    assert totals["restart"]["outage_s"] < 1.5 and totals["replace"]["outage_s"] < 1.5, totals
+    assert http_post(row["url"] + "/v1/embeddings", {"input": "x"})[1]["model"] == "minilm-2"

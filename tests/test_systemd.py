@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,7 @@ from modelctl.profile import load_profile
 from modelctl.state import StateStore
 from modelctl.systemd import generate_units, write_units
 
-from .conftest import ROOT, http_get, wait_for
+from .conftest import ROOT, http_get, http_post, wait_for
 
 PROFILES = [*sorted((ROOT / "profiles" / "examples").glob("*.yaml")), ROOT / "profiles" / "default.yaml"]
 
@@ -177,3 +178,47 @@ def test_down_leaves_a_server_that_systemd_runs_to_systemctl(mc):
         res = mc.cli("down")
         assert res.returncode == 0 and "sd/web: runs under systemd; not touched" in res.stdout
         assert psutil.pid_exists(pid) and mc.row("web")["state"] == "ready"
+
+
+def test_a_socket_unit_holds_the_socket_that_modelctl_run_hands_to_the_server(mc):
+    """What systemd does with the .socket unit, done by the test: it binds the port and starts
+    `modelctl run` with the socket at fd 3 (LISTEN_FDS=1, LISTEN_PID); the server serves from it,
+    and while the service is down (between systemd's restarts) a client waits in the backlog."""
+    from modelctl.sockets import Listener, activation_argv, activation_env
+
+    from .test_sockets import listen_server
+
+    path = mc.profile({"web": listen_server()}, port_range=[24960, 24969], name="sd")
+    units = generate_units(load_profile(path), mc.store)
+    port = int(re.search(r"ListenStream=127.0.0.1:(\d+)", units["modelctl-sd-web.socket"]).group(1))
+    assert "Requires=modelctl-sd-web.socket" in units["modelctl-sd-web.service"] and f"--port {port}" in units["modelctl-sd-web.service"]
+    held = Listener.bind("127.0.0.1", port)  # what systemd does with the .socket unit
+    path = mc.profile({"web": {**listen_server(), "port": port}}, name="sd")  # the port the unit resolved
+
+    log = open(mc.tmp / "run.log", "w")
+
+    def run() -> subprocess.Popen:
+        argv = activation_argv([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], held.fileno())
+        return subprocess.Popen(argv, env={**mc.env, **activation_env()}, pass_fds=(held.fileno(),), stdout=log, stderr=subprocess.STDOUT)
+
+    first = run()
+    try:
+        row = wait_ready(mc)
+        assert row["socket"] == "held" and http_post(f"http://127.0.0.1:{held.port}/call", {})[0] == 200
+        os.kill(row["pid"], signal.SIGKILL)  # the server dies: `modelctl run` exits, systemd would restart it
+        assert first.wait(30) != 0
+        waiting = ThreadPoolExecutor(1).submit(http_post, f"http://127.0.0.1:{held.port}/call", {}, 60)
+        time.sleep(1.0)
+        assert not waiting.done()  # waits in the backlog: not refused
+        second = run()
+        try:
+            status, body, _ = waiting.result(60)
+            assert status == 200 and body["pid"] != row["pid"]
+        finally:
+            second.terminate()
+            second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.terminate()
+            first.wait(30)
+        held.close()
