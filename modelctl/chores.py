@@ -32,7 +32,8 @@ class Chores:
         self.attributed: set[int] = set()
 
     def run(self) -> None:
-        for chore in (self.rotate_logs, self.refresh_leases, self.reap_orphans):
+        """Each chore under its own guard; `measure` learns the servers' footprints for the budget."""
+        for chore in (self.rotate_logs, self.refresh_leases, self.reap_orphans, self.sup.measure):
             try:
                 chore()
             except Exception:
@@ -58,7 +59,7 @@ class Chores:
     def reap_orphans(self) -> None:
         """Reap exited orphans; attribute live ones to their server by the token they carry."""
         ours = {
-            h.ident.pid for slot in self.sup.slots.values() for h in (slot.handle, slot.successor) if h is not None and h.popen is not None
+            h.ident.pid for slot in self.sup.slots.values() for h in (slot.handle, slot.successor_handle) if h is not None and h.popen is not None
         }
         for pid in own_children():
             if pid in ours:
@@ -97,7 +98,7 @@ class Chores:
             if member not in members:
                 lc.saw_members(r, [*members, member][-MEMBERS_KEPT:])
 
-        self.sup.store.update(owner.ref, add)
+        self.sup.change(owner.ref, add)
         return owner.ref
 
 

@@ -154,15 +154,16 @@ def up(
     profile: Optional[Path] = ProfileFile,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the servers are ready."),
     remove_orphans: bool = typer.Option(False, "--remove-orphans", help="Stop servers of this profile that it no longer lists."),
+    now: bool = typer.Option(False, "--now", help="Start on-demand servers at once too (warm them up ahead of traffic)."),
 ) -> None:
-    """Start the profile's servers (detached) and wait until they are ready."""
+    """Start the profile's servers (detached) and wait until they are ready; on-demand ones are armed."""
     from rich.live import Live
 
     from modelctl.control import select_specs
 
     prof = _load(profile)
     ctl = controller()
-    plan = ctl.up(prof, servers or [], remove_orphans=remove_orphans)
+    plan = ctl.up(prof, servers or [], remove_orphans=remove_orphans, now=now)
     for label in plan.unchanged:
         console.print(f"{label}: already running with this spec", style="dim", highlight=False)
     for stopped in plan.removed:
@@ -191,7 +192,8 @@ def _report_not_ready(ctl: Controller, records: list[ServerRecord]) -> None:
     the end of its log; exit 1 if there is one."""
     reported = False
     for rec in records:
-        if rec.state != lc.READY:
+        armed = rec.state == lc.IDLE and rec.wish.warm <= rec.usage.warmed  # on demand: waits for its first client
+        if rec.state != lc.READY and not armed:
             last_error = one_line(rec.history.last_error) if rec.history.last_error else None
             why = one_line(rec.detail or "") or last_error or rec.state
             err_console.print(Text.assemble("\n", (f"{rec.label} is not ready", "bold red"), f": {why}"), highlight=False)
@@ -315,6 +317,8 @@ def status(
     gpu_column = any(r.gpu_memory is not None for r in rows)
     for name, group in by_profile.items():
         console.print(_status_table(name, group, gpu_column))
+        if line := _budget_line(group):
+            console.print(line, highlight=False)
         console.print()
     for r in rows:
         _print_notes(ctl, r)
@@ -344,6 +348,22 @@ def _status_table(profile_name: str, rows: list[StatusRow], gpu_column: bool) ->
         }
         t.add_row(*(cells[c] for c in columns))
     return t
+
+
+def _footprint(r: StatusRow) -> int | None:
+    return r.memory_learned if r.memory_learned is not None else r.memory_declared
+
+
+def _budget_line(rows: list[StatusRow]) -> str:
+    """The profile's budget and what its servers hold of it (their footprints), if it has one."""
+    budget = next((r.budget for r in rows if r.budget), None)
+    if not budget or budget.get("memory") is None:
+        return ""
+    holding = [r for r in rows if r.state in (*lc.ALIVE, lc.STOPPING, lc.CRASHED)]
+    used = sum(_footprint(r) or 0 for r in holding)
+    return f"budget: {format_bytes(used)} of {format_bytes(budget['memory'])} memory held ({len(holding)} running)" + (
+        " — shared by every profile" if budget.get("shared") else ""
+    )
 
 
 def _socket_cell(r: StatusRow) -> str:
@@ -376,6 +396,8 @@ def _print_notes(ctl: Controller, r: StatusRow) -> None:
         notes.insert(
             0, f"{one_line(str(progress.get('status', '')))} {100 * done // total}% ({format_bytes(done)} of {format_bytes(total)})"
         )
+    if r.start == "on-demand" and r.last_eviction:
+        notes.append(f"last eviction {r.last_eviction}")
     if r.state in (lc.FAILED, lc.BACKOFF, lc.CRASHED, lc.UNHEALTHY, lc.STARTING, BROKEN) and notes:
         console.print(Text.assemble((r.id, "bold"), ": " + "; ".join(dict.fromkeys(notes))), highlight=False)
         if r.state == lc.FAILED:
@@ -403,6 +425,13 @@ def _print_detail(ctl: Controller, r: StatusRow) -> None:
         t.add_row("gpu memory", format_bytes(r.gpu_memory))
     if r.startup:
         t.add_row("startup", format_startup(r.startup))
+    if r.memory_declared is not None or r.memory_learned is not None:
+        t.add_row("footprint", f"{format_bytes(r.memory_declared)} declared, {format_bytes(r.memory_learned)} measured")
+    if r.start == "on-demand":
+        wake = f", last wake {r.last_wake_seconds:.1f}s" if r.last_wake_seconds is not None else ""
+        t.add_row("on demand", f"{r.wakes} wakes, {r.idle_stops} idle stops, {r.evictions} evictions{wake}")
+        if r.last_eviction:
+            t.add_row("last eviction", r.last_eviction)
     console.print(t)
     if r.exits:
         console.print("\nlast exits", style="bold")

@@ -19,6 +19,7 @@ from pathlib import Path
 from modelctl import lifecycle as lc
 from modelctl import logfiles
 from modelctl.backends import get_backend
+from modelctl.budget import budget_json
 from modelctl.errors import ModelctlError, UnknownServerError
 from modelctl.gpus import allocate_gpus, discover_gpus
 from modelctl.identity import is_alive
@@ -27,7 +28,7 @@ from modelctl.ports import PortAllocation, PortLeases, PortRequest, allocate_por
 from modelctl.profile import Profile, record_spec
 from modelctl.record import ServerRecord
 from modelctl.rows import StatusRow, status_rows
-from modelctl.spec import ServerSpec
+from modelctl.spec import Budget, ServerSpec
 from modelctl.state import AnyRecord, BrokenRecord, Stamp, StateStore
 from modelctl.stopping import Stopped, record_identity, stop_owner_alive, stop_servers
 from modelctl.supervisor_client import ensure_supervisor, supervisor_info, wake_supervisor
@@ -129,12 +130,15 @@ def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
         )
 
 
-def _write_spec(rec: ServerRecord, spec: ServerSpec, managed_by: lc.ManagedBy, port: int | None, gpus: list[int]) -> None:
+def _write_spec(
+    rec: ServerRecord, spec: ServerSpec, managed_by: lc.ManagedBy, port: int | None, gpus: list[int], budget: Budget | None
+) -> None:
     """What the profile now says, into a record; the supervisor takes it from there."""
     if rec.fingerprint != spec.fingerprint and rec.socket.startswith("not held"):
         rec.socket = ""  # a new spec (another vLLM, say): try the held socket again
     rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
     rec.host, rec.port, rec.gpus, rec.url = spec.host, port, gpus, get_backend(spec.kind).base_url(spec, port)
+    rec.budget = budget_json(budget)
     lc.wanted(rec, managed_by)
 
 
@@ -238,7 +242,7 @@ class Controller:
             records = []
             for spec in plan.start:
                 rec = current.get(spec.ref) or ServerRecord(profile=spec.profile, name=spec.name)
-                _write_spec(rec, spec, managed_by, allocation.ports[spec.ref], gpus.get(str(spec.ref), []))
+                _write_spec(rec, spec, managed_by, allocation.ports[spec.ref], gpus.get(str(spec.ref), []), profile.budget)
                 if finish is not None:
                     finish(rec)
                 records.append(rec)
@@ -258,12 +262,19 @@ class Controller:
             return plan, records
         raise ModelctlError(f"the records in {self.store.root} kept changing while up planned; run it again")
 
-    def up(self, profile: Profile, names: Iterable[str] = (), remove_orphans: bool = False) -> UpPlan:
+    def up(self, profile: Profile, names: Iterable[str] = (), remove_orphans: bool = False, now: bool = False) -> UpPlan:
         """Ask for the servers to run; returns at once (see wait_ready). Idempotent.
 
         A changed spec is written to the record and the supervisor replaces the running instance.
+        On-demand servers are armed (idle, their socket held); `now` starts them at once as well.
         """
-        plan, _ = self.write_up(profile, select_specs(profile, names))
+        specs = select_specs(profile, names)
+        plan, _ = self.write_up(profile, specs)
+        if now:
+            with self.store.locked():
+                for spec in specs:
+                    if spec.start == "on-demand":
+                        self.store.update(spec.ref, lc.warm_wanted)
         if remove_orphans and plan.orphans:
             plan.removed = self.remove(Scope(profile.name, tuple(plan.orphans)))
             plan.orphans = []
@@ -314,6 +325,8 @@ class Controller:
     def _settled(rec: ServerRecord) -> bool:
         if not rec.wants_running or rec.state == lc.FAILED:
             return True
+        if rec.state == lc.IDLE and rec.wish.warm <= rec.usage.warmed:
+            return True  # an on-demand server, armed: it starts when a client connects
         if rec.state != lc.READY or rec.outdated:
             return False
         ident = record_identity(rec)

@@ -68,6 +68,11 @@ class ForegroundPolicy:
             self.notifier.send(f"READY=1\nSTATUS=ready at {current.url}")
             log.info("%s: ready at %s", current.label, current.url)
             self.notified = True
+        if current.state == lc.IDLE and current.usage.idle_stops + current.usage.evictions > 0:
+            # on demand under systemd: idle again; the .socket unit starts us at the next connection
+            log.info("%s: idle; exiting until systemd's socket sees the next client", current.label)
+            self.notifier.send(f"STATUS=idle {current.label}")
+            return 0
         if current.state in (lc.BACKOFF, lc.FAILED) or not current.wants_running:
             why = current.history.last_error or current.detail or current.state
             log.error("%s: %s; exiting for systemd to restart it", current.label, why)
@@ -121,6 +126,8 @@ def run_foreground(store: StateStore, profile: Profile, name: str, port: int | N
     def finish(rec: ServerRecord) -> None:
         lc.fresh_start(rec)
         rec.info = {**rec.info, "systemd_unit": unit_name(profile.name, name)}
+        if spec.start == "on-demand":
+            lc.warm_wanted(rec)  # systemd started us for a client (its socket unit): start now
 
     ctl.write_up(profile, [spec], managed_by=lc.SYSTEMD, force=True, finish=finish, handed={spec.ref: listener.port} if listener else None)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -89,6 +90,11 @@ def reset_failures(rec: ServerRecord) -> None:
     )
 
 
+def warm_wanted(rec: ServerRecord) -> None:
+    """`up --now`: an on-demand server is started ahead of traffic."""
+    rec.wish = dataclasses.replace(rec.wish, warm=max(rec.wish.warm, rec.usage.warmed) + 1)
+
+
 def restart_wanted(rec: ServerRecord) -> None:
     """`restart`: a new instance of the same spec. The supervisor replaces the running one (the new
     one first where the socket is held), or starts one; a failed server tries again."""
@@ -127,6 +133,9 @@ def became_ready(rec: ServerRecord, now: float, startup: Mapping[str, Any]) -> N
     assert rec.instance is not None
     rec.instance = dataclasses.replace(rec.instance, ready_at=now)
     rec.startup, rec.detail, rec.progress = dict(startup), None, None
+    if rec.usage.waiting_since is not None:  # a wake: how long its first client waited
+        wait = round(now - rec.usage.waiting_since, 3)
+        rec.usage = dataclasses.replace(rec.usage, last_wake_seconds=wait, waiting_since=None, last_active=now)
 
 
 def became_unhealthy(rec: ServerRecord, why: str) -> None:
@@ -226,6 +235,13 @@ def failed_to_start(rec: ServerRecord, failure: Failure, now: float) -> None:
     rec.instance, rec.detail = None, None
 
 
+def refused_by_budget(rec: ServerRecord, reason: str) -> None:
+    """Nothing can make room under the budget: failed, with what holds it."""
+    move(rec, FAILED, expect=(STOPPED, IDLE, BACKOFF))
+    rec.history = dataclasses.replace(rec.history, last_error=reason)
+    rec.detail = f"not started: {reason}"
+
+
 def spec_unreadable(rec: ServerRecord) -> None:
     """A record whose spec no longer validates is reported, not crashed on."""
     force(rec, FAILED, "its spec no longer validates")
@@ -279,11 +295,61 @@ def stopped(rec: ServerRecord, token: str | None, port_holder: str | None = None
     return True
 
 
+# ---------------------------------------------------------------------- on demand
 def armed(rec: ServerRecord) -> None:
     """An on-demand server waits for its first client: its socket is held, nothing runs."""
     if rec.state in (STOPPED, CRASHED):
         move(rec, IDLE)
     rec.instance, rec.detail = None, None
+
+
+def client_waiting(rec: ServerRecord, now: float) -> None:
+    """A client's connection waits in the backlog of an idle on-demand server: it will be started."""
+    if rec.usage.waiting_since is None:
+        rec.usage = dataclasses.replace(rec.usage, waiting_since=now)
+
+
+def woke(rec: ServerRecord, token: str, now: float, warm: bool) -> None:
+    """An idle on-demand server starts: for a waiting client, or asked to warm up (`up --now`)."""
+    intend_start(rec, token, now)
+    usage = rec.usage
+    rec.usage = dataclasses.replace(usage, wakes=usage.wakes + 1, warmed=rec.wish.warm)  # any start answers `up --now`
+    rec.detail = "waking: a client is waiting" if not warm else "warming up ahead of traffic"
+
+
+def active(rec: ServerRecord, now: float) -> None:
+    """A request was seen (its counters moved): the server is not idle."""
+    rec.usage = dataclasses.replace(rec.usage, last_active=now)
+
+
+def measured(rec: ServerRecord, rss: int | None, gpu: int | None) -> None:
+    """A measured footprint while ready: the largest seen replaces the declared one."""
+    usage = rec.usage
+    peak_rss = max(rss, usage.peak_rss or 0) if rss else usage.peak_rss
+    peak_gpu = max(gpu, usage.peak_gpu or 0) if gpu else usage.peak_gpu
+    if (peak_rss, peak_gpu) != (usage.peak_rss, usage.peak_gpu):
+        rec.usage = dataclasses.replace(usage, peak_rss=peak_rss, peak_gpu=peak_gpu)
+
+
+def begin_rest(rec: ServerRecord, owner: ProcessIdentity | None, why: str) -> None:
+    """An on-demand server is stopped to rest (idle, or evicted for another's memory): it goes back
+    to idle, its socket still held."""
+    move(rec, STOPPING, expect=ALIVE)
+    if rec.instance is not None:
+        rec.instance = dataclasses.replace(rec.instance, stop_owner=[owner.pid, owner.create_time] if owner else None)
+    rec.detail = why
+
+
+def rested(rec: ServerRecord, token: str | None, now: float, evicted_for: str | None) -> None:
+    """Its processes are gone: idle again, counted as an idle stop or an eviction."""
+    if not stopped(rec, token, idle=True):
+        return
+    usage = rec.usage
+    if evicted_for is not None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(now))
+        rec.usage = dataclasses.replace(usage, evictions=usage.evictions + 1, last_eviction=f"{stamp}: {evicted_for}")
+    else:
+        rec.usage = dataclasses.replace(usage, idle_stops=usage.idle_stops + 1)
 
 
 # ---------------------------------------------------------------------- modelctl run (systemd)

@@ -36,6 +36,10 @@ class ServerCollector(Collector):
         gpu = GaugeMetricFamily("modelctl_server_gpu_memory_bytes", "GPU memory of the server's processes (NVML)", labels=["server"])
         startup = GaugeMetricFamily("modelctl_server_startup_seconds", "Phases of the last start", labels=["server", "phase"])
         last_exit = GaugeMetricFamily("modelctl_server_last_exit_code", "The last exit's code (negative: the signal)", labels=["server"])
+        wakes = CounterMetricFamily("modelctl_server_wakes", "Starts of an idle on-demand server by a client (or up --now)", labels=["server"])
+        idle_stops = CounterMetricFamily("modelctl_server_idle_stops", "Stops of an on-demand server after idle_timeout", labels=["server"])
+        evictions = CounterMetricFamily("modelctl_server_evictions", "Stops of an on-demand server to make room in the budget", labels=["server"])
+        wake = GaugeMetricFamily("modelctl_server_wake_seconds", "How long the first client waited at the last wake", labels=["server"])
         held = GaugeMetricFamily(
             "modelctl_server_socket_held", "1 while the server's listening socket is held across its restarts", labels=["server"]
         )
@@ -59,7 +63,13 @@ class ServerCollector(Collector):
                 held.add_metric([server], 1.0 if r.socket.startswith("held") else 0.0)
             if r.backlog is not None:
                 backlog.add_metric([server], float(r.backlog))
-        yield from (state, restarts, up, rss, gpu, startup, last_exit, held, backlog)
+            if r.start == "on-demand":
+                wakes.add_metric([server], float(r.wakes))
+                idle_stops.add_metric([server], float(r.idle_stops))
+                evictions.add_metric([server], float(r.evictions))
+                if r.last_wake_seconds is not None:
+                    wake.add_metric([server], r.last_wake_seconds)
+        yield from (state, restarts, up, rss, gpu, startup, last_exit, held, backlog, wakes, idle_stops, evictions, wake)
 
 
 def exit_returncode(last_exit: dict[str, Any]) -> int | None:

@@ -20,6 +20,7 @@ from modelctl.k8s.keys import check_profile_k8s, check_server_k8s
 from modelctl.names import NAME_RULE, is_valid_name
 from modelctl.record import ServerRecord
 from modelctl.spec import (
+    Budget,
     Key,
     KeyProblem,
     ReplaceChoice,
@@ -27,12 +28,15 @@ from modelctl.spec import (
     check_backlog,
     check_bool,
     check_choice,
+    check_duration,
     check_env,
     check_gpus,
     check_port,
     check_seconds,
+    check_size,
     check_str,
     describe,
+    parse_budget,
     parse_health,
     parse_log,
     parse_restart,
@@ -62,6 +66,7 @@ class Profile:
     servers: Mapping[str, ServerSpec]
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     k8s: Mapping[str, Any] = field(default_factory=dict)  # defaults for every server's k8s: keys
+    budget: Budget | None = None
 
 
 COMMON_KEYS: dict[str, Key] = {
@@ -84,10 +89,14 @@ COMMON_KEYS: dict[str, Key] = {
         check_choice("overlap", "stop-first"), None, "a restart or new spec: start the new instance first (overlap) or stop the old first"
     ),
     "backlog": Key(check_backlog, 4096, "connections the held socket queues while no instance accepts"),
+    "start": Key(check_choice("always", "on-demand"), "always", "on-demand: no process until a client connects (needs a held socket)"),
+    "idle_timeout": Key(check_duration, 600.0, "an on-demand server is stopped after this long without a request (seconds, or 10m)"),
+    "memory": Key(check_size, None, "resident memory the server holds (like 650MiB), for the budget, until one is measured"),
+    "gpu_memory": Key(check_size, None, "GPU memory the server holds on each of its GPUs, for the budget, until measured"),
     "description": Key(check_str, None, "free text"),
 }
 _NESTED = ("kind", "health", "restart", "log", "k8s")  # checked by their own parsers below
-TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s")
+TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s", "budget")
 
 
 def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
@@ -117,6 +126,12 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         options = _check_keys(raw, backend.keys, kind=kind)
         backend.validate(options, common)
         socket, notify, replace = socket_mode(backend, options, common)
+        if common["start"] == "on-demand" and not notify:
+            raise KeyProblem(
+                "start",
+                "on-demand needs a server that takes its socket from modelctl and says READY=1 (kinds sentence and vllm, or "
+                f"command with socket: inherit and notify: true): {backend.socket_support(options) or 'this one does not say READY=1'}",
+            )
         health = parse_health(raw.get("health"), backend.default_health(options))
         restart = parse_restart(raw.get("restart"))
         log = parse_log(raw.get("log"))
@@ -146,6 +161,10 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         notify=notify,
         replace=replace,
         backlog=common["backlog"],
+        start=common["start"],
+        idle_timeout=common["idle_timeout"],
+        memory=common["memory"],
+        gpu_memory=common["gpu_memory"],
     )
 
 
@@ -226,10 +245,24 @@ def parse_profile(data: Any, source: str) -> Profile:
     name = str(raw_name)
     try:
         k8s = check_profile_k8s(data["k8s"]) if data.get("k8s") is not None else {}
+        budget = parse_budget(data.get("budget"))
     except KeyProblem as e:
         raise ProfileError(source, e.message, key=e.key) from None
 
     servers = {str(n): parse_server(str(n), raw, source, name) for n, raw in servers_raw.items()}
+    if budget is not None:
+        for spec in servers.values():
+            if budget.memory is not None and spec.memory is None:
+                raise ProfileError(
+                    source,
+                    "declare what the server holds (like 650MiB): the profile has a budget; a measured peak replaces it",
+                    server=spec.name,
+                    key="memory",
+                )
+            if budget.gpu_memory and spec.gpu_count and spec.gpu_memory is None:
+                raise ProfileError(
+                    source, "declare the GPU memory it holds per GPU: the profile has a GPU budget", server=spec.name, key="gpu_memory"
+                )
     seen: dict[int, str] = {}
     for spec in servers.values():
         if spec.port is None:
@@ -237,7 +270,7 @@ def parse_profile(data: Any, source: str) -> Profile:
         if spec.port in seen:
             raise ProfileError(source, f"port {spec.port} is already used by server '{seen[spec.port]}'", server=spec.name, key="port")
         seen[spec.port] = spec.name
-    return Profile(path=str(source), name=name, servers=servers, port_range=port_range, k8s=k8s)
+    return Profile(path=str(source), name=name, servers=servers, port_range=port_range, k8s=k8s, budget=budget)
 
 
 def load_profile(path: str | os.PathLike[str] | None = None) -> Profile:

@@ -34,6 +34,7 @@ class Wish:
     desired: Desired = "running"
     managed_by: ManagedBy = "supervisor"
     generation: int = 0  # `restart` counts it up: an instance of an older generation is replaced
+    warm: int = 0  # `up --now` counts it up: an on-demand server is started without waiting for a client
 
 
 @dataclass
@@ -98,6 +99,22 @@ class History:
 
 
 @dataclass
+class Usage:
+    """How much a server holds and how it is used: the budget and the on-demand logic read it."""
+
+    peak_rss: int | None = None  # the largest resident memory measured while ready (bytes)
+    peak_gpu: int | None = None  # the same for GPU memory, per GPU of the server
+    last_active: float | None = None  # when a request was last seen (its counters moved)
+    wakes: int = 0  # on-demand starts by a client's connection (or `up --now`)
+    warmed: int = 0  # the wish's `warm` requests carried out
+    idle_stops: int = 0
+    evictions: int = 0
+    last_wake_seconds: float | None = None  # from the first waiting connection to ready
+    last_eviction: str | None = None  # when, and why (which server needed the memory)
+    waiting_since: float | None = None  # a client waits for this on-demand server to start
+
+
+@dataclass
 class ServerRecord:
     """One server: where it came from, where it listens, its state and the three parts above."""
 
@@ -117,6 +134,8 @@ class ServerRecord:
     # a new instance started beside the serving one, on the same socket, to take over once ready
     successor: Instance | None = None
     history: History = field(default_factory=History)
+    usage: Usage = field(default_factory=Usage)
+    budget: dict[str, Any] | None = None  # the profile's budget when `up` wrote the record (modelctl/budget.py)
     detail: str | None = None  # what is happening now ("pulling model", "unhealthy: ...")
     progress: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # facts from preparation (model digest, ...)

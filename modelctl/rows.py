@@ -21,6 +21,7 @@ from modelctl.profile import record_spec
 from modelctl.record import ServerRecord
 from modelctl.sanitize import one_line
 from modelctl.sockets import accept_queue
+from modelctl.spec import check_size
 from modelctl.state import AnyRecord, BrokenRecord, StateStore
 from modelctl.stopping import record_identity
 
@@ -58,6 +59,17 @@ class StatusRow:
     record: str = ""
     socket: str = ""  # "held" (by the supervisor), "held by the instance", "not held: why"; "" for kinds without
     backlog: int | None = None  # connections waiting in the held socket's backlog for an instance to accept them
+    start: str = "always"  # always | on-demand
+    memory_declared: int | None = None  # the profile's `memory:` (bytes)
+    memory_learned: int | None = None  # the peak measured while ready; it replaces the declared one
+    gpu_memory_declared: int | None = None
+    gpu_memory_learned: int | None = None
+    wakes: int = 0  # starts of an idle on-demand server
+    idle_stops: int = 0
+    evictions: int = 0
+    last_wake_seconds: float | None = None  # its first client's wait at the last wake
+    last_eviction: str | None = None
+    budget: dict[str, Any] | None = None  # the profile's budget (bytes)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,7 +130,25 @@ def record_row(
         record=str(store.record_path(rec.ref)),
         socket=rec.socket,
         backlog=accept_queue(rec.port, rec.host) if rec.socket.startswith("held") and rec.port else None,
+        start=str(rec.spec.get("start") or "always"),
+        memory_declared=declared_size(rec.spec.get("memory")),
+        memory_learned=rec.usage.peak_rss,
+        gpu_memory_declared=declared_size(rec.spec.get("gpu_memory")),
+        gpu_memory_learned=rec.usage.peak_gpu,
+        wakes=rec.usage.wakes,
+        idle_stops=rec.usage.idle_stops,
+        evictions=rec.usage.evictions,
+        last_wake_seconds=rec.usage.last_wake_seconds,
+        last_eviction=rec.usage.last_eviction,
+        budget=rec.budget,
     )
+
+
+def declared_size(value: Any) -> int | None:
+    try:
+        return check_size(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def broken_row(rec: BrokenRecord) -> StatusRow:

@@ -9,7 +9,9 @@ or a disk does ends the loop. The two uses differ only in their `ExitPolicy`: th
 when nothing is left to supervise; `modelctl run` notifies systemd and exits when its server does.
 
 SIGHUP re-reads every record now and reopens the supervisor's log file (after logrotate moved
-it); SIGUSR1 (a command changed a record) looks at the records again; SIGCHLD reaps.
+it); SIGUSR1 (a command changed a record) looks at the records again; SIGCHLD reaps. The loop
+also wakes when a client connects to an idle on-demand server (its held socket turns readable)
+and when an instance says READY=1.
 """
 
 from __future__ import annotations
@@ -155,8 +157,8 @@ class Runner:
         due = self.sup.next_due()
         if due != float("inf"):
             timeout = min(timeout, max(0.0, due - self.sup.clock()))
-        pidfds, notify_fds = self.sup.pidfds(), self.sup.notify_fds()
-        waiting = [*([self.wake_r] if self.wake_r is not None else []), *pidfds, *notify_fds]
+        pidfds, notify_fds, watch_fds = self.sup.pidfds(), self.sup.notify_fds(), self.sup.watch_fds()
+        waiting = [*([self.wake_r] if self.wake_r is not None else []), *pidfds, *notify_fds, *watch_fds]
         try:
             readable, _, _ = select.select(waiting, [], [], timeout)
         except InterruptedError:
@@ -168,6 +170,8 @@ class Runner:
             self.sup.mark_dirty(exited)
         if said := ready & set(notify_fds):
             self.sup.on_notify(said)
+        if clients := ready & set(watch_fds):
+            self.sup.on_pending(clients)
         if self.wake_r is not None:
             with contextlib.suppress(BlockingIOError, OSError):
                 while os.read(self.wake_r, 512):

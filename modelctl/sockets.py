@@ -22,6 +22,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -86,6 +87,14 @@ class Listener:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def pending(self) -> bool:
+        """A connection waits to be accepted (the socket is readable), without accepting it."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
     def queued(self) -> int | None:
         """Connections waiting in the backlog now (accepted by the kernel, not yet by a server)."""
         return accept_queue(self.port, self.host)
@@ -110,6 +119,22 @@ def accept_queue(port: int, host: str = "127.0.0.1") -> int | None:
         except (OSError, ValueError, StopIteration):
             continue
     return found
+
+
+def established(port: int) -> int:
+    """Connections established to a local port now (clients of the server on it)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 4 and parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except (OSError, ValueError, StopIteration):
+            continue
+    return count
 
 
 def listening_inode(port: int) -> set[int]:

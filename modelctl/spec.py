@@ -137,6 +137,31 @@ def check_choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.I)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def check_duration(value: Any) -> float:
+    """Seconds: a number, or text like 30s, 10m, 2h."""
+    if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+        value = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower() or None]
+    elif isinstance(value, str):
+        raise ValueError(f"must be seconds or a duration like 30s, 10m, 2h; got {describe(value)}")
+    return check_seconds(value)
+
+
+def check_gpu_sizes(value: Any) -> dict[int, int]:
+    """GPU id → bytes ({0: 70GiB}); one size alone applies to every GPU (id -1)."""
+    if not isinstance(value, Mapping):
+        return {-1: check_size(value)}
+    out = {}
+    for k, v in value.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 1024:
+            raise ValueError(f"keys are GPU ids (0, 1, ...), got {describe(k)}")
+        out[k] = check_size(v)
+    return out
+
+
 def check_backlog(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 16 <= value <= 65535:
         raise ValueError(f"must be a whole number from 16 to 65535, got {describe(value)}")
@@ -212,6 +237,7 @@ def check_section(value: Any, keys: Mapping[str, Key], parent: str, extra: tuple
 
 # --- typed specs ---
 
+StartChoice = Literal["always", "on-demand"]
 HealthKind = Literal["http", "tcp", "none"]
 RestartChoice = Literal["always", "on-failure", "never"]
 ReplaceChoice = Literal["overlap", "stop-first"]
@@ -320,6 +346,35 @@ def parse_log(value: Any) -> LogSpec:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What the servers modelctl starts may hold at once: resident memory, and GPU memory per GPU
+    (id -1: every GPU). `shared`: it bounds every profile's servers in the state directory."""
+
+    memory: int | None = None
+    gpu_memory: Mapping[int, int] = field(default_factory=dict)
+    shared: bool = False
+
+    def gpu_limit(self, gpu: int) -> int | None:
+        return self.gpu_memory.get(gpu, self.gpu_memory.get(-1))
+
+
+BUDGET_KEYS = {
+    "memory": Key(check_size, doc="resident memory the profile's servers may hold at once (like 8GiB)"),
+    "gpu_memory": Key(check_gpu_sizes, doc="GPU memory per GPU id ({0: 70GiB}), or one size for every GPU"),
+    "shared": Key(check_bool, doc="the budget bounds the servers of every profile in the state directory"),
+}
+
+
+def parse_budget(value: Any) -> Budget | None:
+    if value is None:
+        return None
+    clean = check_section(value, BUDGET_KEYS, "budget")
+    if "memory" not in clean and "gpu_memory" not in clean:
+        raise KeyProblem("budget", "give memory: and/or gpu_memory:")
+    return Budget(memory=clean.get("memory"), gpu_memory=clean.get("gpu_memory") or {}, shared=clean.get("shared", False))
+
+
+@dataclass(frozen=True)
 class ServerSpec:
     """One server of a profile, validated and with every default filled in."""
 
@@ -345,6 +400,10 @@ class ServerSpec:
     notify: bool = False  # an instance says READY=1 on NOTIFY_SOCKET once it serves
     replace: ReplaceChoice = "stop-first"  # a restart or a new spec: start the new instance first, or stop the old first
     backlog: int = 4096
+    start: StartChoice = "always"  # on-demand: no process until a client connects, stopped after idle_timeout
+    idle_timeout: float = 600.0
+    memory: int | None = None  # declared resident memory (bytes), until a measured peak replaces it
+    gpu_memory: int | None = None  # declared GPU memory per GPU of the server (bytes)
 
     @property
     def ref(self) -> ServerRef:

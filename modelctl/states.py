@@ -24,13 +24,13 @@ STOPPING = "stopping"  # a deliberate stop is under way (down, restart, a change
 STATES = (STOPPED, IDLE, STARTING, READY, UNHEALTHY, CRASHED, BACKOFF, FAILED, STOPPING)
 
 ALLOWED: dict[str, frozenset[str]] = {
-    STOPPED: frozenset({STARTING, IDLE}),
-    IDLE: frozenset({STARTING, STOPPED}),
+    STOPPED: frozenset({STARTING, IDLE, FAILED}),  # failed: the budget cannot make room
+    IDLE: frozenset({STARTING, STOPPED, FAILED}),
     STARTING: frozenset({READY, CRASHED, FAILED, STOPPING}),
     READY: frozenset({UNHEALTHY, CRASHED, STOPPING}),
     UNHEALTHY: frozenset({READY, CRASHED, STOPPING}),
     CRASHED: frozenset({BACKOFF, FAILED, STOPPED, STOPPING, IDLE}),
-    BACKOFF: frozenset({STARTING, STOPPED}),
+    BACKOFF: frozenset({STARTING, STOPPED, FAILED}),
     FAILED: frozenset({STOPPED}),
     STOPPING: frozenset({STOPPED, IDLE}),
 }

@@ -19,6 +19,7 @@ The loop around it (signals, the wake-up pipe, exit policies) is modelctl/runner
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -32,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from modelctl import budget, logfiles, restart
 from modelctl import lifecycle as lc
-from modelctl import logfiles, restart
 from modelctl.backends import get_backend
 from modelctl.backends.base import Launch
+from modelctl.engine_metrics import Scrape, scrape
 from modelctl.failures import EXIT_NO_SOCKET, Exit, Failure, classify_exit, explaining_line
 from modelctl.files import DiskError
+from modelctl.gpus import gpu_memory_by_pid, group_gpu_memory
 from modelctl.health import ProbeResult, probe
 from modelctl.identity import ProcessIdentity, identity_of, is_alive
 from modelctl.names import ServerRef
@@ -50,11 +53,12 @@ from modelctl.process import (
     leader_by_token,
     spawn_detached,
     stop_processes,
+    usage_by_leader,
 )
 from modelctl.profile import record_spec
 from modelctl.record import Instance, ServerRecord
 from modelctl.sanitize import one_line
-from modelctl.sockets import Listener, NotifySocket, activation_argv, activation_env, take_from_process
+from modelctl.sockets import Listener, NotifySocket, activation_argv, activation_env, established, take_from_process
 from modelctl.spec import ServerSpec
 from modelctl.state import BrokenRecord, LockTimeout, Stamp, StateStore
 from modelctl.stopping import DEFAULT_STOP_TIMEOUT, finish_stop, record_identity, stop_owner_alive, target_of
@@ -169,6 +173,7 @@ class ThreadPerJob:
 # what to do once a background stop is done
 AFTER_CRASH = "crash"  # a failed instance's leftovers are gone: back off, fail, or stay down
 AFTER_STOP = "stop"  # a deliberate stop (down whose owner died, a replaced spec): stopped
+AFTER_REST = "rest"  # an on-demand server stopped when idle, or evicted for another's memory: idle again
 
 
 @dataclass
@@ -203,15 +208,21 @@ class Slot:
     members: list[list[float]] = field(default_factory=list)
     notify: NotifySocket | None = None  # where the current instance says READY=1
     notified: bool = False
-    successor: Handle | None = None  # a new instance starting beside the current one
+    successor_handle: Handle | None = None  # a new instance starting beside the current one
     successor_notify: NotifySocket | None = None
     successor_notified: bool = False
     retiring: list[Future[StopResult]] = field(default_factory=list)  # stops of replaced instances
     no_socket: str = ""  # why this server runs without a held socket (a vLLM whose internals differ)
+    # on demand
+    waiting_for_budget: bool = False  # a start waits for evicted servers to free their memory
+    evicted_for: str | None = None  # the reason of an eviction under way
+    activity: Future[tuple[Scrape | None, int | None]] | None = None
+    next_activity_at: float = 0.0
+    last_requests: float | None = None
 
     def busy(self) -> bool:
         jobs = (self.probe, self.prepare, self.stop, *self.retiring)
-        return any(f is not None and not f.done() for f in jobs) or self.successor is not None
+        return any(f is not None and not f.done() for f in jobs) or self.successor_handle is not None
 
     def wake_at(self, when: float | None) -> None:
         if when is not None and when < self.due:
@@ -419,10 +430,14 @@ class Supervisor:
         if not rec.wants_running:
             self._collect_child(slot)  # the stopper stops the process; we only collect our child
             return
+        if rec.state == lc.FAILED:
+            self.close_listener(rec.ref)  # nothing will serve: clients are refused, not left waiting
+            return
         spec = self._spec(rec, slot)
         if spec is None:
             return
         srv = Server(rec, slot, spec)
+        on_demand = spec.start == "on-demand"
         if rec.state in lc.ALIVE:
             if not self._reap_or_adopt(srv, now):
                 return
@@ -433,8 +448,15 @@ class Supervisor:
                 self._take_over(srv, now)
             self._record_members(srv, now)
             self.health.check(srv, now)
+            if on_demand and rec.state in (lc.READY, lc.UNHEALTHY) and rec.successor is None:
+                self._watch_idleness(srv, now)
         elif rec.state == lc.STOPPED:
-            self._start(srv, now)
+            if on_demand and rec.wish.warm <= rec.usage.warmed:
+                self._arm(srv, now)
+            else:
+                self._start(srv, now)
+        elif rec.state == lc.IDLE:
+            self._idle(srv, now)
         elif rec.state == lc.BACKOFF:
             self._start_if_due(srv, now)
         elif rec.state == lc.CRASHED:
@@ -501,8 +523,8 @@ class Supervisor:
         """A failure: count it, remember it, and stop what is left of the instance first (and a
         successor that was starting beside it: the crash path starts a fresh one)."""
         if srv.rec.successor is not None:
-            self._retire(srv, srv.rec.successor, srv.slot.successor, srv.slot.successor_notify, now)
-            srv.slot.successor, srv.slot.successor_notify, srv.slot.successor_notified = None, None, False
+            self._retire(srv, srv.rec.successor, srv.slot.successor_handle, srv.slot.successor_notify, now)
+            srv.slot.successor_handle, srv.slot.successor_notify, srv.slot.successor_notified = None, None, False
             lc.lost_successor(srv.rec)
         lc.crashed(srv.rec, now, exit, failure, srv.spec.restart)
         srv.slot.failure, srv.slot.failure_exit = failure, exit
@@ -532,10 +554,18 @@ class Supervisor:
         else:
             srv.slot.wake_at(due)
 
-    def _start(self, srv: Server, now: float) -> None:
-        """Save the intent, then spawn: the token names the process before it exists."""
+    def _start(self, srv: Server, now: float, wake: str | None = None) -> None:
+        """Save the intent, then spawn: the token names the process before it exists. Within the
+        budget: servers that must make room are stopped first, and the start waits for them.
+
+        `wake`: an idle on-demand server starts ("client": one waits; "warm": `up --now`)."""
         rec, slot, spec = srv.rec, srv.slot, srv.spec
-        lc.intend_start(rec, uuid.uuid4().hex, now)
+        if not self._admitted(srv, now):
+            return
+        if wake is not None:
+            lc.woke(rec, uuid.uuid4().hex, now, warm=wake == "warm")
+        else:
+            lc.intend_start(rec, uuid.uuid4().hex, now)
         slot.prepared, slot.unhealthy_since, slot.next_probe_at, slot.starved = False, None, now, 0.0
         slot.probe = slot.prepare = None
         self._drop_instance_handles(slot)
@@ -609,6 +639,143 @@ class Supervisor:
             if log_fd is not None:
                 os.close(log_fd)
 
+    # ------------------------------------------------------------------ verbs: on demand, and the budget
+    def _arm(self, srv: Server, now: float) -> None:
+        """An on-demand server waits for its first client: the socket held, no process."""
+        problem = self._hold_socket(srv)
+        if problem:
+            srv.rec.detail = problem
+            srv.slot.wake_at(now + 2.0)
+            return
+        lc.armed(srv.rec)
+        srv.rec.detail = "idle: starts when a client connects"
+        log.info("%s: armed on %s:%s (on demand)", srv.label, srv.spec.host, srv.rec.port)
+
+    def _idle(self, srv: Server, now: float) -> None:
+        """An idle on-demand server: start it when a connection waits in its backlog (noticed,
+        never accepted: the server accepts it), or when `up --now` asks to warm it up."""
+        rec, slot = srv.rec, srv.slot
+        problem = self._hold_socket(srv)  # a restarted supervisor binds it again: nothing runs
+        if problem:
+            rec.detail = problem
+            slot.wake_at(now + 2.0)
+            return
+        warm = rec.wish.warm > rec.usage.warmed
+        listener = self.listeners.get(rec.ref)
+        pending = listener is not None and listener.pending()
+        if not (warm or pending):
+            rec.detail = "idle: starts when a client connects"
+            return
+        if pending:
+            lc.client_waiting(rec, now)
+        self._start(srv, now, wake="warm" if warm and not pending else "client")
+
+    def _admitted(self, srv: Server, now: float) -> bool:
+        """May the server start now under its budget? If others must make room, stop them and wait."""
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        records = [(s.rec, s.spec) for s in self.slots.values() if s.rec is not None]
+        decision = budget.admit(rec, spec, records)
+        if isinstance(decision, budget.Admit):
+            slot.waiting_for_budget = False
+            return True
+        if isinstance(decision, budget.Refuse):
+            slot.waiting_for_budget = False
+            lc.refused_by_budget(rec, decision.reason)
+            self.close_listener(rec.ref)
+            log.error("%s: %s", rec.label, decision.reason)
+            return False
+        if isinstance(decision, budget.Evict):
+            for victim in decision.victims:
+                self._evict(victim, decision.reason, now)
+        rec.detail = f"waiting for memory: {decision.reason}"
+        slot.waiting_for_budget = True
+        slot.wake_at(now + 0.25)
+        return False
+
+    def _evict(self, ref: ServerRef, reason: str, now: float) -> None:
+        """Stop an on-demand server to make room (it goes back to idle, its socket held)."""
+        vslot = self.slots.get(ref)
+        if vslot is None or vslot.rec is None or vslot.spec is None or vslot.rec.state not in budget.EVICTABLE:
+            return
+        victim = Server(vslot.rec, vslot, vslot.spec)
+        log.info("%s: evicted: %s", victim.label, reason)
+        vslot.evicted_for = reason
+        self._rest(victim, now, f"evicted: {reason}")
+        self.save_if_changed(victim.rec, vslot, now)
+
+    def _rest(self, srv: Server, now: float, why: str) -> None:
+        lc.begin_rest(srv.rec, self.me, why)
+        self.begin_stop(srv.rec, srv.slot, srv.spec, AFTER_REST, now)
+
+    def _watch_idleness(self, srv: Server, now: float) -> None:
+        """A ready on-demand server is stopped after idle_timeout without a request. Requests are
+        seen in its own counters (the bundled server, vLLM), else in its established connections."""
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        if slot.activity is not None and slot.activity.done():
+            fut, slot.activity = slot.activity, None
+            scraped, connections = fut.result() if fut.exception() is None else (None, None)
+            if scraped is not None:
+                moved = slot.last_requests is not None and scraped.requests != slot.last_requests
+                busy = moved or scraped.in_progress > 0
+                slot.last_requests = scraped.requests
+            else:
+                busy = bool(connections)
+            if busy:
+                lc.active(rec, now)
+        if slot.activity is None and now >= slot.next_activity_at:
+            slot.next_activity_at = now + max(0.5, min(spec.idle_timeout / 4, 5.0))
+            slot.activity = self.submit(slot, activity_of, self.health.url(srv), rec.port, quiet=lambda _: True)
+        since = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or now
+        if now - since >= spec.idle_timeout:
+            log.info("%s: idle for %.0fs; stopping it until the next client", rec.label, now - since)
+            self._rest(srv, now, f"idle for {now - since:.0f}s (idle_timeout)")
+            return
+        slot.wake_at(min(slot.next_activity_at, since + spec.idle_timeout))
+
+    def watch_fds(self) -> list[int]:
+        """The sockets of idle on-demand servers: readable when a client's connection waits."""
+        out = []
+        for ref, listener in self.listeners.items():
+            slot = self.slots.get(ref)
+            if slot is not None and slot.rec is not None and slot.rec.state == lc.IDLE and not slot.waiting_for_budget:
+                out.append(listener.fileno())
+        return out
+
+    def on_pending(self, fds: set[int]) -> None:
+        for ref, listener in self.listeners.items():
+            if listener.fileno() in fds and (slot := self.slots.get(ref)) is not None:
+                slot.dirty = True
+
+    def measure(self) -> None:
+        """The footprint of each ready server, as measured now: its largest replaces what is declared."""
+        ready = {ref: s for ref, s in self.slots.items() if s.rec is not None and s.rec.state == lc.READY and s.handle is not None}
+        if not ready:
+            return
+        usage = usage_by_leader([s.handle.ident for s in ready.values() if s.handle is not None])
+        gpu_usage = gpu_memory_by_pid() if any(s.rec is not None and s.rec.gpus for s in ready.values()) else None
+        for ref, s in ready.items():
+            assert s.handle is not None and s.rec is not None
+            used = usage.get(s.handle.ident.pid)
+            if used is None:
+                continue
+            gpu = group_gpu_memory(list(used.pids), gpu_usage)
+            per_gpu = gpu // len(s.rec.gpus) if gpu and s.rec.gpus else None
+            self.change(ref, functools.partial(lc.measured, rss=used.rss, gpu=per_gpu))
+
+    def change(self, ref: ServerRef, fn: Callable[[ServerRecord], None]) -> None:
+        """Change one record from outside a tick (chores), through the cache, under the lock."""
+        slot = self.slots.get(ref)
+        if slot is None:
+            return
+        with self.store.locked():
+            if slot.rec is None or self.store.stamp(ref) != slot.stamp:
+                loaded = self.store.load(ref)
+                if not isinstance(loaded, ServerRecord):
+                    return
+                slot.rec, slot.stamp, slot.saved = loaded, self.store.stamp(ref), loaded.to_json()
+            fn(slot.rec)
+            self.save_if_changed(slot.rec, slot, self.clock())
+
     # ------------------------------------------------------------------ verbs: the held socket
     def uses_socket(self, srv: Server) -> bool:
         refused = srv.slot.no_socket or srv.rec.socket.startswith("not held")
@@ -666,27 +833,27 @@ class Supervisor:
             if isinstance(spawned, Failure):
                 lc.successor_failed(rec, spawned, None, now)
                 return
-            slot.successor, slot.successor_notify = spawned
+            slot.successor_handle, slot.successor_notify = spawned
             slot.successor_notified = False
-            lc.successor_spawned(rec, slot.successor.ident)
-            log.info("%s: replacing (%s): new instance pid %s on the same socket", rec.label, why, slot.successor.ident.pid)
+            lc.successor_spawned(rec, slot.successor_handle.ident)
+            log.info("%s: replacing (%s): new instance pid %s on the same socket", rec.label, why, slot.successor_handle.ident.pid)
             slot.wake_at(now + spec.startup_timeout)
             return
-        if slot.successor is None:  # a supervisor died during the overlap: the successor is not ours to watch
+        if slot.successor_handle is None:  # a supervisor died during the overlap: the successor is not ours to watch
             ident = self.procs.find_leader(rec.successor.token)
             if ident is None:
                 lc.successor_failed(rec, Failure("crash", "the new instance is gone", True), Exit(), now)
                 return
-            slot.successor = Handle(ident, None, open_pidfd(ident))
-        exited, exit = self.procs.exit_status(slot.successor)
+            slot.successor_handle = Handle(ident, None, open_pidfd(ident))
+        exited, exit = self.procs.exit_status(slot.successor_handle)
         if exited or now - rec.successor.started_at > spec.startup_timeout:
             failure = (
                 classify_exit(exit, logfiles.since_last_start(self.store.log_path(rec.ref)) if self.log_to_files else [])
                 if exited
                 else Failure("startup-timeout", f"not ready after {spec.startup_timeout:g}s (startup_timeout)", True)
             )
-            self._retire(srv, rec.successor, slot.successor, slot.successor_notify, now)
-            slot.successor, slot.successor_notify, slot.successor_notified = None, None, False
+            self._retire(srv, rec.successor, slot.successor_handle, slot.successor_notify, now)
+            slot.successor_handle, slot.successor_notify, slot.successor_notified = None, None, False
             lc.successor_failed(rec, failure, exit if exited else None, now)
             log.error("%s: %s", rec.label, rec.history.last_error)
             return
@@ -695,8 +862,8 @@ class Supervisor:
             return
         old_handle, old_notify = slot.handle, slot.notify
         old = lc.successor_took_over(rec, now)
-        slot.handle, slot.notify, slot.notified = slot.successor, slot.successor_notify, True
-        slot.successor, slot.successor_notify, slot.successor_notified = None, None, False
+        slot.handle, slot.notify, slot.notified = slot.successor_handle, slot.successor_notify, True
+        slot.successor_handle, slot.successor_notify, slot.successor_notified = None, None, False
         slot.unhealthy_since, slot.prepared = None, True
         slot.next_probe_at = now + spec.health.interval
         log.info("%s: the new instance pid %s took over; stopping the old one (pid %s)", rec.label, rec.pid, old.pid)
@@ -817,6 +984,10 @@ class Supervisor:
                 self._after_crash(Server(rec, slot, spec), now)
         elif after == AFTER_STOP and rec.state == lc.STOPPING:
             finish_stop(rec, token, result)
+        elif after == AFTER_REST and rec.state == lc.STOPPING:
+            lc.rested(rec, token, now, slot.evicted_for)
+            slot.evicted_for = None
+            slot.last_requests = None
 
     def _spec(self, rec: ServerRecord, slot: Slot) -> ServerSpec | None:
         if slot.spec is None or slot.spec_key != rec.fingerprint:
@@ -858,6 +1029,14 @@ class Supervisor:
         # the next supervisor takes them back from the instances (pidfd_getfd)
         for listener in self.listeners.values():
             listener.close()
+
+
+def activity_of(url: str, port: int | None) -> tuple[Scrape | None, int | None]:
+    """What a server says of its traffic (its /metrics), else how many clients are connected."""
+    scraped = scrape(url)
+    if scraped is not None:
+        return scraped, None
+    return None, established(port) if port else None
 
 
 def open_pidfd(ident: ProcessIdentity) -> int | None:

@@ -148,12 +148,18 @@ def service_unit(profile: Profile, spec: ServerSpec, store: StateStore, port: in
         import pwd
 
         lines.append(f"User={pwd.getpwuid(os.geteuid()).pw_name}")
-    lines += ["", "[Install]", f"WantedBy={target_name(profile)}", ""]
+    if held and spec.start == "on-demand":
+        lines.append("")  # no [Install]: the .socket unit starts it at the first connection
+    else:
+        lines += ["", "[Install]", f"WantedBy={target_name(profile)}", ""]
     return "\n".join(lines)
 
 
 def target_unit(profile: Profile, user: bool) -> str:
-    services = " ".join(unit_name(profile.name, n) for n in profile.servers)
+    services = " ".join(
+        socket_unit_name(profile, spec) if spec.start == "on-demand" and spec.socket else unit_name(profile.name, spec.name)
+        for spec in profile.servers.values()
+    )
     return "\n".join(
         [
             "[Unit]",

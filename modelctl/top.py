@@ -13,75 +13,21 @@ import os
 import select
 import sys
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, RenderableType
 from rich.table import Table
 
 from modelctl.control import Controller, Scope
+from modelctl.engine_metrics import Scrape, scrape
 from modelctl.format import format_bytes, format_duration, styled_state
 from modelctl.rows import StatusRow
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 120  # samples kept: 4 minutes at the default 2 s
-SCRAPE_TIMEOUT = 1.0
-# (requests counter, latency histogram) each engine exposes; the first found wins
-ENGINES = (
-    ("sentence_requests", "sentence_request_duration_seconds"),  # the bundled server
-    ("vllm:request_success", "vllm:e2e_request_latency_seconds"),
-    ("te_request_count", "te_request_duration"),  # TEI
-    ("tgi_request_count", "tgi_request_duration"),
-)
-OWN_ROUTES = {"/health", "/metrics"}  # the supervisor's probes and our own scrapes are not traffic
-
-
-@dataclass
-class Scrape:
-    at: float
-    requests: float
-    latency_sum: float
-    latency_count: float
-    buckets: dict[float, float]
-
-
-def scrape(url: str) -> Scrape | None:
-    """One read of a server's /metrics: its request count and latency histogram, or None."""
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=SCRAPE_TIMEOUT) as resp:
-            text = resp.read(4 << 20).decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return None
-    try:
-        families = {f.name: f for f in text_string_to_metric_families(text)}
-    except ValueError:
-        return None
-    for counter, histogram in ENGINES:
-        if counter not in families:
-            continue
-        requests = sum(
-            s.value for s in families[counter].samples if not s.name.endswith("_created") and s.labels.get("route") not in OWN_ROUTES
-        )
-        total = count = 0.0
-        buckets: dict[float, float] = {}
-        for s in families[histogram].samples if histogram in families else []:
-            if s.labels.get("route") in OWN_ROUTES:
-                continue
-            if s.name.endswith("_sum"):
-                total += s.value
-            elif s.name.endswith("_count"):
-                count += s.value
-            elif s.name.endswith("_bucket"):
-                le = float(s.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + s.value
-        return Scrape(time.time(), requests, total, count, buckets)
-    return None
-
-
 def spark(values: list[float], width: int = 20) -> str:
     values = values[-width:]
     if not values:

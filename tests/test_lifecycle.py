@@ -70,7 +70,7 @@ def test_force_moves_outside_the_table():
     assert rec.state == lc.FAILED
 
 
-OWNED = re.compile(r"\.(state|instance|history|wish)(\.\w+)*\s*=[^=]")
+OWNED = re.compile(r"\.(state|instance|successor|history|wish|usage)(\.\w+)*\s*=[^=]")
 
 
 def test_no_state_instance_history_or_wish_is_written_outside_the_lifecycle_module():

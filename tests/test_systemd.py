@@ -222,3 +222,35 @@ def test_a_socket_unit_holds_the_socket_that_modelctl_run_hands_to_the_server(mc
             first.terminate()
             first.wait(30)
         held.close()
+
+
+def test_systemd_starts_an_on_demand_server_at_its_first_connection_and_it_exits_when_idle(mc):
+    """The .socket unit has [Install], the service none: systemd starts the service when a client
+    connects (here the test does); `modelctl run` starts the server at once, and exits 0 after
+    idle_timeout without a request, until systemd sees the next client."""
+    from modelctl.sockets import Listener, activation_argv, activation_env
+
+    from .test_sockets import listen_server
+
+    server = {**listen_server(), "start": "on-demand", "idle_timeout": 2}
+    path = mc.profile({"web": server}, port_range=[24970, 24979], name="sd")
+    units = generate_units(load_profile(path), mc.store)
+    assert "[Install]" not in units["modelctl-sd-web.service"] and "[Install]" in units["modelctl-sd-web.socket"]
+    assert "Wants=modelctl-sd-web.socket" in units["modelctl-sd.target"]
+    port = int(re.search(r"ListenStream=127.0.0.1:(\d+)", units["modelctl-sd-web.socket"]).group(1))
+    held = Listener.bind("127.0.0.1", port)
+    path = mc.profile({"web": {**server, "port": port}}, name="sd")
+    try:
+        waiting = ThreadPoolExecutor(1).submit(http_post, f"http://127.0.0.1:{port}/call", {}, 60)
+        wait_for(held.pending, 10, what="the first client")  # systemd sees it, and starts the service:
+        argv = activation_argv([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], held.fileno())
+        run = subprocess.Popen(argv, env={**mc.env, **activation_env()}, pass_fds=(held.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert waiting.result(60)[0] == 200
+            assert run.wait(30) == 0  # idle for 2 s: it exits, and systemd would not restart it
+        finally:
+            if run.poll() is None:
+                run.terminate()
+                run.wait(30)
+    finally:
+        held.close()

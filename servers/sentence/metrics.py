@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # the route of the request being served, for counters bumped inside handlers
 current_route: contextvars.ContextVar[str] = contextvars.ContextVar("current_route", default="unmatched")
 
+OWN_ROUTES = ("/health", "/metrics")  # a supervisor's probes and scrapes, not traffic
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -31,6 +32,8 @@ class Metrics:
         self.batches = Histogram("sentence_batch_inputs", "Inputs per model batch", buckets=BATCH_BUCKETS, registry=r)
         Gauge("sentence_queue_depth", "Inputs waiting for or in the model", registry=r).set_function(queue_depth)
         Gauge("sentence_model_ready", "1 once the model is loaded", registry=r).set_function(ready)
+        # requests being served now (not /health and /metrics): how a supervisor tells idle from busy
+        self.in_progress = Gauge("sentence_requests_in_progress", "Requests being served now (not /health, /metrics)", registry=r)
 
     def count(self, inputs: int, tokens: int) -> None:
         route = current_route.get()
@@ -64,9 +67,14 @@ class MetricsMiddleware:
             await send(message)
 
         t0 = time.perf_counter()
+        traffic = route not in OWN_ROUTES
+        if traffic:
+            self.metrics.in_progress.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
+            if traffic:
+                self.metrics.in_progress.dec()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
             self.metrics.requests.labels(route, str(status[0])).inc()
             current_route.reset(token)

@@ -32,7 +32,11 @@ def main() -> None:
     p.add_argument("--load", type=float, default=0.5)
     p.add_argument("--value", default="")
     p.add_argument("--work", type=float, default=0.02, help="seconds each request takes")
+    p.add_argument("--hold", type=int, default=0, help="MiB of memory to hold (touched, so resident)")
     a = p.parse_args()
+    held = bytearray(a.hold << 20)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
     handed = os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1"
     print(f"listen server pid {os.getpid()} {'on fd 3' if handed else f'binding {a.port}'} value {a.value!r}", flush=True)
 

@@ -15,7 +15,7 @@ import time
 
 from vllm.entrypoints.launchers import launcher
 
-REQUESTS = {"success": 0}
+REQUESTS = {"success": 0, "running": 0}
 
 
 def parse() -> argparse.Namespace:
@@ -59,7 +59,10 @@ def app_for(a: argparse.Namespace, engine_pid: int):
         if path == "/health":  # vLLM leaves /health open even with --api-key
             return await send(send_, 200, {})
         if path == "/metrics":
-            text = f'# TYPE vllm:request_success counter\nvllm:request_success_total{{model_name="{name}"}} {REQUESTS["success"]}\n'
+            text = (
+                f'# TYPE vllm:request_success counter\nvllm:request_success_total{{model_name="{name}"}} {REQUESTS["success"]}\n'
+                f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="{name}"}} {REQUESTS["running"]}\n'
+            )
             return await send(send_, 200, text.encode(), "text/plain")
         if not authorized:
             return await send(send_, 401, {"error": "Unauthorized"})
@@ -69,9 +72,11 @@ def app_for(a: argparse.Namespace, engine_pid: int):
             env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}
             return await send(send_, 200, {"pid": os.getpid(), "engine": engine_pid, "args": sys.argv[1:], "env": env})
         if path == "/v1/completions" and method == "POST":
-            REQUESTS["success"] += 1
+            REQUESTS["running"] += 1
             prompt = json.loads(body or b"{}").get("prompt")
             await asyncio.sleep(float(os.environ.get("STAND_IN_REQUEST_SECONDS", "0")))
+            REQUESTS["running"] -= 1
+            REQUESTS["success"] += 1
             choice = {"index": 0, "text": " stand-in", "finish_reason": "length"}
             return await send(
                 send_, 200, {"object": "text_completion", "model": name, "choices": [choice], "prompt": prompt, "pid": os.getpid()}
