@@ -54,7 +54,10 @@ class Run:
         total = 0
         for p in psutil.process_iter(["cmdline", "memory_info"]):
             try:
-                if "servers.sentence" in " ".join(p.info["cmdline"] or []) and p.environ().get("MODELCTL_STATE_DIR") == self.env["MODELCTL_STATE_DIR"]:
+                if (
+                    "servers.sentence" in " ".join(p.info["cmdline"] or [])
+                    and p.environ().get("MODELCTL_STATE_DIR") == self.env["MODELCTL_STATE_DIR"]
+                ):
                     total += p.info["memory_info"].rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -127,12 +130,18 @@ def main() -> None:
         finally:
             run.cli("down")
     print(f"\nMiniLM, {n} on-demand servers:")
-    print(f"plain start to ready {plain_start:.1f}s (up returned after {plain_up:.1f}s); idle server's first request answered after {wake:.1f}s "
-          f"({wake / plain_start:.2f}x the plain start)")
-    print(f"memory of the servers: {n} idle {idle_rss / MiB:.0f} MiB, {n} running {running_rss / MiB:.0f} MiB; "
-          f"the supervisor {idle_sup / MiB:.0f} / {running_sup / MiB:.0f} MiB")
-    print(f"budget for two, {n} servers called in turn by 4 clients ({elapsed:.0f}s): {totals['requests']} requests, "
-          f"{totals['refused']} refused, {totals['failed']} failed ({totals['retried']} resent); {wakes} wakes, {evictions} evictions")
+    print(
+        f"plain start to ready {plain_start:.1f}s (up returned after {plain_up:.1f}s); idle server's first request answered after {wake:.1f}s "
+        f"({wake / plain_start:.2f}x the plain start)"
+    )
+    print(
+        f"memory of the servers: {n} idle {idle_rss / MiB:.0f} MiB, {n} running {running_rss / MiB:.0f} MiB; "
+        f"the supervisor {idle_sup / MiB:.0f} / {running_sup / MiB:.0f} MiB"
+    )
+    print(
+        f"budget for two, {n} servers called in turn by 4 clients ({elapsed:.0f}s): {totals['requests']} requests, "
+        f"{totals['refused']} refused, {totals['failed']} failed ({totals['retried']} resent); {wakes} wakes, {evictions} evictions"
+    )
 
 
 if __name__ == "__main__":

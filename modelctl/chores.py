@@ -59,7 +59,10 @@ class Chores:
     def reap_orphans(self) -> None:
         """Reap exited orphans; attribute live ones to their server by the token they carry."""
         ours = {
-            h.ident.pid for slot in self.sup.slots.values() for h in (slot.handle, slot.successor_handle) if h is not None and h.popen is not None
+            h.ident.pid
+            for slot in self.sup.slots.values()
+            for h in (slot.handle, slot.successor_handle)
+            if h is not None and h.popen is not None
         }
         for pid in own_children():
             if pid in ours:

@@ -36,9 +36,13 @@ class ServerCollector(Collector):
         gpu = GaugeMetricFamily("modelctl_server_gpu_memory_bytes", "GPU memory of the server's processes (NVML)", labels=["server"])
         startup = GaugeMetricFamily("modelctl_server_startup_seconds", "Phases of the last start", labels=["server", "phase"])
         last_exit = GaugeMetricFamily("modelctl_server_last_exit_code", "The last exit's code (negative: the signal)", labels=["server"])
-        wakes = CounterMetricFamily("modelctl_server_wakes", "Starts of an idle on-demand server by a client (or up --now)", labels=["server"])
+        wakes = CounterMetricFamily(
+            "modelctl_server_wakes", "Starts of an idle on-demand server by a client (or up --now)", labels=["server"]
+        )
         idle_stops = CounterMetricFamily("modelctl_server_idle_stops", "Stops of an on-demand server after idle_timeout", labels=["server"])
-        evictions = CounterMetricFamily("modelctl_server_evictions", "Stops of an on-demand server to make room in the budget", labels=["server"])
+        evictions = CounterMetricFamily(
+            "modelctl_server_evictions", "Stops of an on-demand server to make room in the budget", labels=["server"]
+        )
         wake = GaugeMetricFamily("modelctl_server_wake_seconds", "How long the first client waited at the last wake", labels=["server"])
         held = GaugeMetricFamily(
             "modelctl_server_socket_held", "1 while the server's listening socket is held across its restarts", labels=["server"]

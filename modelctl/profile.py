@@ -186,7 +186,7 @@ def socket_mode(backend: Backend, options: Mapping[str, Any], common: Mapping[st
         raise KeyProblem("replace", "overlap needs a held socket and a server that says READY=1 (notify): without them use stop-first")
     if replace is None:
         exclusive_gpus = bool(common.get("gpus")) and not common.get("gpus_shared")
-        replace = "overlap" if notify and not exclusive_gpus else "stop-first"
+        replace = "overlap" if notify and not exclusive_gpus and backend.overlaps_by_default(options) else "stop-first"
     return socket, notify, replace
 
 

@@ -28,6 +28,8 @@ from modelctl.rows import StatusRow
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 120  # samples kept: 4 minutes at the default 2 s
+
+
 def spark(values: list[float], width: int = 20) -> str:
     values = values[-width:]
     if not values:

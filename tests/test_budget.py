@@ -24,12 +24,16 @@ MiB = 1 << 20
 LISTEN_SERVER = str(ROOT / "tests" / "servers" / "listen_server.py")
 
 
-def server(name: str, state: str, memory: int, start: str = "on-demand", last_active: float = 0.0, budget: Budget | None = None, gpus=()) -> tuple:
+def server(
+    name: str, state: str, memory: int, start: str = "on-demand", last_active: float = 0.0, budget: Budget | None = None, gpus=()
+) -> tuple:
     raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": start, "memory": memory}
     if gpus:
         raw["gpus"] = list(gpus)
     spec = parse_server(name, raw, "p.yaml", "p")
-    rec = ServerRecord(profile="p", name=name, state=state, spec=raw, gpus=list(gpus), budget=budget_json(budget or Budget(memory=1400 * MiB)))
+    rec = ServerRecord(
+        profile="p", name=name, state=state, spec=raw, gpus=list(gpus), budget=budget_json(budget or Budget(memory=1400 * MiB))
+    )
     rec.usage = Usage(last_active=last_active)
     if state in lc.ALIVE:
         rec.instance = Instance(token=name, fingerprint="", started_at=0.0, ready_at=1.0)
@@ -82,7 +86,15 @@ def test_a_measured_peak_replaces_the_declared_footprint():
 
 def test_gpu_memory_is_budgeted_per_gpu():
     gpu_budget = Budget(gpu_memory={0: 70 << 30})
-    raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": "on-demand", "gpus": [0], "gpu_memory": "40GiB"}
+    raw = {
+        "kind": "command",
+        "command": ["srv", "--fd", "{fd}"],
+        "socket": "inherit",
+        "notify": True,
+        "start": "on-demand",
+        "gpus": [0],
+        "gpu_memory": "40GiB",
+    }
     spec = parse_server("t", raw, "p.yaml", "p")
 
     def rec(name: str, state: str, gpu: int) -> tuple:
@@ -182,7 +194,9 @@ def test_three_on_demand_servers_under_a_budget_for_two_are_called_in_turn(mc):
 
 # ---------------------------------------------------------------------- the bundled server, real MiniLM
 def no_process(mc, name: str) -> bool:
-    return mc.row(name)["pid"] is None and not [p for p in psutil.process_iter(["cmdline"]) if "servers.sentence" in " ".join(p.info["cmdline"] or []) and _tagged(p, mc)]
+    return mc.row(name)["pid"] is None and not [
+        p for p in psutil.process_iter(["cmdline"]) if "servers.sentence" in " ".join(p.info["cmdline"] or []) and _tagged(p, mc)
+    ]
 
 
 def _tagged(p: psutil.Process, mc) -> bool:

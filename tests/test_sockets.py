@@ -82,7 +82,7 @@ def test_which_kinds_hold_their_socket_and_how_they_are_replaced(tmp_path):
     s = load_profile(path).servers
     assert (s["emb"].socket, s["emb"].notify, s["emb"].replace) == (True, True, "overlap")
     assert s["gpu"].replace == "stop-first"  # two instances would need the GPU memory twice
-    assert (s["llm"].socket, s["llm"].replace) == (True, "overlap")
+    assert (s["llm"].socket, s["llm"].replace) == (True, "stop-first")  # two engines rarely fit
     assert not s["ol"].socket and not s["cmd"].socket
     assert s["fd"].socket and not s["fd"].notify and s["fd"].replace == "stop-first"
 
@@ -213,7 +213,7 @@ def vllm_stand_in(**keys) -> dict:
 
 
 def test_vllm_serves_on_the_held_socket_and_restarts_without_a_gap(mc):
-    up(mc, {"llm": vllm_stand_in()})
+    up(mc, {"llm": vllm_stand_in(replace="overlap")})
     row = mc.row("llm")
     assert row["socket"] == "held"
     with ClosedLoop(row["url"], "/v1/completions", {"model": "llm", "prompt": "hi"}, clients=4, timeout=60) as load:

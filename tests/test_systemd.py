@@ -244,7 +244,9 @@ def test_systemd_starts_an_on_demand_server_at_its_first_connection_and_it_exits
         waiting = ThreadPoolExecutor(1).submit(http_post, f"http://127.0.0.1:{port}/call", {}, 60)
         wait_for(held.pending, 10, what="the first client")  # systemd sees it, and starts the service:
         argv = activation_argv([sys.executable, "-m", "modelctl", "run", "web", "-p", str(path)], held.fileno())
-        run = subprocess.Popen(argv, env={**mc.env, **activation_env()}, pass_fds=(held.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.Popen(
+            argv, env={**mc.env, **activation_env()}, pass_fds=(held.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             assert waiting.result(60)[0] == 200
             assert run.wait(30) == 0  # idle for 2 s: it exits, and systemd would not restart it

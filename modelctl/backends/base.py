@@ -70,6 +70,11 @@ class Backend:
         """Whether an instance sends READY=1 to NOTIFY_SOCKET once it serves (when it has a socket)."""
         return False
 
+    def overlaps_by_default(self, options: Mapping[str, Any]) -> bool:
+        """Whether a restart starts the new instance beside the old one unless the profile says
+        otherwise (it must fit twice in memory)."""
+        return True
+
     def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch | None:
         """The process to run, or None when the server lives elsewhere (an external host).
         With `socket`, the process finds its listening socket at fd 3 (LISTEN_FDS)."""

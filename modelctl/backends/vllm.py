@@ -70,6 +70,9 @@ class VllmBackend(Backend):
     def says_ready(self, options: Mapping[str, Any]) -> bool:
         return True  # the launcher says READY=1 once uvicorn serves
 
+    def overlaps_by_default(self, options: Mapping[str, Any]) -> bool:
+        return False  # two engines rarely fit (GPU memory, or every core of a CPU): replace: overlap where they do
+
     def launch(self, spec: ServerSpec, port: int | None, gpus: list[int], socket: bool = False) -> Launch:
         o = spec.options
         if o.get("executable"):

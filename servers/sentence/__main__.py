@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--api-key", default=None, help="require Bearer KEY (or set MODELCTL_API_KEY)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument(
+        "--chunk-tokens", type=int, default=d.chunk_tokens, help="padded tokens in one fair batch (large requests run in chunks)"
+    )
     p.add_argument("--max-inputs", type=int, default=d.max_inputs)
     p.add_argument("--max-queue", type=int, default=d.max_queue)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -72,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         api_key=a.api_key or ServerSettings.api_key_from_env(),
         max_batch_tokens=a.max_batch_tokens,
         max_batch_size=a.max_batch_size,
+        chunk_tokens=a.chunk_tokens,
         max_inputs=a.max_inputs,
         max_queue=a.max_queue,
         max_body_bytes=a.max_body_bytes,

@@ -75,6 +75,7 @@ def create_app(settings: ServerSettings, model_factory: ModelFactory | None = No
     engine = Engine(settings, model_factory)
     metrics = Metrics(queue_depth=lambda: engine.queue_depth, ready=lambda: 1.0 if engine.ready else 0.0)
     engine.observe_batch = metrics.batches.observe
+    engine.observe_wait = metrics.queue_wait.observe
     ctx = Context(settings, engine, metrics)
 
     @asynccontextmanager

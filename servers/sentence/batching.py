@@ -1,17 +1,25 @@
-"""Dynamic batching: concurrent requests share model calls.
+"""Dynamic batching that is fair to small requests and forgets clients that left.
 
-A request hands over a `prepare` step (tokenizing its inputs) and the number of inputs. As soon
-as a model worker is free, one task gathers everything queued into a batch; the worker thread
-prepares each request of the batch, then runs the model once on all their rows. While the
-workers run, new requests queue up, so under load batches grow by themselves and no request
-waits on a timer. Tokenizing and the model both run off the event loop, with no thread hop per
-request.
+A request hands over a `prepare` step (tokenizing its inputs) and the number of its inputs. It is
+prepared on the tokenizer thread, then its rows wait to be run. Whenever a model worker is free,
+one batch is gathered **round-robin across the requests that wait**: each contributes a share of
+its rows in turn (a one-sentence query all of it), until the batch holds `max_rows` rows or
+`max_tokens` padded tokens. So a large request is split into model-sized chunks and interleaved
+with the others: a query never waits behind more than about one chunk per worker, whatever bulk
+work is queued, while a lone bulk request still runs in full batches. Under load the batches grow
+by themselves; no request waits on a timer.
+
+A request whose client went away (its future cancelled) leaves the queue at once: its rows are
+never run, in-flight chunks' results are dropped, and the inputs it held no longer count
+against the queue limit (so abandoned work never causes a 429 for a live client).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,15 +32,29 @@ class QueueFull(Exception):
     """More inputs are waiting than the server accepts; the client should retry later."""
 
 
-@dataclass
-class _Work:
+@dataclass(eq=False)
+class _Request:
     prepare: Callable[[], Sequence[Any]]  # → rows; may raise (the error goes to this request only)
     n_inputs: int
     future: asyncio.Future = field(repr=False)
+    submitted: float = 0.0
+    rows: Sequence[Any] = ()
+    order: list[int] = field(default_factory=list)  # the rows not yet run, shortest first
+    done: int = 0  # rows answered
+    out: list[Any] = field(default_factory=list)  # each row's output, in row order
+    first_run: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.future.done()
+
+    def size(self, i: int) -> int:
+        ids = getattr(self.rows[i], "ids", None)
+        return len(ids) if ids is not None else 1
 
 
 class Batcher:
-    """Gathers queued requests into batches for `workers` model threads.
+    """Fair batches of rows for `workers` model threads.
 
     On a CPU, several single-threaded workers running different batches use the cores better
     than one worker whose every op is split across them; on a GPU one worker is right.
@@ -41,106 +63,165 @@ class Batcher:
     def __init__(
         self,
         run: Callable[[list[Any]], np.ndarray],
-        max_inputs: int,
+        max_rows: int,
         max_queue_inputs: int,
         workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
+        max_tokens: int = 4096,
+        on_wait: Callable[[float], None] | None = None,
     ):
         self.run = run
-        self.on_batch = on_batch  # told the number of inputs of each batch (metrics)
-        self.max_inputs = max_inputs
+        self.on_batch = on_batch  # told the number of rows of each batch (metrics)
+        self.on_wait = on_wait  # told each request's wait from its arrival to its first rows in the model
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
         self.max_queue_inputs = max_queue_inputs
         self.workers = max(1, workers)
-        self.queued = 0  # inputs admitted and not yet answered
-        self.batches = 0  # model batches run, and the inputs in them: their ratio is the mean batch
+        self.queued = 0  # inputs admitted and not yet answered (abandoned ones leave at once)
+        self.batches = 0  # model batches run, and the rows in them: their ratio is the mean batch
         self.batched_inputs = 0
-        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._ready: deque[_Request] = deque()  # prepared, with rows waiting to run
         self._model_threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="model")
-        self._free: asyncio.Semaphore | None = None
-        self._task: asyncio.Task | None = None
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._free = self.workers
         self._running: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def depth(self) -> int:
         return self.queued
 
     def start(self) -> None:
-        self._free = asyncio.Semaphore(self.workers)
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
-        for task in [self._task, *self._running]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in list(self._running):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._model_threads.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, prepare: Callable[[], Sequence[Any]], n_inputs: int) -> tuple[Sequence[Any], np.ndarray]:
         """Queue a request; returns its prepared rows and the model's output for them."""
         if self.queued + n_inputs > self.max_queue_inputs:
             raise QueueFull(f"{self.queued} inputs are queued (limit {self.max_queue_inputs}); retry shortly")
-        fut = asyncio.get_running_loop().create_future()
-        self.queued += n_inputs
-        self._queue.put_nowait(_Work(prepare, n_inputs, fut))
-        return await fut
-
-    async def _loop(self) -> None:
-        assert self._free is not None
         loop = asyncio.get_running_loop()
-        while True:
-            # a worker first: while all are busy, requests pile up and the next batch grows
-            await self._free.acquire()
-            batch = [await self._queue.get()]
-            n = batch[0].n_inputs
-            while n < self.max_inputs and not self._queue.empty():
-                work = self._queue.get_nowait()
-                batch.append(work)
-                n += work.n_inputs
+        req = _Request(prepare, n_inputs, loop.create_future(), submitted=time.perf_counter())
+        self.queued += n_inputs
+        try:
+            try:
+                req.rows = await loop.run_in_executor(self._tokenizer, self._prepare, req)
+            except Exception as e:
+                req.future.set_exception(e)
+            if not req.finished:
+                if len(req.rows) == 0:
+                    req.future.set_result((req.rows, np.zeros((0, 1), dtype=np.float32)))
+                else:
+                    req.order = sorted(range(len(req.rows)), key=req.size)
+                    req.out = [None] * len(req.rows)
+                    self._ready.append(req)
+                    self._dispatch()
+            return await req.future
+        finally:
+            self._leave(req)
+
+    def _prepare(self, req: _Request) -> Sequence[Any]:
+        if req.finished:  # cancelled while it waited for the tokenizer
+            return ()
+        return req.prepare()
+
+    def _leave(self, req: _Request) -> None:
+        """A request answered, failed or abandoned: it holds no place in the queue any more."""
+        if req.n_inputs:
+            self.queued -= req.n_inputs
+            req.n_inputs = 0
+        req.order = []
+        if not req.future.done():
+            req.future.cancel()
+        with contextlib.suppress(ValueError):
+            self._ready.remove(req)
+
+    # ---------------------------------------------------------------- scheduling
+    def _dispatch(self) -> None:
+        """While a worker is free and rows wait: gather a fair batch and run it."""
+        while self._free > 0:
+            batch = self._gather()
+            if not batch:
+                return
+            self._free -= 1
+            n = len(batch)
             self.batches += 1
             self.batched_inputs += n
             if self.on_batch is not None:
                 self.on_batch(n)
-            task = loop.create_task(self._run(batch, n))
+            assert self._loop is not None
+            task = self._loop.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    def _work(self, batch: list[_Work]) -> tuple[list[Sequence[Any] | BaseException], np.ndarray | Exception]:
-        """On a model thread: prepare each request, then one model call for all their rows."""
-        prepared: list[Sequence[Any] | BaseException] = []
-        for w in batch:
-            if w.future.cancelled():
-                prepared.append(asyncio.CancelledError())
-                continue
-            try:
-                prepared.append(w.prepare())
-            except Exception as e:
-                prepared.append(e)
-        rows = [r for p in prepared if not isinstance(p, BaseException) for r in p]
-        if not rows:
-            return prepared, np.zeros((0, 1), dtype=np.float32)
-        try:
-            return prepared, self.run(rows)
-        except Exception as e:
-            return prepared, e
+    def _gather(self) -> list[tuple[_Request, int]]:
+        """Rows round-robin across waiting requests: a small share each per turn, until full."""
+        live = [r for r in self._ready if r.order and not r.finished]
+        self._ready = deque(live)
+        if not live:
+            return []
+        batch: list[tuple[_Request, int]] = []
+        longest, share = 0, max(1, self.max_rows // (2 * len(live)))
+        while len(batch) < self.max_rows:
+            took = False
+            for req in live:
+                for _ in range(share):
+                    if not req.order or len(batch) >= self.max_rows:
+                        break
+                    i = req.order[0]
+                    width = max(longest, req.size(i))
+                    if batch and width * (len(batch) + 1) > self.max_tokens:
+                        break
+                    req.order.pop(0)
+                    longest = width
+                    batch.append((req, i))
+                    took = True
+            if not took:
+                break
+        self._ready.rotate(-1)  # the next batch starts with the next request: nobody always goes first
+        now = time.perf_counter()
+        for req, _ in batch:
+            if req.first_run is None:
+                req.first_run = now
+                if self.on_wait is not None:
+                    self.on_wait(now - req.submitted)
+        return batch
 
-    async def _run(self, batch: list[_Work], n: int) -> None:
-        assert self._free is not None
+    async def _run(self, batch: list[tuple[_Request, int]]) -> None:
         try:
-            prepared, result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
-            start = 0
-            for w, rows in zip(batch, prepared, strict=True):
-                if w.future.done():
-                    if not isinstance(rows, BaseException):
-                        start += len(rows)
+            result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
+            for k, (req, i) in enumerate(batch):
+                if req.finished:
+                    continue  # abandoned meanwhile: its result is dropped
+                if isinstance(result, Exception):
+                    req.future.set_exception(result)
                     continue
-                if isinstance(rows, BaseException):
-                    w.future.set_exception(rows)
-                elif isinstance(result, Exception):
-                    w.future.set_exception(result)
-                else:
-                    w.future.set_result((rows, result[start : start + len(rows)]))
-                    start += len(rows)
+                req.out[i] = result[k]
+                req.done += 1
+                if req.done == len(req.rows):
+                    req.future.set_result((req.rows, np.stack(req.out)))
         finally:
-            self.queued -= n
-            self._free.release()
+            self._free += 1
+            self._dispatch()
+
+    def _work(self, batch: list[tuple[_Request, int]]) -> np.ndarray | Exception:
+        """On a model thread: one model call for the batch's rows, those of live requests only
+        (checked just before the call: a client may have left since the batch was gathered)."""
+        live = [k for k, (req, _) in enumerate(batch) if not req.finished]
+        if not live:
+            return np.zeros((len(batch), 1), dtype=np.float32)
+        try:
+            out = self.run([batch[k][0].rows[batch[k][1]] for k in live])
+        except Exception as e:
+            return e
+        if len(live) == len(batch):
+            return out
+        full = np.zeros((len(batch), *out.shape[1:]), dtype=out.dtype)
+        full[live] = out
+        return full

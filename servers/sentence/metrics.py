@@ -30,6 +30,12 @@ class Metrics:
         self.inputs = Counter("sentence_inputs", "Inputs embedded or documents scored", ["route"], registry=r)
         self.tokens = Counter("sentence_tokens", "Tokens run through the model", ["route"], registry=r)
         self.batches = Histogram("sentence_batch_inputs", "Inputs per model batch", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "sentence_queue_wait_seconds",
+            "Per request: from its arrival to its first rows in the model",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         Gauge("sentence_queue_depth", "Inputs waiting for or in the model", registry=r).set_function(queue_depth)
         Gauge("sentence_model_ready", "1 once the model is loaded", registry=r).set_function(ready)
         # requests being served now (not /health and /metrics): how a supervisor tells idle from busy
@@ -59,7 +65,7 @@ class MetricsMiddleware:
             else ("/v1/models/{id}" if scope["path"].startswith("/v1/models/") else "unmatched")
         )
         token = current_route.set(route)
-        status = [500]
+        status = [499]  # no answer sent: the client went away (nginx's 499), not a server error
 
         async def send_status(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

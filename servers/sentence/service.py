@@ -36,6 +36,7 @@ class Engine:
         self.settings = settings
         self.model_factory = model_factory
         self.observe_batch = observe_batch
+        self.observe_wait: Callable[[float], None] | None = None
         self.model: Encoder | None = None
         self.batcher: Batcher | None = None
         self.ready = False
@@ -60,7 +61,16 @@ class Engine:
 
     def start_batcher(self) -> None:
         assert self.model is not None
-        self.batcher = Batcher(self.model.run, self.settings.max_batch_size * 4, self.settings.max_queue, self.workers, self.observe_batch)
+        s = self.settings
+        self.batcher = Batcher(
+            self.model.run,
+            s.max_batch_size,
+            s.max_queue,
+            self.workers,
+            self.observe_batch,
+            max_tokens=s.chunk_tokens,
+            on_wait=self.observe_wait,
+        )
         self.batcher.start()
         self.ready = True
 

@@ -21,6 +21,9 @@ class ServerSettings:
     api_key: str | None = None
     max_batch_tokens: int = 16384  # padded tokens in one model call
     max_batch_size: int = 64  # rows in one model call
+    # padded tokens in one fair batch of the queue: a large request is run in chunks this size,
+    # interleaved with the others, so a query waits behind about one chunk per worker at most
+    chunk_tokens: int = 2048
     max_inputs: int = 2048  # inputs (or documents) in one request
     max_queue: int = 8192  # rows waiting for the model before 429
     max_body_bytes: int = 8 * 1024 * 1024
