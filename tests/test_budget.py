@@ -139,9 +139,10 @@ def rss_of(mc) -> int:
     total = 0
     for p in psutil.process_iter(["cmdline", "memory_info"]):
         try:
-            if LISTEN_SERVER in (p.info["cmdline"] or []) or "servers.sentence" in " ".join(p.info["cmdline"] or []):
-                if p.environ().get("MODELCTL_TEST_TAG") == mc.tag:
-                    total += p.info["memory_info"].rss
+            cmd = p.info["cmdline"] or []
+            ours = LISTEN_SERVER in cmd or "servers.sentence" in " ".join(cmd)
+            if ours and p.environ().get("MODELCTL_TEST_TAG") == mc.tag:
+                total += p.info["memory_info"].rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
