@@ -4,6 +4,7 @@ test fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -71,9 +72,29 @@ def is_gone(proc: psutil.Process) -> bool:
         return True
 
 
+def with_their_groups(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes, their descendants and the members of the groups they lead: a process that
+    rewrote its environment (vLLM's engine core sets its title over it) carries no tag to find."""
+    found = {p.pid: p for p in procs}
+    for proc in procs:
+        try:
+            for child in proc.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            continue
+    leaders = set(found)
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid not in found and os.getpgid(proc.pid) in leaders:
+                found[proc.pid] = proc
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return list(found.values())
+
+
 def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every process carrying the tag; return the pids that were still alive."""
-    procs = tagged_processes(tag)
+    """SIGKILL every process carrying the tag, with its descendants and group; return their pids."""
+    procs = with_their_groups(tagged_processes(tag))
     for proc in procs:
         try:
             proc.kill()
@@ -221,11 +242,15 @@ def _no_orphans_left():
     """A last sweep: anything still carrying a test tag of this session's tests is ended."""
     yield
     me = os.getpid()
+    tagged = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid == me:
             continue
         try:
             if proc.environ().get(TAG_VAR) in _SESSION_TAGS:
-                proc.kill()
+                tagged.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
+    for proc in with_their_groups(tagged):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()

@@ -38,6 +38,11 @@ class FakeEncoder:
         self.log = o.get("log")
         self.tlog = o.get("tlog")  # the length of every text tokenized, one per line
 
+    @staticmethod
+    def cross_encoder_for(model_path: str, task: str) -> bool:
+        """Known before loading (the app documents /predict only for a cross-encoder)."""
+        return task == "rerank" and parse_options(model_path).get("cross", "1") == "1"
+
     def describe(self) -> dict[str, Any]:
         return {"model_type": "reranker" if self.cross_encoder else "embedding", "dtype": "float32", "backend": "fake", "pooling": "mean"}
 
@@ -45,11 +50,13 @@ class FakeEncoder:
     def words(text: str) -> list[int]:
         return [1000 + zlib.crc32(w.encode()) % (VOCAB - 1000) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
 
-    def _fit(self, index: int, ids: list[int], truncate: bool, limit: int) -> list[int]:
+    def _fit(self, index: int, ids: list[int], truncate: bool, limit: int, direction: str = "right") -> list[int]:
         if len(ids) <= limit:
             return ids
         if not truncate:
             raise InputTooLong(index, len(ids), limit)
+        if direction == "left":
+            return [CLS, *ids[len(ids) - limit + 1 :]]  # the start is cut: [CLS] kept, the end and [SEP] too
         return [*ids[: limit - 1], SEP]
 
     def _tokenized(self, texts: list[str]) -> None:
@@ -57,18 +64,20 @@ class FakeEncoder:
             with open(self.tlog, "a") as f:
                 f.writelines(f"{len(t)}\n" for t in texts)
 
-    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
+    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None, direction: str = "right") -> list[Row]:
         self._tokenized(texts)
         limit = min(self.max_length, max_length or self.max_length)
-        return [Row(self._fit(i, [CLS, *self.words(t), SEP], truncate, limit)) for i, t in enumerate(texts)]
+        return [Row(self._fit(i, [CLS, *self.words(t), SEP], truncate, limit, direction)) for i, t in enumerate(texts)]
 
-    def tokenize_pairs(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
+    def tokenize_pairs(
+        self, query: str, docs: list[str], truncate: bool, max_length: int | None = None, direction: str = "right"
+    ) -> list[Row]:
         self._tokenized([query, *docs])
         limit = min(self.max_length, max_length or self.max_length)
         q = [CLS, *self.words(query), SEP]
         rows = []
         for i, d in enumerate(docs):
-            ids = self._fit(i, [*q, *self.words(d), SEP], truncate, limit)
+            ids = self._fit(i, [*q, *self.words(d), SEP], truncate, limit, direction)
             rows.append(Row(ids, [0] * min(len(q), len(ids)) + [1] * max(0, len(ids) - len(q))))
         return rows
 

@@ -77,7 +77,7 @@ class Tally:
         """Counts of the requests that ended in [since, until], and the outage in it."""
         t = self.between(since, until)
         return {"requests": len(t.outcomes), "ok": t.ok, "refused": t.refused, "failed": t.failed,
-                "retried": t.retried, "outage_s": round(self.outage(since, until), 2), "statuses": t.statuses()}  # fmt: skip
+                "retried": t.retried, "outage_s": round(self.outage(since, until), 2), "statuses": t.statuses(), "errors": t.errors()}  # fmt: skip
 
 
 # the connection was closed before any answer: what a client sees when the process that accepted it dies

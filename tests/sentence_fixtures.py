@@ -75,7 +75,14 @@ FAKE_SERVER = str(ROOT / "tests" / "servers" / "fake_sentence_server.py")
 
 @contextlib.contextmanager
 def sentence_server(
-    log_dir: Path, model: str, *args: str, timeout: float = 180, fake: bool = False, fd_limit: int | None = None, wait: bool = True
+    log_dir: Path,
+    model: str,
+    *args: str,
+    timeout: float = 180,
+    fake: bool = False,
+    fd_limit: int | None = None,
+    wait: bool = True,
+    root: Path = ROOT,
 ) -> Iterator[str]:
     """Start the bundled server (`python -m servers.sentence`, or with the stand-in model when
     `fake`) in its own process group; yield its URL once healthy."""
@@ -83,7 +90,7 @@ def sentence_server(
     tag = uuid.uuid4().hex
     _SESSION_TAGS.add(tag)
     log_path = log_dir / f"sentence-{port}.log"
-    env = {**os.environ, TAG_VAR: tag, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, TAG_VAR: tag, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}  # root: another tree's server (bench)
     entry = [FAKE_SERVER] if fake else ["-m", "servers.sentence"]
 
     def limit_fds() -> None:
@@ -95,7 +102,7 @@ def sentence_server(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *entry, "--model-path", model, "--port", str(port), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT, preexec_fn=limit_fds,  # noqa: PLW1509
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root, preexec_fn=limit_fds,  # noqa: PLW1509
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -212,7 +212,7 @@ def accepts(url: str) -> bool:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=2):
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=2):
         return True
 
 

@@ -133,6 +133,15 @@ def test_huggingface_hub_inference_client(embed_url, encoded, monkeypatch):
     np.testing.assert_allclose(client.feature_extraction(TEXTS[0])[0], encoded[0], atol=1e-5)
 
 
+def test_huggingface_hub_sentence_similarity(embed_url, encoded, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    client = InferenceClient(model=embed_url, token=KEY)  # posts to TEI's /similarity
+    scores = client.sentence_similarity(TEXTS[0], other_sentences=TEXTS)
+    np.testing.assert_allclose(scores, encoded @ encoded[0], atol=1e-5)
+
+
 def test_litellm_embedding(embed_url, encoded):
     import litellm
 
@@ -162,6 +171,14 @@ def test_litellm_rerank(rerank_url, predicted):
 
     res = litellm.rerank(model="cohere/tiny-ce", api_base=rerank_url[0], api_key=KEY, query=QUERY, documents=DOCS)
     assert_ranked(res.results, predicted)
+
+
+def test_litellm_infinity_rerank(rerank_url, predicted):
+    import litellm
+
+    res = litellm.rerank(model="infinity/tiny-ce", api_base=rerank_url[0], api_key=KEY, query=QUERY, documents=DOCS, return_documents=True)
+    assert_ranked(res.results, predicted)
+    assert all(r["document"]["text"] == DOCS[r["index"]] for r in res.results)
 
 
 # ------------------------------------------------------------------ the OpenAPI contract

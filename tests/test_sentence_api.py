@@ -11,6 +11,8 @@ import json
 import resource
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -134,10 +136,10 @@ def test_unframed_token_ids_are_accepted_when_the_server_allows_them(logs):
         assert status == 200 and len(body["data"][0]["embedding"]) == 8
 
 
-def test_over_long_input_is_400_with_the_limit_unless_truncation_is_asked(embed_url):
+def test_over_long_input_is_413_with_the_limit_unless_truncation_is_asked(embed_url):
     long = " ".join(["word"] * 40)
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
-    assert status == 400
+    assert status == 413
     assert_openai_error(body, "input_too_long")
     assert "limit of 32" in body["error"]["message"]
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
@@ -149,7 +151,7 @@ def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(lo
     with sentence_server(logs, "fake:max_length=32", "--truncate", fake=True) as url:
         assert http_post(url + "/embed", {"inputs": long})[0] == 200
         status, body, _ = http_post(url + "/embed", {"inputs": long, "truncate": False})
-        assert status == 400
+        assert status == 413
         assert_openai_error(body, "input_too_long")
 
 
@@ -162,7 +164,7 @@ def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(lo
         ({}, 422, "input"),
         ({"input": ""}, 400, "input"),
         ({"input": []}, 400, "input"),
-        ({"input": ["ok", " "]}, 400, "input"),
+        ({"input": ["ok", ""]}, 422, "input"),  # (whitespace is text, and embedded)
         ({"input": [[CLS, 5, SEP], [999999999]]}, 400, "input"),
         ({"input": "x", "dimensions": 999}, 400, "dimensions"),
         ({"input": ["x"] * 101}, 422, "input"),
@@ -274,9 +276,31 @@ def test_cohere_v1_and_jina_rerank(rerank_url):
     scores = [r["relevance_score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
     status, top, _ = http_post(
-        rerank_url + "/rerank", {"query": QUERY, "documents": [{"text": d} for d in DOCS], "top_n": 1, "return_documents": False}
+        rerank_url + "/v1/rerank", {"query": QUERY, "documents": [{"text": d} for d in DOCS], "top_n": 1, "return_documents": False}
     )
     assert status == 200 and top["results"] == [{"index": 0, "relevance_score": scores[0]}]
+
+
+def test_rerank_with_documents_answers_as_infinity_does(rerank_url):
+    """`POST /rerank` with `documents` is Infinity's route: its clients (litellm's infinity/) read
+    `document` as a string and the usage as prompt_tokens."""
+    status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "documents": DOCS, "return_documents": True, "top_n": 2})
+    assert status == 200 and body["object"] == "rerank" and body["model"] == "fake-ce" and isinstance(body["created"], int)
+    assert [r["index"] for r in body["results"]] == [0, 2] and body["results"][0]["document"] == DOCS[0]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    _, bare, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "documents": DOCS, "return_documents": False})
+    assert [r["document"] for r in bare["results"]] == [None] * 3
+
+
+def test_empty_documents_are_scored_and_objects_without_text_ranked_by_their_fields(rerank_url):
+    docs = ["", {"text": ""}, {"title": "france", "body": "paris is its capital"}, DOCS[1]]
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        status, body, _ = http_post(rerank_url + path, {"query": QUERY, "documents": docs, "return_documents": True})
+        assert status == 200 and sorted(r["index"] for r in body["results"]) == [0, 1, 2, 3], (path, body)
+        text = {r["index"]: r["document"] for r in body["results"]}[2]
+        assert (text if isinstance(text, str) else text["text"]) == "title: france\nbody: paris is its capital"
+    status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": ["", DOCS[0]]})
+    assert status == 200 and [r["index"] for r in body] == [1, 0]
 
 
 def test_rank_fields_select_what_is_ranked(rerank_url):
@@ -307,8 +331,8 @@ def test_tei_rerank_predict_and_root(rerank_url):
     status, batch, _ = http_post(rerank_url + "/invocations", {"inputs": [[QUERY, DOCS[0]], [QUERY, DOCS[1]]]})
     assert status == 200 and len(batch) == 2 and batch[0][0]["score"] > batch[1][0]["score"]
     status, err, _ = http_post(rerank_url + "/predict", {"inputs": "just one text"})
-    assert status == 400
-    assert_openai_error(err, "invalid_input")
+    assert status == 422  # a cross-encoder scores pairs, and the schema says so
+    assert_openai_error(err)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +341,6 @@ def test_tei_rerank_predict_and_root(rerank_url):
         ("/v1/rerank", {"query": QUERY}, 422),
         ("/v1/rerank", {"query": QUERY, "documents": []}, 400),
         ("/v1/rerank", {"query": "", "documents": ["a"]}, 400),
-        ("/v1/rerank", {"query": QUERY, "documents": [{"txt": "a"}]}, 400),
         ("/v1/rerank", {"query": QUERY, "documents": ["a"] * 51}, 422),
         ("/v1/rerank", {"query": QUERY, "documents": ["a"], "top_n": 0}, 422),
         ("/v1/rerank", {"query": QUERY, "documents": ["a"], "return_documents": 0}, 422),
@@ -338,8 +361,10 @@ def test_a_bi_encoder_reranks_by_cosine(logs):
         assert status == 200 and body["results"][0]["index"] == 0
         assert body["results"][0]["relevance_score"] == pytest.approx(1.0, abs=1e-5)
         status, body, _ = http_post(url + "/predict", {"inputs": ["a", "b"]})
-        assert status == 400
-        assert_openai_error(body, "not_supported")
+        assert status == 404  # a bi-encoder scores no pairs: the route is not there, nor in the document
+        assert_openai_error(body)
+        paths = http_get(url + "/openapi.json")[1]["paths"]
+        assert "/predict" not in paths and "/rerank" in paths
 
 
 # ------------------------------------------------------------------ the OpenAPI document
@@ -363,6 +388,54 @@ def test_each_server_documents_only_its_tasks_routes_with_their_errors(embed_url
     assert rerank_schemas["RerankRequest"]["properties"]["documents"]["minItems"] == 1
 
 
+def _all_nodes(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _all_nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _all_nodes(v)
+
+
+def test_the_document_binds_token_ids_and_dimensions_to_the_loaded_model(embed_url):
+    """What the server accepts of token ids (this model's own tokenization) and dimensions (at
+    most the model's) is in the schema, so a client following the document is never refused."""
+    spec = http_get(embed_url + "/openapi.json", headers=AUTH)[1]
+    req = spec["components"]["schemas"]["EmbeddingRequest"]
+    ids = [n for n in _all_nodes(req["properties"]["input"]) if "prefixItems" in n]
+    assert ids and all(n["prefixItems"] == [{"type": "integer", "const": CLS}] for n in ids)
+    assert all(n["contains"] == {"type": "integer", "const": SEP} and n["items"]["maximum"] == 30521 for n in ids)
+    assert [n["maximum"] for n in _all_nodes(req["properties"]["dimensions"]) if "maximum" in n] == [16]
+    assert not [n for n in _all_nodes(spec) if "x-token-ids" in n or "x-dimensions" in n]  # the marks are gone
+    # what the document allows is served; what it refuses is refused
+    assert post(embed_url, "/v1/embeddings", {"input": [[CLS, 2000, 2001, SEP, 0]], "dimensions": 16})[0] == 200
+    assert post(embed_url, "/v1/embeddings", {"input": [[2000, SEP]]})[0] == 400
+
+
+def test_left_truncation_keeps_the_end_of_an_over_long_input(embed_url):
+    words = [f"w{i}" for i in range(40)]  # 42 tokens with the marks; the model reads 32
+    long, end, start = " ".join(words), " ".join(words[-30:]), " ".join(words[:30])
+    status, left, _ = post(embed_url, "/embed", {"inputs": long, "truncate": True, "truncation_direction": "Left"})
+    assert status == 200
+    _, want_end, _ = post(embed_url, "/embed", {"inputs": end})
+    _, want_start, _ = post(embed_url, "/embed", {"inputs": start})
+    _, right, _ = post(embed_url, "/embed", {"inputs": long, "truncate": True})
+    np.testing.assert_allclose(left, want_end, atol=1e-6)
+    np.testing.assert_allclose(right, want_start, atol=1e-6)
+    _, params, _ = post(embed_url, "/", {"inputs": long, "parameters": {"truncate": True, "truncation_direction": "left"}})
+    np.testing.assert_allclose(params, want_end, atol=1e-6)
+    status, body, _ = post(embed_url, "/embed", {"inputs": long, "truncation_direction": "Left"})
+    assert status == 413 and body["error"]["code"] == "input_too_long"  # direction alone does not truncate
+
+
+def test_similarity_answers_huggingface_hubs_sentence_similarity(embed_url):
+    payload = {"inputs": {"source_sentence": "a b c", "sentences": ["a b c", "x y z", "a b"]}}
+    status, scores, _ = post(embed_url, "/similarity", payload)
+    assert status == 200 and len(scores) == 3 and scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert scores[2] > scores[1]
+
+
 # ------------------------------------------------------------------ metrics
 def test_metrics_count_requests_inputs_and_batches(logs):
     with sentence_server(logs, "fake:dims=8", fake=True) as url:
@@ -382,11 +455,80 @@ def test_metrics_count_requests_inputs_and_batches(logs):
         assert ("sentence_queue_depth", ()) in samples
 
 
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    status, text = http_get(url + "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _send_and_leave(port: int, payload: dict, stay: Callable[[], bool], timeout: float = 10) -> None:
+    """A raw request whose client disconnects, without reading an answer, once `stay()` is false."""
+    body = json.dumps(payload).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        wait_for(lambda: not stay(), timeout, what="the moment to leave")
+
+
+def _model_rows(log: Path) -> list[list[int]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+# ------------------------------------------------------------------ fairness and clients that leave
+@pytest.mark.parametrize("express", ["0", "1"])
+def test_a_small_request_runs_between_the_chunks_of_a_large_one(logs, tmp_path, express):
+    """40 inputs run as chunks of 4 rows (one model call each); a query sent once the first chunk
+    runs goes into the next batch (round-robin), or at once on the express worker, not after the
+    other nine."""
+    seen = tmp_path / "rows.jsonl"
+    args = ["--model-workers", "1", "--max-batch-size", "4", "--no-warmup", "--express-workers", express]
+    with sentence_server(logs, f"fake:dims=8,delay=0.15,log={seen}", *args, fake=True) as url:
+        bulk = concurrent.futures.ThreadPoolExecutor(1).submit(
+            http_post, url + "/v1/embeddings", {"input": [f"bulk{i}" for i in range(40)]}
+        )
+        wait_for(lambda: len(_model_rows(seen)) >= 1, 10, what="the bulk request's first chunk")
+        status, _, _ = http_post(url + "/v1/embeddings", {"input": "query"})
+        assert status == 200
+        status, body, _ = bulk.result(timeout=30)
+        assert status == 200 and len(body["data"]) == 40
+    rows = _model_rows(seen)
+    query = [CLS, *FakeEncoder.words("query"), SEP]
+    at = rows.index(query)
+    limit = 12 if express == "0" else 8  # the next chunk, or beside the one in flight
+    assert at < limit, f"the query ran after {at} bulk rows (chunks of 4): {len(rows)} rows in all"
+    assert len(rows) == 41  # every bulk row ran once
+
+
+def test_a_client_that_leaves_stops_costing_model_time_and_is_counted_499(logs, tmp_path):
+    seen = tmp_path / "rows.jsonl"
+    args = ["--model-workers", "1", "--max-batch-size", "4", "--no-warmup", "--max-queue", "48"]
+    with sentence_server(logs, f"fake:dims=8,delay=0.5,log={seen}", *args, fake=True) as url:
+        _send_and_leave(port_of(url), {"input": [f"gone{i}" for i in range(40)]}, lambda: len(_model_rows(seen)) < 1)
+        # abandoned: it leaves the queue once the server sees the client gone, long before its 10
+        # chunks could have run (while its 40 of 48 places were held, the next 40 would be refused)
+        wait_for(lambda: _samples(url)[("sentence_queue_depth", ())] == 0, 1.5, what="the abandoned inputs to leave the queue")
+        status, body, _ = http_post(url + "/v1/embeddings", {"input": [f"live{i}" for i in range(40)]})
+        assert status == 200, body
+        wait_for(lambda: _samples(url).get(("sentence_requests_in_progress", ())) == 0, 10, what="no request in progress")
+        samples = _samples(url)
+    gone = {FakeEncoder.words(f"gone{i}")[0] for i in range(40)}
+    ran = sum(1 for r in _model_rows(seen) if len(r) == 3 and r[1] in gone)
+    assert 1 <= ran <= 8, f"{ran} of the abandoned request's 40 rows ran (at most the chunk in flight and one gathered before it left)"
+    route = ("route", "/v1/embeddings")
+    assert samples[("sentence_requests_total", (route, ("status", "499")))] == 1
+    assert ("sentence_requests_total", (route, ("status", "500"))) not in samples
+    assert samples[("sentence_requests_total", (route, ("status", "200")))] == 1
+    assert samples[("sentence_queue_wait_seconds_count", ())] == 2  # each request's wait for its first rows in the model
+    assert samples[("sentence_queue_depth", ())] == 0
+
+
 # ------------------------------------------------------------------ abuse
 @pytest.mark.slow
 def test_work_for_a_client_that_disconnected_never_reaches_the_model(logs, tmp_path):
     seen = tmp_path / "model-rows.jsonl"
-    with sentence_server(logs, f"fake:dims=8,delay=1.0,log={seen}", "--model-workers", "1", "--no-warmup", fake=True) as url:
+    args = ["--model-workers", "1", "--express-workers", "0", "--no-warmup"]  # one worker: the next request waits
+    with sentence_server(logs, f"fake:dims=8,delay=1.0,log={seen}", *args, fake=True) as url:
         port = port_of(url)
         busy = concurrent.futures.ThreadPoolExecutor(1).submit(http_post, url + "/v1/embeddings", {"input": "first"})
         wait_for(lambda: seen.exists() and seen.read_text(), 10, what="the first batch to reach the model")
@@ -495,9 +637,9 @@ def test_a_huge_input_is_refused_or_cut_before_it_is_tokenized(logs):
     with sentence_server(logs, f"fake:dims=8,max_length=32,tlog={tlog}", "--max-body-bytes", str(8 << 20), fake=True) as url:
         huge = "word " * (1 << 20)  # 5 MB
         status, body, _ = http_post(url + "/v1/embeddings", {"input": huge})
-        assert status == 400 and body["error"]["code"] == "input_too_long" and "characters" in body["error"]["message"]
+        assert status == 413 and body["error"]["code"] == "input_too_long" and "characters" in body["error"]["message"]
         status, body, _ = http_post(url + "/v1/embeddings", {"input": ["short", huge]})
-        assert status == 400 and body["error"]["message"].startswith("input[1]")
+        assert status == 413 and body["error"]["message"].startswith("input[1]")
         status, body, _ = http_post(url + "/embed", {"inputs": huge, "truncate": True})
         assert status == 200 and len(body) == 1
         status, body, _ = http_post(url + "/v1/embeddings", {"input": "hello"})  # and it serves on

@@ -11,11 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from .conftest import ROOT, TAG_VAR, http_get, http_post
+from .mixed_load import mixed_workload, send_and_leave
+from .mixed_load import sentences as mixed_sentences
 from .sentence_fixtures import KEY, assert_openai_error, build_tiny_cross_encoder, free_port, minilm_path, post, sentence_server
 
 pytestmark = pytest.mark.slow
@@ -178,10 +181,10 @@ def test_tei_embed_returns_bare_vectors(embed_url, st_model):
     np.testing.assert_allclose(raw[0], st_model.encode("hello", normalize_embeddings=False), atol=1e-5)
 
 
-def test_too_long_input_is_400_unless_truncation_is_asked(embed_url, st_model):
+def test_too_long_input_is_413_unless_truncation_is_asked(embed_url, st_model):
     long = "word " * 400
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
-    assert status == 400
+    assert status == 413
     assert_openai_error(body, "input_too_long")
     assert "256" in body["error"]["message"]
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
@@ -216,7 +219,7 @@ def test_cohere_rerank_scores_equal_cross_encoder_predict(rerank_url, ce_model):
 
 def test_rerank_accepts_document_objects_top_n_and_no_documents(rerank_url):
     docs = [{"text": d} for d in DOCS]
-    status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "documents": docs, "top_n": 2, "return_documents": False})
+    status, body, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": docs, "top_n": 2, "return_documents": False})
     assert status == 200 and len(body["results"]) == 2
     assert all(set(r) == {"index", "relevance_score"} for r in body["results"])
     _, full, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": DOCS})
@@ -241,3 +244,33 @@ def test_embeddings_on_a_rerank_server_is_404(rerank_url):
     status, body, _ = http_post(rerank_url + "/v1/embeddings", {"input": "x"})
     assert status == 404
     assert_openai_error(body, "wrong_task")
+
+
+# ------------------------------------------------------------------ a RAG system's load
+def test_a_query_beside_bulk_indexing_waits_little_and_bulk_keeps_its_pace(logs):
+    """A one-sentence query beside two clients sending 1024 sentences per request: its p90 stays
+    within 5x of its p90 alone, and the bulk clients keep 85% of their pace alone."""
+    with sentence_server(logs, minilm_path(), "--task-type", "embedding") as url:
+        got = mixed_workload(url)
+    print("\n" + got.line())
+    assert got.p90_ratio <= 5.0, got.line()
+    assert got.bulk_ratio >= 0.85, got.line()
+
+
+def test_a_query_after_eight_abandoned_bulk_requests_is_answered_at_once(logs):
+    """Eight clients send 2048 inputs each and leave 0.2 s later, their work queued and running; a
+    query 0.5 s after they sent is answered 200 within 1 s (their 16384 inputs would take the
+    model ~40 s here; before, every worker ran one whole request to its end)."""
+    bulk = mixed_sentences(2048, seed=3)
+    with sentence_server(logs, minilm_path(), "--task-type", "embedding") as url:
+        assert post(url, "/v1/embeddings", {"input": "warm"})[0] == 200
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: send_and_leave(url, {"input": bulk}, stay=0.2), range(8)))
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        status, body, _ = post(url, "/v1/embeddings", {"input": "what is the capital of France?"})
+        took = time.monotonic() - t0
+        assert status == 200, body
+        assert took < 1.0, f"the query took {took:.2f}s"
+        _, health = http_get(url + "/health")
+    print(f"\nquery 0.5 s after 8 abandoned 2048-input requests: {took * 1000:.0f} ms; queue then {health.get('queue_depth')}")

@@ -87,4 +87,7 @@ class VllmBackend(Backend):
         if tp:
             argv += ["--tensor-parallel-size", str(tp)]
         argv += o.get("args") or []
-        return Launch(argv=argv)
+        # on a held socket the launcher lets in-flight requests finish when it is stopped (vLLM's
+        # --shutdown-timeout, where this vLLM has it), within the stop timeout, before SIGKILL
+        env = {"MODELCTL_DRAIN_SECONDS": str(max(1, int(spec.stop_timeout * 0.8)))} if socket else {}
+        return Launch(argv=argv, env=env)

@@ -5,7 +5,8 @@
 Run by the interpreter of the environment vLLM is installed in, as a script: it imports nothing
 of modelctl. vLLM binds its own socket before it loads the engine; this launcher gives it the
 inherited one instead (its `create_server_socket` returns it), keeps the supervisor's backlog,
-and says READY=1 on $NOTIFY_SOCKET once uvicorn serves. Connections that arrive while the
+and says READY=1 on $NOTIFY_SOCKET once uvicorn serves; stopped, it lets the requests in flight
+finish (vLLM's --shutdown-timeout) instead of aborting them. Connections that arrive while the
 engine loads wait in the backlog. Where the installed vLLM's internals are not the ones this
 knows, it exits with 79 and says why: modelctl then runs vLLM the plain way and says so.
 """
@@ -68,6 +69,21 @@ def patch_uvicorn() -> None:
     uvicorn.Config.__init__ = init_with_backlog  # type: ignore[method-assign]
 
 
+def drain_on_stop() -> None:
+    """A stop lets the requests in flight finish (up to MODELCTL_DRAIN_SECONDS) instead of aborting
+    them, as vLLM does by default: new connections wait meanwhile in the socket modelctl holds, for
+    the next instance. Only where this vLLM has --shutdown-timeout, and the user did not set it."""
+    seconds = os.environ.pop("MODELCTL_DRAIN_SECONDS", "")
+    if not seconds or any(a == "--shutdown-timeout" or a.startswith("--shutdown-timeout=") for a in sys.argv):
+        return
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return
+    if "shutdown_timeout" in getattr(EngineArgs, "__dataclass_fields__", {}):
+        sys.argv += ["--shutdown-timeout", seconds]
+
+
 def main() -> None:
     sock = inherited()
     try:
@@ -83,6 +99,7 @@ def main() -> None:
 
     launcher.create_server_socket = handed_over
     patch_uvicorn()
+    drain_on_stop()
     sys.argv[0] = "vllm-serve (modelctl, inherited socket)"
     vllm_main()
 

@@ -40,15 +40,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument(
-        "--chunk-tokens", type=int, default=d.chunk_tokens, help="padded tokens in one fair batch (large requests run in chunks)"
+        "--chunk-tokens", type=int, default=d.chunk_tokens, help="padded tokens in one fair batch (default: 512 on CPU, 8192 on GPU)"
     )
     p.add_argument("--max-inputs", type=int, default=d.max_inputs)
     p.add_argument("--max-queue", type=int, default=d.max_queue)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 400")
+    p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 413")
     p.add_argument("--allow-token-ids", action="store_true", help="accept token ids not framed by this model's special tokens")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--model-workers", type=int, default=None, help="batches run at once (default: cores on CPU, 1 on GPU)")
+    p.add_argument("--express-workers", type=int, default=None, help="workers for small requests only (default: 1 on CPU, 0 on GPU)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: cores / model workers on CPU)")
     p.add_argument("--header-timeout", type=float, default=d.header_timeout, help="seconds a client has to send its headers")
     p.add_argument("--body-timeout", type=float, default=d.body_timeout, help="seconds a client has to send its body")
@@ -84,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         warmup=not a.no_warmup,
         model_workers=a.model_workers,
         torch_threads=a.torch_threads,
+        express_workers=a.express_workers,
         header_timeout=a.header_timeout,
         body_timeout=a.body_timeout,
         max_connections=a.max_connections,

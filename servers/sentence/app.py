@@ -26,10 +26,12 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servers.sentence import __version__
+from servers.sentence.contract import openapi_with_model
 from servers.sentence.encoder import ConfigurationError
 from servers.sentence.errors import ApiError
 from servers.sentence.guard import GuardMiddleware
 from servers.sentence.metrics import Metrics, MetricsMiddleware
+from servers.sentence.models import cached_model_dir, is_cross_encoder, resolve_model_path
 from servers.sentence.routes import cohere, openai, tei
 from servers.sentence.routes.common import Context, JSONResponse, common_router
 from servers.sentence.service import Engine, ModelFactory
@@ -102,14 +104,36 @@ def create_app(settings: ServerSettings, model_factory: ModelFactory | None = No
     if settings.task == "embedding":
         routers += [openai.embeddings_router(ctx), tei.embedding_router(ctx)]
     else:
-        routers += [cohere.router(ctx), tei.rerank_router(ctx)]
+        routers += [cohere.router(ctx), tei.rerank_router(ctx, cross_encoder_of(settings, model_factory))]
     for router in routers:
         app.include_router(router)
     _error_handlers(app, settings)
     routes = {getattr(r, "path", "") for router in routers for r in router.routes}
+    build = app.openapi
+
+    def build_fresh() -> dict[str, Any]:
+        app.openapi_schema = None  # FastAPI's own cache: ours keeps it once the model is loaded
+        return build()
+
+    app.openapi = openapi_with_model(build_fresh, lambda: engine.model, settings.allow_token_ids)  # type: ignore[method-assign]
     app.add_middleware(GuardMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     return app
+
+
+def cross_encoder_of(settings: ServerSettings, model_factory: ModelFactory) -> bool | None:
+    """Whether the model is a cross-encoder, known before it loads (None: not known): a bi-encoder
+    reranker has no predict routes, and its OpenAPI document says so."""
+    told = getattr(model_factory, "cross_encoder_for", None)  # a stand-in model says it itself
+    if told is not None:
+        return bool(told(settings.model_path, settings.task))
+    try:
+        path = resolve_model_path(settings.model_path)
+    except ConfigurationError:
+        return None
+    if not Path(path).expanduser().is_dir():
+        path = cached_model_dir(path) or ""
+    return is_cross_encoder(path) if path else None
 
 
 def _load(engine: Engine, loop: asyncio.AbstractEventLoop | None) -> None:

@@ -9,6 +9,12 @@ with the others: a query never waits behind more than about one chunk per worker
 work is queued, while a lone bulk request still runs in full batches. Under load the batches grow
 by themselves; no request waits on a timer.
 
+On a CPU one more worker, the **express lane**, takes only small requests (all of whose rows fit
+in one batch), so a query starts at once even while every other worker runs a chunk of bulk work:
+a torch call cannot be interrupted, and a query behind a chunk would wait its whole length. The
+operating system shares the cores between the express worker and the others for those few
+milliseconds. Without bulk work every worker takes small requests too.
+
 A request whose client went away (its future cancelled) leaves the queue at once: its rows are
 never run, in-flight chunks' results are dropped, and the inputs it held no longer count
 against the queue limit (so abandoned work never causes a 429 for a live client).
@@ -39,10 +45,14 @@ class _Request:
     future: asyncio.Future = field(repr=False)
     submitted: float = 0.0
     rows: Sequence[Any] = ()
-    order: list[int] = field(default_factory=list)  # the rows not yet run, shortest first
+    order: deque[int] = field(default_factory=deque)  # the rows not yet run, shortest first
     done: int = 0  # rows answered
     out: list[Any] = field(default_factory=list)  # each row's output, in row order
     first_run: float | None = None
+    small: bool = False  # all its rows fit in one batch: the express lane may take it
+
+    def __repr__(self) -> str:  # never the rows and outputs: a 2048-input request's repr takes seconds
+        return f"<request of {self.n_inputs} inputs, {len(self.order)} rows to run>"
 
     @property
     def finished(self) -> bool:
@@ -69,6 +79,8 @@ class Batcher:
         on_batch: Callable[[int], None] | None = None,
         max_tokens: int = 4096,
         on_wait: Callable[[float], None] | None = None,
+        express: int = 0,
+        inline_inputs: int = 8,
     ):
         self.run = run
         self.on_batch = on_batch  # told the number of rows of each batch (metrics)
@@ -77,13 +89,16 @@ class Batcher:
         self.max_tokens = max_tokens
         self.max_queue_inputs = max_queue_inputs
         self.workers = max(1, workers)
+        self.express = max(0, express)  # workers for small requests only
+        self.inline_inputs = inline_inputs  # requests this small are tokenized at once, not behind bulk ones
         self.queued = 0  # inputs admitted and not yet answered (abandoned ones leave at once)
         self.batches = 0  # model batches run, and the rows in them: their ratio is the mean batch
         self.batched_inputs = 0
         self._ready: deque[_Request] = deque()  # prepared, with rows waiting to run
-        self._model_threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="model")
+        self._model_threads = ThreadPoolExecutor(max_workers=self.workers + self.express, thread_name_prefix="model")
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._free = self.workers
+        self._express_free = self.express
         self._running: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -111,15 +126,20 @@ class Batcher:
         self.queued += n_inputs
         try:
             try:
-                req.rows = await loop.run_in_executor(self._tokenizer, self._prepare, req)
+                if n_inputs <= self.inline_inputs:  # a query: microseconds, never behind a bulk request's tokenizing
+                    req.rows = self._prepare(req)
+                else:
+                    req.rows = await loop.run_in_executor(self._tokenizer, self._prepare, req)
             except Exception as e:
                 req.future.set_exception(e)
             if not req.finished:
                 if len(req.rows) == 0:
                     req.future.set_result((req.rows, np.zeros((0, 1), dtype=np.float32)))
                 else:
-                    req.order = sorted(range(len(req.rows)), key=req.size)
+                    req.order = deque(sorted(range(len(req.rows)), key=req.size))
                     req.out = [None] * len(req.rows)
+                    longest = req.size(req.order[-1])
+                    req.small = len(req.rows) <= self.max_rows and longest * len(req.rows) <= self.max_tokens
                     self._ready.append(req)
                     self._dispatch()
             return await req.future
@@ -136,34 +156,43 @@ class Batcher:
         if req.n_inputs:
             self.queued -= req.n_inputs
             req.n_inputs = 0
-        req.order = []
+        req.order = deque()
         if not req.future.done():
             req.future.cancel()
-        with contextlib.suppress(ValueError):
+        if any(r is req for r in self._ready):
             self._ready.remove(req)
 
     # ---------------------------------------------------------------- scheduling
     def _dispatch(self) -> None:
-        """While a worker is free and rows wait: gather a fair batch and run it."""
+        """While a worker is free and rows wait: gather a fair batch and run it; while an express
+        worker is free and small requests wait, run them there."""
         while self._free > 0:
-            batch = self._gather()
+            batch = self._gather(small_only=False)
             if not batch:
-                return
+                break
             self._free -= 1
-            n = len(batch)
-            self.batches += 1
-            self.batched_inputs += n
-            if self.on_batch is not None:
-                self.on_batch(n)
-            assert self._loop is not None
-            task = self._loop.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._start(batch, express=False)
+        while self._express_free > 0:
+            batch = self._gather(small_only=True)
+            if not batch:
+                break
+            self._express_free -= 1
+            self._start(batch, express=True)
 
-    def _gather(self) -> list[tuple[_Request, int]]:
+    def _start(self, batch: list[tuple[_Request, int]], express: bool) -> None:
+        self.batches += 1
+        self.batched_inputs += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(batch, express))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _gather(self, small_only: bool) -> list[tuple[_Request, int]]:
         """Rows round-robin across waiting requests: a small share each per turn, until full."""
-        live = [r for r in self._ready if r.order and not r.finished]
-        self._ready = deque(live)
+        self._ready = deque(r for r in self._ready if r.order and not r.finished)
+        live = [r for r in self._ready if r.small] if small_only else list(self._ready)
         if not live:
             return []
         batch: list[tuple[_Request, int]] = []
@@ -178,7 +207,7 @@ class Batcher:
                     width = max(longest, req.size(i))
                     if batch and width * (len(batch) + 1) > self.max_tokens:
                         break
-                    req.order.pop(0)
+                    req.order.popleft()
                     longest = width
                     batch.append((req, i))
                     took = True
@@ -193,7 +222,7 @@ class Batcher:
                     self.on_wait(now - req.submitted)
         return batch
 
-    async def _run(self, batch: list[tuple[_Request, int]]) -> None:
+    async def _run(self, batch: list[tuple[_Request, int]], express: bool) -> None:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
             for k, (req, i) in enumerate(batch):
@@ -207,7 +236,10 @@ class Batcher:
                 if req.done == len(req.rows):
                     req.future.set_result((req.rows, np.stack(req.out)))
         finally:
-            self._free += 1
+            if express:
+                self._express_free += 1
+            else:
+                self._free += 1
             self._dispatch()
 
     def _work(self, batch: list[tuple[_Request, int]]) -> np.ndarray | Exception:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
+
+Direction = Literal["right", "left"]  # where truncation cuts: the end (right) or the start (left)
 
 
 class InputTooLong(ValueError):
@@ -44,9 +46,14 @@ class Encoder(Protocol):
     first_id: int | None
     last_id: int | None
 
-    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None) -> list[Row]: ...
+    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None, direction: Direction = "right") -> list[Row]:
+        """Token ids; over-long inputs are cut (from the end, or with direction left from the start)
+        when `truncate`, else refused (InputTooLong)."""
+        ...
 
-    def tokenize_pairs(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> list[Row]: ...
+    def tokenize_pairs(
+        self, query: str, docs: list[str], truncate: bool, max_length: int | None = None, direction: Direction = "right"
+    ) -> list[Row]: ...
 
     def run(self, rows: list[Row]) -> np.ndarray:
         """Embeddings (not normalised) or raw scores (logits), in the order of rows."""

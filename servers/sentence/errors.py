@@ -49,11 +49,11 @@ class ApiError(Exception):
 
 
 _DESCRIPTIONS = {
-    400: "Bad request: invalid JSON, empty or over-long input, token ids of another tokenizer, invalid text.",
+    400: "Bad request: invalid JSON, an empty string, token ids of another tokenizer, invalid text.",
     401: "Missing or wrong API key (Authorization: Bearer KEY), when the server has one.",
     404: "No such model.",
     405: "Method not allowed; the Allow header lists the allowed ones.",
-    413: "The request body is larger than the server accepts.",
+    413: "The request body is larger than the server accepts, or an input is longer than the model reads (send truncate: true).",
     422: "A field has the wrong type or an out-of-range value.",
     429: "Too many inputs are queued; retry after Retry-After seconds.",
     503: "The model is still loading; retry after Retry-After seconds.",

@@ -24,8 +24,12 @@ def _json_int(value: Any) -> int:
 JsonInt = Annotated[int, BeforeValidator(_json_int)]
 PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_json_int)]
 TokenId = Annotated[int, Field(ge=0), BeforeValidator(_json_int)]
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# marked for the OpenAPI document, which says once the model is loaded which ids it takes
+# (servers/sentence/contract.py): its own tokenization, framed by its special tokens
+TokenIds = Annotated[list[TokenId], Field(min_length=1, json_schema_extra={"x-token-ids": True})]
 NonEmptyText = Annotated[StrictStr, Field(min_length=1)]
+# marked too: once the model is loaded, the document says how many dimensions it has
+Dimensions = Annotated[int, Field(gt=0, json_schema_extra={"x-dimensions": True}), BeforeValidator(_json_int)]
 
 
 def _refuses_the_other_key(schema: dict[str, Any], cls: type) -> None:

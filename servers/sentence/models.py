@@ -24,6 +24,19 @@ def resolve_model_path(spec: str) -> str:
     return str(path)
 
 
+def cached_model_dir(repo_id: str) -> str | None:
+    """A hub model's directory in the local Hugging Face cache, if it is there (no download)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
 def is_cross_encoder(path: str) -> bool:
     """A sequence classifier without sentence-transformers modules: a CrossEncoder."""
     config = Path(path) / "config.json"

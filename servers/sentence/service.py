@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from servers.sentence.batching import Batcher, QueueFull
-from servers.sentence.encoder import Encoder, InputTooLong, Row, normalize
+from servers.sentence.encoder import Direction, Encoder, InputTooLong, Row, normalize
 from servers.sentence.errors import ApiError
 from servers.sentence.settings import ServerSettings
 
@@ -62,14 +62,16 @@ class Engine:
     def start_batcher(self) -> None:
         assert self.model is not None
         s = self.settings
+        cpu = s.device == "cpu"
         self.batcher = Batcher(
             self.model.run,
             s.max_batch_size,
             s.max_queue,
             self.workers,
             self.observe_batch,
-            max_tokens=s.chunk_tokens,
+            max_tokens=s.chunk_tokens or (512 if cpu else 8192),
             on_wait=self.observe_wait,
+            express=s.express_workers if s.express_workers is not None else int(cpu),
         )
         self.batcher.start()
         self.ready = True
@@ -94,12 +96,25 @@ class Engine:
                 422, f"{param} has {n} items, more than the limit of {self.settings.max_inputs}", param=param, code="too_many_inputs"
             )
 
+    def check_documents(self, docs: Sequence[str], param: str) -> None:
+        """Documents to rank: any text, empty included, but valid Unicode."""
+        self.check_count(len(docs), param)
+        for i, text in enumerate(docs):
+            if text:
+                check_text(text, f"{param}[{i}]" if len(docs) > 1 else param, param)
+
+    def check_dimensions(self, model: Encoder, dimensions: int | None) -> None:
+        if dimensions is not None and model.dimensions is not None and dimensions > model.dimensions:
+            raise ApiError(
+                400, f"dimensions is {dimensions}, more than this model's {model.dimensions}", param="dimensions", code="invalid_dimensions"
+            )
+
     def check_texts(self, texts: Sequence[str], param: str) -> None:
         self.check_count(len(texts), param)
         for i, text in enumerate(texts):
             check_text(text, f"{param}[{i}]" if len(texts) > 1 else param, param)
 
-    def rows_from_ids(self, model: Encoder, id_lists: list[list[int]], truncate: bool) -> list[Row]:
+    def rows_from_ids(self, model: Encoder, id_lists: list[list[int]], truncate: bool, direction: Direction = "right") -> list[Row]:
         """Token ids sent by the client: only this model's own tokenization (or with --allow-token-ids)."""
         rows = []
         for i, ids in enumerate(id_lists):
@@ -112,10 +127,10 @@ class Engine:
                 )
             if not self.settings.allow_token_ids:
                 framed = model.first_id is not None or model.last_id is not None
-                ok = framed and (model.first_id is None or ids[0] == model.first_id) and (model.last_id is None or ids[-1] == model.last_id)
+                ok = framed and (model.first_id is None or ids[0] == model.first_id) and (model.last_id is None or model.last_id in ids)
                 if not ok:
                     frame = (
-                        f"starting with {model.first_id} and ending with {model.last_id}"
+                        f"starting with {model.first_id} and holding {model.last_id}"
                         if framed
                         else "(this model's tokenizer adds no marks)"
                     )
@@ -129,8 +144,7 @@ class Engine:
             if len(ids) > model.max_length:
                 if not truncate:
                     raise InputTooLong(i, len(ids), model.max_length)
-                # keep the closing special token: it is part of this model's input
-                rows.append(Row(ids[: model.max_length - 1] + ids[-1:] if model.last_id is not None else ids[: model.max_length]))
+                rows.append(Row(cut_ids(ids, model.max_length, model.first_id, model.last_id, direction)))
                 continue
             rows.append(Row(ids))
         return rows
@@ -147,14 +161,14 @@ class Engine:
             message = (
                 f"{param}[{e.index}] has {e.length} tokens, more than this model's limit of {e.limit}; shorten it or send truncate: true"
             )
-            raise ApiError(400, message, param=param, code="input_too_long") from None
+            raise ApiError(413, message, param=param, code="input_too_long") from None
         except ApiError:
             raise
         except ValueError as e:
             raise ApiError(400, str(e), param=param, code="invalid_input") from None
 
     async def embed_input(
-        self, raw: str | list[str] | list[int] | list[list[int]], truncate: bool, param: str
+        self, raw: str | list[str] | list[int] | list[list[int]], truncate: bool, param: str, direction: Direction = "right"
     ) -> tuple[np.ndarray, int, int]:
         """An embedding request's input: a string, strings, token ids, or lists of them.
         Returns the vectors, the tokens used and the number of inputs."""
@@ -168,37 +182,47 @@ class Engine:
         if isinstance(batch[0], str):
             texts = batch
             self.check_texts(texts, param)
-            vectors, tokens = await self.embed_texts(texts, truncate, param)
+            vectors, tokens = await self.embed_texts(texts, truncate, param, direction)
         else:
-            vectors, tokens = await self.embed_ids(batch, truncate)
+            vectors, tokens = await self.embed_ids(batch, truncate, direction)
         return vectors, tokens, len(batch)
 
-    async def embed_texts(self, texts: list[str], truncate: bool, param: str = "input") -> tuple[np.ndarray, int]:
+    async def embed_texts(
+        self, texts: list[str], truncate: bool, param: str = "input", direction: Direction = "right"
+    ) -> tuple[np.ndarray, int]:
         model = self.model_for("embedding")
-        texts = bound_length(texts, model.max_length, truncate, param)
-        rows, vectors = await self.run(len(texts), lambda: model.tokenize(texts, truncate), param)
+        texts = bound_length(texts, model.max_length, truncate, param, direction)
+        rows, vectors = await self.run(len(texts), lambda: model.tokenize(texts, truncate, direction=direction), param)
         return vectors, sum(len(r.ids) for r in rows)
 
-    async def embed_ids(self, id_lists: list[list[int]], truncate: bool) -> tuple[np.ndarray, int]:
+    async def embed_ids(self, id_lists: list[list[int]], truncate: bool, direction: Direction = "right") -> tuple[np.ndarray, int]:
         model = self.model_for("embedding")
-        rows, vectors = await self.run(len(id_lists), lambda: self.rows_from_ids(model, id_lists, truncate))
+        rows, vectors = await self.run(len(id_lists), lambda: self.rows_from_ids(model, id_lists, truncate, direction))
         return vectors, sum(len(r.ids) for r in rows)
 
-    async def score(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None, param: str = "documents") -> Scores:
+    async def score(
+        self,
+        query: str,
+        docs: list[str],
+        truncate: bool,
+        max_length: int | None = None,
+        param: str = "documents",
+        direction: Direction = "right",
+    ) -> Scores:
         """Relevance of each document to the query: cross-encoder pair scores, or cosine similarity."""
         model = self.model_for("rerank")
         limit = min(model.max_length, max_length or model.max_length)
-        query = bound_length([query], limit, truncate, "query")[0]
-        docs = bound_length(docs, limit, truncate, param)
+        query = bound_length([query], limit, truncate, "query", direction)[0]
+        docs = bound_length(docs, limit, truncate, param, direction)
         if model.cross_encoder:
-            rows, raw = await self.run(len(docs), lambda: model.tokenize_pairs(query, docs, truncate, max_length), param)
+            rows, raw = await self.run(len(docs), lambda: model.tokenize_pairs(query, docs, truncate, max_length, direction), param)
             return Scores(model.activate(raw), raw, sum(len(r.ids) for r in rows))
-        rows, vectors = await self.run(len(docs) + 1, lambda: model.tokenize([query, *docs], truncate, max_length), param)
+        rows, vectors = await self.run(len(docs) + 1, lambda: model.tokenize([query, *docs], truncate, max_length, direction), param)
         vectors = normalize(vectors)
         cosine = vectors[1:] @ vectors[0]
         return Scores(cosine, cosine, sum(len(r.ids) for r in rows))
 
-    async def predict_pairs(self, pairs: list[tuple[str, str]], truncate: bool) -> Scores:
+    async def predict_pairs(self, pairs: list[tuple[str, str]], truncate: bool, direction: Direction = "right") -> Scores:
         """Scores of (query, document) pairs, each its own query (TEI's /predict)."""
         model = self.model_for("rerank")
         if not model.cross_encoder:
@@ -206,11 +230,11 @@ class Engine:
                 400, "predict needs a cross-encoder model; this server reranks by cosine similarity: use /rerank", code="not_supported"
             )
 
-        queries = bound_length([q for q, _ in pairs], model.max_length, truncate, "inputs")
-        docs = bound_length([d for _, d in pairs], model.max_length, truncate, "inputs")
+        queries = bound_length([q for q, _ in pairs], model.max_length, truncate, "inputs", direction)
+        docs = bound_length([d for _, d in pairs], model.max_length, truncate, "inputs", direction)
 
         def prepare() -> list[Row]:
-            return [row for q, d in zip(queries, docs, strict=True) for row in model.tokenize_pairs(q, [d], truncate)]
+            return [row for q, d in zip(queries, docs, strict=True) for row in model.tokenize_pairs(q, [d], truncate, direction=direction)]
 
         rows, raw = await self.run(len(pairs), prepare, "inputs")
         return Scores(model.activate(raw), raw, sum(len(r.ids) for r in rows))
@@ -254,9 +278,10 @@ class Scores:
 CHARS_PER_TOKEN = 32
 
 
-def bound_length(texts: list[str], limit: int, truncate: bool, param: str) -> list[str]:
+def bound_length(texts: list[str], limit: int, truncate: bool, param: str, direction: Direction = "right") -> list[str]:
     """Texts no longer than any `limit` tokens could be, judged by their length before tokenizing:
-    a 5 MB string is refused at once, or cut to what can be served, never tokenized whole."""
+    a 5 MB string is refused at once, or cut to what can be served (its end kept with direction
+    left), never tokenized whole."""
     bound = limit * CHARS_PER_TOKEN
     if all(len(t) <= bound for t in texts):
         return texts
@@ -265,11 +290,11 @@ def bound_length(texts: list[str], limit: int, truncate: bool, param: str) -> li
         if len(text) <= bound:
             out.append(text)
         elif truncate:
-            out.append(text[:bound])  # the tokenizer's truncation cuts the rest to `limit` tokens
+            out.append(text[-bound:] if direction == "left" else text[:bound])  # the tokenizer cuts the rest to `limit` tokens
         else:
             where = f"{param}[{i}]" if len(texts) > 1 else param
             raise ApiError(
-                400,
+                413,
                 f"{where} has {len(text)} characters, more than {limit} tokens can hold (at most {bound} characters are read); "
                 "shorten it or send truncate: true",
                 param=param,
@@ -278,8 +303,18 @@ def bound_length(texts: list[str], limit: int, truncate: bool, param: str) -> li
     return out
 
 
+def cut_ids(ids: list[int], limit: int, first_id: int | None, last_id: int | None, direction: Direction) -> list[int]:
+    """Token ids cut to `limit`, from the end or (left) from the start, this model's marks kept."""
+    head = ids[:1] if first_id is not None and ids[0] == first_id else []
+    tail = ids[-1:] if last_id is not None and ids[-1] == last_id else []
+    body = ids[len(head) : len(ids) - len(tail)]
+    keep = max(0, limit - len(head) - len(tail))
+    body = body[len(body) - keep :] if direction == "left" else body[:keep]
+    return [*head, *body, *tail]
+
+
 def check_text(text: str, where: str, param: str) -> None:
-    if not text or not text.strip():
+    if not text:
         raise ApiError(400, f"{where} is an empty string", param=param, code="empty_input")
     try:
         text.encode("utf-8")
@@ -288,21 +323,19 @@ def check_text(text: str, where: str, param: str) -> None:
         raise ApiError(400, f"{where} is not valid Unicode ({e.reason} at position {e.start})", param=param, code="invalid_text") from None
 
 
-def documents_text(docs: Sequence[Any], rank_fields: list[str] | None, param: str = "documents") -> list[str]:
-    """Cohere documents: strings, {text}, or objects whose rank_fields are ranked."""
+def documents_text(docs: Sequence[Any], rank_fields: list[str] | None) -> list[str]:
+    """Cohere documents: strings, {text}, or objects whose rank_fields are ranked. An object with
+    neither is ranked as all its fields, one `key: value` line each, as Cohere ranks objects."""
     out = []
-    for i, doc in enumerate(docs):
+    for doc in docs:
         if isinstance(doc, str):
             out.append(doc)
             continue
-        fields = doc if isinstance(doc, dict) else doc.model_dump()
-        text = "\n".join(f"{f}: {fields[f]}" for f in rank_fields if f in fields) if rank_fields else fields.get("text")
-        if not isinstance(text, str):
-            raise ApiError(
-                400,
-                f"{param}[{i}] has no text (give a 'text' field, or rank_fields naming the fields to rank)",
-                param=param,
-                code="invalid_input",
-            )
+        fields = doc if isinstance(doc, dict) else doc.model_dump(exclude_none=True)
+        text = fields.get("text")
+        if rank_fields:
+            text = "\n".join(f"{f}: {fields[f]}" for f in rank_fields if f in fields)
+        elif not isinstance(text, str):
+            text = "\n".join(f"{k}: {v}" for k, v in fields.items())
         out.append(text)
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from servers.sentence.encoder import InputTooLong, Row
+from servers.sentence.encoder import Direction, InputTooLong, Row
 
 # a batch is split where its longest row would exceed its shortest by this ratio (padding is
 # wasted compute), once the part has at least MIN_SPLIT_ROWS rows
@@ -41,15 +41,19 @@ class HFTokenizing:
     def _limit(self, max_length: int | None) -> int:
         return min(self.max_length, max_length) if max_length else self.max_length
 
-    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
-        ids, _ = self._encode([texts], truncate, self._limit(max_length))
+    def tokenize(self, texts: list[str], truncate: bool, max_length: int | None = None, direction: Direction = "right") -> list[Row]:
+        ids, _ = self._encode([texts], truncate, self._limit(max_length), direction)
         return [Row(x) for x in ids]
 
-    def tokenize_pairs(self, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> list[Row]:
-        ids, types = self._encode([[query] * len(docs), docs], truncate, self._limit(max_length))
+    def tokenize_pairs(
+        self, query: str, docs: list[str], truncate: bool, max_length: int | None = None, direction: Direction = "right"
+    ) -> list[Row]:
+        ids, types = self._encode([[query] * len(docs), docs], truncate, self._limit(max_length), direction)
         return [Row(x, types[i] if types is not None else None) for i, x in enumerate(ids)]
 
-    def _encode(self, columns: list[list[str]], truncate: bool, limit: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    def _encode(
+        self, columns: list[list[str]], truncate: bool, limit: int, direction: Direction = "right"
+    ) -> tuple[list[list[int]], list[list[int]] | None]:
         """Token ids (and type ids, for pairs) of texts or text pairs; the rows over `limit` are
         tokenized again with truncation, or refused."""
         pairs = len(columns) == 2
@@ -61,12 +65,32 @@ class HFTokenizing:
         if long:
             if not truncate:
                 raise InputTooLong(long[0], len(ids[long[0]]), limit)
-            cut = self.tokenizer(*([column[i] for i in long] for column in columns), truncation=True, max_length=limit, **options)
+            cut = truncating(
+                self.tokenizer, *([column[i] for i in long] for column in columns), max_length=limit, direction=direction, **options
+            )
             for j, i in enumerate(long):
                 ids[i] = cut["input_ids"][j]
                 if types is not None:
                     types[i] = cut["token_type_ids"][j]
         return ids, types
+
+
+_SIDE_LOCK = threading.Lock()  # a transformers tokenizer's truncation side is a setting: one caller at a time
+
+
+def truncating(tokenizer: Any, *columns: list[str], max_length: int, direction: Direction, **options: Any) -> Any:
+    """The tokenizer's own truncation to max_length, from the end (right) or the start (left),
+    special tokens kept, for texts and for pairs alike."""
+    if isinstance(tokenizer, FastTokenizer):
+        pairs = columns[1] if len(columns) > 1 else None
+        return tokenizer(columns[0], pairs, truncation=True, max_length=max_length, direction=direction, **options)
+    with _SIDE_LOCK:
+        side = getattr(tokenizer, "truncation_side", "right")
+        tokenizer.truncation_side = direction
+        try:
+            return tokenizer(*columns, truncation=True, max_length=max_length, **options)
+        finally:
+            tokenizer.truncation_side = side
 
 
 def pad(rows: list[Row], pad_id: int, with_types: bool) -> dict[str, np.ndarray]:
@@ -122,7 +146,7 @@ class FastTokenizer:
         self._raw = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
         self._raw.no_padding()
         self._raw.no_truncation()
-        self._truncating: dict[int, Any] = {}
+        self._truncating: dict[tuple[int, str], Any] = {}
         self._lock = threading.Lock()
         config = Path(path) / "tokenizer_config.json"
         pad_token = json.loads(config.read_text()).get("pad_token") if config.exists() else None
@@ -133,18 +157,20 @@ class FastTokenizer:
     def __len__(self) -> int:
         return int(self._raw.get_vocab_size(with_added_tokens=True))
 
-    def _at(self, max_length: int | None) -> Any:
-        """A copy that truncates at max_length: truncation is a setting, and settings are not thread-safe."""
+    def _at(self, max_length: int | None, direction: str = "right") -> Any:
+        """A copy that truncates at max_length (from the end, or the start): truncation is a
+        setting, and settings are not thread-safe."""
         if max_length is None:
             return self._raw
+        key = (max_length, direction)
         with self._lock:
-            if max_length not in self._truncating:
+            if key not in self._truncating:
                 from tokenizers import Tokenizer
 
                 tok = Tokenizer.from_str(self._raw.to_str())
-                tok.enable_truncation(max_length, strategy="longest_first")
-                self._truncating[max_length] = tok
-            return self._truncating[max_length]
+                tok.enable_truncation(max_length, strategy="longest_first", direction=direction)
+                self._truncating[key] = tok
+            return self._truncating[key]
 
     def __call__(
         self,
@@ -153,12 +179,13 @@ class FastTokenizer:
         add_special_tokens: bool = True,
         truncation: bool = False,
         max_length: int | None = None,
+        direction: str = "right",
         **_: Any,
     ) -> dict[str, list[Any]]:
         single = isinstance(texts, str)
         batch = [texts] if isinstance(texts, str) else texts
         inputs = list(zip(batch, pairs, strict=True)) if pairs is not None else batch
-        encodings = self._at(max_length if truncation else None).encode_batch(inputs, add_special_tokens=add_special_tokens)
+        encodings = self._at(max_length if truncation else None, direction).encode_batch(inputs, add_special_tokens=add_special_tokens)
         ids = [e.ids for e in encodings]
         types = [e.type_ids for e in encodings]
         return {"input_ids": ids[0] if single else ids, "token_type_ids": types[0] if single else types}

@@ -6,12 +6,14 @@ model, cosine similarity. Results are sorted best first.
 
 from __future__ import annotations
 
+import time
 import uuid
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+from servers.sentence.encoder import Direction
 from servers.sentence.errors import POST_ERRORS
 from servers.sentence.fields import JsonInt, NonEmptyText, OneRerankShape, PositiveInt
 from servers.sentence.routes.common import Context, JSONResponse
@@ -19,13 +21,14 @@ from servers.sentence.service import Scores, documents_text
 
 
 class RerankDocument(BaseModel):
-    """A document as an object: its `text` is ranked (other fields via rank_fields)."""
+    """A document as an object: its `text` is ranked (other fields via rank_fields; an object
+    without text is ranked as all its fields, `key: value` lines)."""
 
     model_config = ConfigDict(extra="allow")
     text: StrictStr | None = Field(None, description="The document's text.")
 
 
-Document = Union[NonEmptyText, RerankDocument]
+Document = Union[StrictStr, RerankDocument]  # an empty document (a RAG pipeline's empty chunk) is scored like any other
 
 
 class _CohereShape(OneRerankShape):
@@ -110,6 +113,40 @@ class V2RerankResponse(BaseModel):
     meta: V2Meta
 
 
+class InfinityRerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: str | None = Field(None, description="The document's text, with return_documents.")
+
+
+class InfinityRerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class InfinityRerankResponse(BaseModel):
+    """Infinity's answer on `POST /rerank` (litellm's infinity/ provider reads it)."""
+
+    object: Literal["rerank"] = "rerank"
+    id: str
+    created: int
+    model: str
+    results: list[InfinityRerankResult] = Field(..., description="Best first.")
+    usage: InfinityRerankUsage
+
+
+async def rerank_infinity(ctx: Context, req: RerankRequest) -> JSONResponse:
+    docs = documents_text(req.documents, req.rank_fields)
+    scores = await _score(ctx, req.query, docs, ctx.settings.truncate if req.truncate is None else req.truncate)
+    order = scores.order()[: req.top_n] if req.top_n else scores.order()
+    results = [
+        {"index": i, "relevance_score": float(scores.scores[i]), "document": docs[i] if req.return_documents else None} for i in order
+    ]
+    usage = {"prompt_tokens": scores.tokens, "total_tokens": scores.tokens}
+    body = {"object": "rerank", "id": str(uuid.uuid4()), "created": int(time.time()), "model": ctx.settings.model_name, "results": results}
+    return JSONResponse({**body, "usage": usage})
+
+
 async def rerank_v1(ctx: Context, req: RerankRequest) -> JSONResponse:
     docs = documents_text(req.documents, req.rank_fields)
     scores = await _score(ctx, req.query, docs, ctx.settings.truncate if req.truncate is None else req.truncate)
@@ -129,10 +166,12 @@ async def rerank_v1(ctx: Context, req: RerankRequest) -> JSONResponse:
     )
 
 
-async def _score(ctx: Context, query: str, docs: list[str], truncate: bool, max_length: int | None = None) -> Scores:
+async def _score(
+    ctx: Context, query: str, docs: list[str], truncate: bool, max_length: int | None = None, direction: Direction = "right"
+) -> Scores:
     ctx.engine.check_texts([query], "query")
-    ctx.engine.check_texts(docs, "documents")
-    scores = await ctx.engine.score(query, docs, truncate, max_length)
+    ctx.engine.check_documents(docs, "documents")  # an empty document is scored like any other
+    scores = await ctx.engine.score(query, docs, truncate, max_length, direction=direction)
     ctx.count(len(docs), scores.tokens)
     return scores
 

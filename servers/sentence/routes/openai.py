@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from servers.sentence.encoder import normalize
 from servers.sentence.errors import GET_ERRORS, POST_ERRORS, ApiError, error_responses
-from servers.sentence.fields import NonEmptyText, PositiveInt, TokenIds
+from servers.sentence.fields import Dimensions, NonEmptyText, TokenIds
 from servers.sentence.routes.common import Context, JSONResponse
 
 
@@ -38,7 +38,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="`base64`: little-endian float32 bytes, base64-encoded (the openai SDK's default)."
     )
-    dimensions: PositiveInt | None = Field(None, description="Keep the first N dimensions, then re-normalise.")
+    dimensions: Dimensions | None = Field(None, description="Keep the first N dimensions, then re-normalise.")
     user: str | None = Field(None, description="Accepted and ignored.")
     truncate: StrictBool | None = Field(None, description="Extension: truncate over-long inputs instead of answering 400.")
 
@@ -106,13 +106,7 @@ def embeddings_router(ctx: Context) -> APIRouter:
         engine = ctx.engine
         model = engine.model_for("embedding")
         truncate = ctx.settings.truncate if req.truncate is None else req.truncate
-        if req.dimensions is not None and model.dimensions is not None and req.dimensions > model.dimensions:
-            raise ApiError(
-                400,
-                f"dimensions is {req.dimensions}, more than this model's {model.dimensions}",
-                param="dimensions",
-                code="invalid_dimensions",
-            )
+        engine.check_dimensions(model, req.dimensions)
         vectors, tokens, n = await engine.embed_input(req.input, truncate, "input")
         vectors = normalize(vectors)
         if req.dimensions is not None:
