@@ -8,8 +8,12 @@ the server (torch; the ONNX export on ONNX Runtime, also int8-quantized; on Open
   1. 32 concurrent clients, one short sentence per request  vs  encode(batch_size=32)
   2. requests of 64 sentences (4 concurrent clients)         vs  encode(batch_size=32)
   3. one client, one sentence per request (latency)         vs  encode of one sentence
+  4. a RAG system's mixed load: one-sentence queries beside two clients sending 1024 sentences
+     per request, as ratios to each alone (query p90 latency; bulk sentences per second)
 and the server's resident memory. The baseline is in-process torch sentence-transformers; each
 figure is the median of --rounds rounds, baseline and server rounds alternating.
+
+    --against REF[,REF]   also measure the server of another commit (e.g. main) in the same run
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.mixed_load import mixed_workload
 from tests.sentence_fixtures import WORDS as FIXTURE_WORDS
 from tests.sentence_fixtures import minilm_path, sentence_server
 
@@ -109,6 +114,19 @@ def server_rss(url: str) -> int:
     return 0
 
 
+def tree_of(ref: str) -> Path:
+    """The servers/ of another commit, unpacked once under bench/results/trees/."""
+    import subprocess
+
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    target = ROOT / "bench" / "results" / "trees" / sha
+    if not (target / "servers").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha, "servers"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
@@ -116,6 +134,8 @@ def main() -> None:
     p.add_argument("--backends", default=None, help="default: torch and every fast-path backend that is installed")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--model-workers 1'")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sentence_throughput.json"))
+    p.add_argument("--against", default="", help="git refs whose servers are measured too, torch backend (e.g. main)")
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed workload (query beside bulk)")
     args = p.parse_args()
     if args.backends is None:
         import importlib.util
@@ -154,23 +174,30 @@ def main() -> None:
     rss: dict[str, int] = {}
     reference = model.encode(sentences, batch_size=32, normalize_embeddings=True)
     accuracy: dict[str, tuple[float, float]] = {}
-    for backend in backends:
+    runs = [(b, b, ROOT) for b in backends] + [(f"torch@{ref}", "torch", tree_of(ref)) for ref in args.against.split(",") if ref]
+    mixed: dict[str, list[float]] = {}
+    for name, backend, root in runs:
         if backend != "torch":  # export first: the servers then start as they do on every restart
             from servers.sentence.exported import ensure_export
 
             ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), "int8" if backend.endswith("int8") else None)
-        results = per_backend[backend] = {"http_1x32": [], "http_64x4": [], "http_latency": []}
-        with sentence_server(log_dir, minilm_path(), "--task-type", "embedding", *BACKEND_ARGS[backend], *args.server_args.split()) as url:
+        results = per_backend[name] = {"http_1x32": [], "http_64x4": [], "http_latency": []}
+        server_args = ["--task-type", "embedding", *BACKEND_ARGS[backend], *args.server_args.split()]
+        with sentence_server(log_dir, minilm_path(), *server_args, root=root) as url:
             asyncio.run(http_throughput(url, sentences[:128], 1, 32))  # warm up the server
-            accuracy[backend] = asyncio.run(cosine_to(url, sentences, reference))
+            accuracy[name] = asyncio.run(cosine_to(url, sentences, reference))
             for r in range(args.rounds):
                 baseline["encode_rate"].append(encode_rate())
                 results["http_1x32"].append(asyncio.run(http_throughput(url, sentences, 1, 32)))
                 results["http_64x4"].append(asyncio.run(http_throughput(url, sentences, 64, 4)))
                 baseline["encode_latency"].append(encode_latency())
                 results["http_latency"].append(asyncio.run(http_latency(url, sentences[:100])))
-                print(f"{backend} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
-            rss[backend] = server_rss(url)
+                print(f"{name} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
+            if not args.no_mixed:
+                got = mixed_workload(url)
+                print(f"{name} mixed: {got.line()}", flush=True)
+                mixed[name] = [got.p90_ratio, got.bulk_ratio, got.query_alone_p90, got.query_mixed_p90]
+            rss[name] = server_rss(url)
 
     rate = statistics.median(baseline["encode_rate"])
     latency = statistics.median(baseline["encode_latency"])
@@ -191,6 +218,16 @@ def main() -> None:
             "one_sentence_ms": round(med["http_latency"] * 1000, 2),
             "latency_ratio_over_encode": round(med["http_latency"] / latency, 2),
             "server_rss_mib": round(rss[backend] / 2**20),
+            **(
+                {
+                    "query_beside_bulk_p90_ratio": round(mixed[backend][0], 2),
+                    "bulk_beside_queries_ratio": round(mixed[backend][1], 2),
+                    "query_p90_alone_ms": round(mixed[backend][2] * 1000, 1),
+                    "query_p90_beside_bulk_ms": round(mixed[backend][3] * 1000, 1),
+                }
+                if backend in mixed
+                else {}
+            ),
             "cosine_to_torch_min": round(accuracy[backend][0], 5),
             "cosine_to_torch_mean": round(accuracy[backend][1], 6),
         }

@@ -475,6 +475,25 @@ def _model_rows(log: Path) -> list[list[int]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"input": "one text"},
+        {"input": ["two", "texts"], "encoding_format": "base64", "model": "x", "user": "u"},
+        {"input": ["a b c"], "dimensions": 4, "truncate": True},
+        {"input": " ".join(["word"] * 40)},  # over the limit: 413
+        {"input": "x", "dimensions": 999},  # 400
+    ],
+)
+def test_the_plain_request_path_answers_exactly_as_the_full_one(embed_url, payload):
+    """The common request is answered past FastAPI's layers; an unknown key sends the same request
+    through FastAPI (pydantic ignores it): both answers are the same."""
+    fast = post(embed_url, "/v1/embeddings", payload)
+    full = post(embed_url, "/v1/embeddings", {**payload, "x-full-path": 1})
+    assert fast[0] == full[0] and fast[1] == full[1], (fast[:2], full[:2])
+    assert fast[2].get("content-type") == full[2].get("content-type") == "application/json"
+
+
 # ------------------------------------------------------------------ fairness and clients that leave
 @pytest.mark.parametrize("express", ["0", "1"])
 def test_a_small_request_runs_between_the_chunks_of_a_large_one(logs, tmp_path, express):

@@ -65,7 +65,7 @@ def vllm_family(mc) -> list[psutil.Process]:
             cmd = " ".join(p.cmdline())
         except psutil.NoSuchProcess:
             continue
-        if "vllm.entrypoints" in cmd or "VllmWorker" in cmd:
+        if "vllm.entrypoints" in cmd or "vllm_socket.py" in cmd or "VllmWorker" in cmd:  # vllm_socket.py: modelctl's launcher
             out.append(p)
     return out
 

@@ -110,7 +110,7 @@ def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = 
     the model before accepting anything, and say READY=1 once serving."""
     import uvicorn
 
-    from servers.sentence.app import create_app
+    from servers.sentence.app import create_app, served
     from servers.sentence.protocol import connection_cap, guarded_protocol, raise_fd_limit
 
     sock = inherited_socket()
@@ -118,7 +118,7 @@ def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = 
         settings = dataclasses.replace(settings, load_before_serving=True)
     cap = connection_cap(settings, raise_fd_limit())
     config = uvicorn.Config(
-        create_app(settings, model_factory),
+        served(create_app(settings, model_factory)),
         host=settings.host,
         port=settings.port,
         log_level=log_level,

@@ -116,9 +116,16 @@ def create_app(settings: ServerSettings, model_factory: ModelFactory | None = No
         return build()
 
     app.openapi = openapi_with_model(build_fresh, lambda: engine.model, settings.allow_token_ids)  # type: ignore[method-assign]
-    app.add_middleware(GuardMiddleware, settings=settings)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
+    # what uvicorn serves: the metrics and the guard around the app, outside FastAPI's own layers,
+    # and the common embeddings request answered past them (`served`)
+    inner: Any = openai.PlainEmbeddings(app, ctx) if settings.task == "embedding" else app
+    app.state.served = MetricsMiddleware(GuardMiddleware(inner, settings=settings), metrics=metrics, routes=routes)
     return app
+
+
+def served(app: FastAPI) -> Any:
+    """The ASGI application to serve: `app` with the metrics and the guard around it."""
+    return app.state.served
 
 
 def cross_encoder_of(settings: ServerSettings, model_factory: ModelFactory) -> bool | None:

@@ -10,10 +10,11 @@ work is queued, while a lone bulk request still runs in full batches. Under load
 by themselves; no request waits on a timer.
 
 On a CPU one more worker, the **express lane**, takes only small requests (all of whose rows fit
-in one batch), so a query starts at once even while every other worker runs a chunk of bulk work:
-a torch call cannot be interrupted, and a query behind a chunk would wait its whole length. The
-operating system shares the cores between the express worker and the others for those few
-milliseconds. Without bulk work every worker takes small requests too.
+in one batch), and only while a worker runs a chunk of a large request: so a query starts at once
+even while every other worker runs bulk work (a torch call cannot be interrupted, and a query
+behind a chunk would wait its whole length). The operating system shares the cores between the
+express worker and the others for those few milliseconds. Without bulk work the express worker
+stays idle: more workers than cores would only slow the others.
 
 A request whose client went away (its future cancelled) leaves the queue at once: its rows are
 never run, in-flight chunks' results are dropped, and the inputs it held no longer count
@@ -99,6 +100,7 @@ class Batcher:
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._free = self.workers
         self._express_free = self.express
+        self._bulk_running = 0  # batches running that hold rows of a large request
         self._running: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -172,7 +174,7 @@ class Batcher:
                 break
             self._free -= 1
             self._start(batch, express=False)
-        while self._express_free > 0:
+        while self._express_free > 0 and self._bulk_running > 0:  # only while a worker is held by bulk work
             batch = self._gather(small_only=True)
             if not batch:
                 break
@@ -180,12 +182,14 @@ class Batcher:
             self._start(batch, express=True)
 
     def _start(self, batch: list[tuple[_Request, int]], express: bool) -> None:
+        bulk = any(not req.small for req, _ in batch)
+        self._bulk_running += bulk
         self.batches += 1
         self.batched_inputs += len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch))
         assert self._loop is not None
-        task = self._loop.create_task(self._run(batch, express))
+        task = self._loop.create_task(self._run(batch, express, bulk))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -222,7 +226,7 @@ class Batcher:
                     self.on_wait(now - req.submitted)
         return batch
 
-    async def _run(self, batch: list[tuple[_Request, int]], express: bool) -> None:
+    async def _run(self, batch: list[tuple[_Request, int]], express: bool, bulk: bool) -> None:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
             for k, (req, i) in enumerate(batch):
@@ -236,6 +240,7 @@ class Batcher:
                 if req.done == len(req.rows):
                     req.future.set_result((req.rows, np.stack(req.out)))
         finally:
+            self._bulk_running -= bulk
             if express:
                 self._express_free += 1
             else:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from servers.sentence.encoder import ConfigurationError, Row
-from servers.sentence.models import cross_encoder_max_length, is_cross_encoder, resolve_model_path
-from servers.sentence.tokenization import HFTokenizing, pad, run_sorted, special_ids
+from servers.sentence.models import cached_model_dir, cross_encoder_max_length, is_cross_encoder, resolve_model_path
+from servers.sentence.tokenization import FastTokenizer, HFTokenizing, pad, run_sorted, special_ids
 
 
 class SentenceTransformerEncoder(HFTokenizing):
@@ -51,10 +51,15 @@ class SentenceTransformerEncoder(HFTokenizing):
             # a missing or unreadable model, or a hub name that is not cached with HF_HUB_OFFLINE=1
             raise ConfigurationError(f"cannot load model {model_path!r}: {e}") from e
         self.model.eval()
-        self.tokenizer = self.model.tokenizer
+        hf = self.model.tokenizer
+        self.uses_type_ids = "token_type_ids" in getattr(hf, "model_input_names", [])
+        # the same tokenizer.json through `tokenizers` directly: transformers' wrapper costs a
+        # one-sentence request more CPU than the tokenizing itself
+        local = Path(path).expanduser() if Path(path).expanduser().is_dir() else cached_model_dir(path)
+        fast = local is not None and getattr(hf, "is_fast", False) and (Path(local) / "tokenizer.json").exists()
+        self.tokenizer = FastTokenizer(str(local)) if fast else hf
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.uses_type_ids = "token_type_ids" in getattr(self.tokenizer, "model_input_names", [])
         self.first_id, self.last_id = special_ids(self.tokenizer)
 
     def set_threads(self, workers: int, torch_threads: int | None) -> None:

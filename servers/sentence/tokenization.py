@@ -185,7 +185,16 @@ class FastTokenizer:
         single = isinstance(texts, str)
         batch = [texts] if isinstance(texts, str) else texts
         inputs = list(zip(batch, pairs, strict=True)) if pairs is not None else batch
-        encodings = self._at(max_length if truncation else None, direction).encode_batch(inputs, add_special_tokens=add_special_tokens)
+        tok = self._at(max_length if truncation else None, direction)
+        if len(inputs) == 1:  # encode_batch hands even one text to its thread pool
+            one = inputs[0]
+            encodings = [
+                tok.encode(*one, add_special_tokens=add_special_tokens)
+                if pairs is not None
+                else tok.encode(one, add_special_tokens=add_special_tokens)
+            ]
+        else:
+            encodings = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
         ids = [e.ids for e in encodings]
         types = [e.type_ids for e in encodings]
         return {"input_ids": ids[0] if single else ids, "token_type_ids": types[0] if single else types}

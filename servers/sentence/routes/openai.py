@@ -7,9 +7,11 @@ The openai SDK asks for base64 by default; langchain-openai sends token ids unle
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal, Union
+import logging
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
+import orjson
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -17,6 +19,8 @@ from servers.sentence.encoder import normalize
 from servers.sentence.errors import GET_ERRORS, POST_ERRORS, ApiError, error_responses
 from servers.sentence.fields import Dimensions, NonEmptyText, TokenIds
 from servers.sentence.routes.common import Context, JSONResponse
+
+log = logging.getLogger("servers.sentence")
 
 
 class EmbeddingRequest(BaseModel):
@@ -103,24 +107,104 @@ def embeddings_router(ctx: Context) -> APIRouter:
     @router.post("/embeddings", response_model=EmbeddingResponse, responses=POST_ERRORS, include_in_schema=False)
     async def embeddings(req: EmbeddingRequest) -> JSONResponse:
         """Embeddings of strings or token ids; float or base64; optionally fewer dimensions."""
-        engine = ctx.engine
-        model = engine.model_for("embedding")
-        truncate = ctx.settings.truncate if req.truncate is None else req.truncate
-        engine.check_dimensions(model, req.dimensions)
-        vectors, tokens, n = await engine.embed_input(req.input, truncate, "input")
-        vectors = normalize(vectors)
-        if req.dimensions is not None:
-            vectors = normalize(vectors[:, : req.dimensions])
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        ctx.count(n, tokens)
-        if req.encoding_format == "base64":
-            data = [
-                {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
-                for i, v in enumerate(vectors)
-            ]
-        else:
-            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return JSONResponse({"object": "list", "data": data, "model": ctx.settings.model_name, "usage": usage})
+        return JSONResponse(await answer(ctx, req.input, req.encoding_format, req.dimensions, req.truncate))
 
     return router
+
+
+async def answer(ctx: Context, inputs: Any, encoding_format: str, dimensions: int | None, truncate: bool | None) -> dict[str, Any]:
+    """The embeddings answer, from a request already validated (by pydantic, or by `plain_request`)."""
+    engine = ctx.engine
+    model = engine.model_for("embedding")
+    engine.check_dimensions(model, dimensions)
+    vectors, tokens, n = await engine.embed_input(inputs, ctx.settings.truncate if truncate is None else truncate, "input")
+    vectors = normalize(vectors)
+    if dimensions is not None:
+        vectors = normalize(vectors[:, :dimensions])
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ctx.count(n, tokens)
+    if encoding_format == "base64":
+        data = [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}
+            for i, v in enumerate(vectors)
+        ]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": ctx.settings.model_name, "usage": usage}
+
+
+_PLAIN_KEYS = frozenset(("input", "model", "encoding_format", "user", "dimensions", "truncate"))
+
+
+def plain_request(body: bytes, max_inputs: int) -> dict[str, Any] | None:
+    """The common request (text, or a list of texts, with the usual options), validated without
+    pydantic: exactly what EmbeddingRequest accepts of that shape, or None for anything else,
+    which then takes the full path (and its exact error messages)."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(req) is not dict or not _PLAIN_KEYS.issuperset(req):
+        return None
+    texts = req.get("input")
+    if type(texts) is str:
+        if not texts:
+            return None
+    elif type(texts) is list:
+        if not 0 < len(texts) <= max_inputs or not all(type(t) is str and t for t in texts):
+            return None
+    else:
+        return None
+    fmt = req.get("encoding_format", "float")
+    dims = req.get("dimensions")
+    if fmt not in ("float", "base64") or (dims is not None and (type(dims) is not int or dims <= 0)):
+        return None
+    if any(req.get(k) is not None and type(req[k]) is not str for k in ("model", "user")):
+        return None
+    if req.get("truncate") is not None and type(req["truncate"]) is not bool:
+        return None
+    return req
+
+
+class PlainEmbeddings:
+    """ASGI: `POST /v1/embeddings` with a plain request is answered here, past FastAPI's routing,
+    dependency and validation layers (most of a one-sentence request's CPU on the event loop:
+    measured in bench/sentence_throughput.py); every other request goes on to the app. Inside
+    the guard (key, body limit, disconnects) and the metrics, like every route."""
+
+    PATHS = ("/v1/embeddings", "/embeddings")
+
+    def __init__(self, app: Any, ctx: Context):
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            return await self.app(scope, receive, send)
+        message = await receive()  # the guard has read the whole body: one message
+        body = message.get("body", b"")
+        req = plain_request(body, self.ctx.settings.max_inputs) if not message.get("more_body") else None
+        if req is None:
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return message
+                return await receive()
+
+            return await self.app(scope, replay, send)
+        try:
+            out = await answer(self.ctx, req["input"], req.get("encoding_format", "float"), req.get("dimensions"), req.get("truncate"))
+            status, payload, headers = 200, orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), {}
+        except ApiError as e:
+            status, payload, headers = e.status, orjson.dumps(e.body()), e.headers or {}
+        except Exception as e:  # as the app's own handler answers it
+            log.exception("error serving %s", scope["path"])
+            err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+            status, payload, headers = 500, orjson.dumps(err.body()), {}
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        head += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": payload})

@@ -21,6 +21,7 @@ def engine_core(tp: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for rank in range(tp):
         subprocess.Popen([sys.executable, "-c", CHILD.format(name=f"VllmWorker-{rank}"), f"VllmWorker-{rank}"])
+    print("ready", flush=True)  # the API server serves only once its workers exist, as vLLM does
     time.sleep(3600)
 
 

@@ -95,8 +95,11 @@ def main() -> None:
     )
     _address, sock = launcher.setup_server(a, reuse_port=False)  # bound before the engine, as vLLM does
     engine = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--engine-core", str(a.tensor_parallel_size), "EngineCore"]
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--engine-core", str(a.tensor_parallel_size), "EngineCore"],
+        stdout=subprocess.PIPE,
     )
+    assert engine.stdout is not None
+    engine.stdout.readline()  # the engine and its workers are up
     time.sleep(float(os.environ.get("STAND_IN_LOAD_SECONDS", "0.5")))  # "loading the model": nothing accepts yet
     config = uvicorn.Config(app_for(a, engine.pid), log_level="warning", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
