@@ -3,7 +3,9 @@
 #
 #   ./install.sh            install modelctl and the bundled sentence server (extra "server")
 #   ./install.sh --fast     also the bundled server's ONNX Runtime and OpenVINO backends (extra "fast")
-#   ./install.sh --test     also install what the test suite and its checks need (extra "test")
+#   ./install.sh --test     also install what the test suite and its checks need (extra "test"),
+#                           and, as root on Debian, the packages of the real Slurm the tests start
+#                           (slurm-wlm, munge) where they are missing
 #
 # Environment:
 #   MODELCTL_VENV    where the virtual environment lives (default: .venv beside this script)
@@ -42,6 +44,16 @@ else
     # shellcheck disable=SC2086
     "${pip[@]}" install -q $torch_req
 fi
+
+case ",$extras," in
+    *,test,*)
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v slurmctld >/dev/null 2>&1; then
+            echo "==> installing slurm-wlm and munge (Debian packages) for the Slurm tests"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+        fi
+        ;;
+esac
 
 echo "==> installing modelctl[$extras]"
 "${pip[@]}" install -q -e "$here[$extras]"

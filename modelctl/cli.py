@@ -39,6 +39,8 @@ systemd_app = typer.Typer(help="Run a profile's servers under systemd.", no_args
 app.add_typer(systemd_app, name="systemd")
 k8s_app = typer.Typer(help="Run a profile's servers on Kubernetes (which then does the supervising).", no_args_is_help=True)
 app.add_typer(k8s_app, name="k8s")
+slurm_app = typer.Typer(help="Run a profile's servers as Slurm jobs (each job supervises its server).", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
 
 # wide enough that URLs are not cut when the output is a pipe or a file
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
@@ -558,14 +560,33 @@ def run(
     server: str = typer.Argument(..., help="Server to run."),
     profile: Optional[Path] = ProfileFile,
     port: Optional[int] = typer.Option(None, "--port", help="Fixed port (units resolve `auto` once)."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU ids, e.g. 0,1 (units resolve counts once)."),
+    gpus: Optional[str] = typer.Option(
+        None, "--gpus", help="GPU ids, e.g. 0,1 (units resolve counts once), or inherit: the job's CUDA_VISIBLE_DEVICES as it is."
+    ),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind this address instead of the profile's host."),
+    restart_in_place: bool = typer.Option(
+        False, "--restart-in-place", help="Restart a crashed server here, by the profile's restart policy (a Slurm job)."
+    ),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="Write where the server landed (node, port, URL, state) to this JSON file."
+    ),
 ) -> None:
-    """Run one server in the foreground (for systemd): prepare, start, notify READY=1, wait."""
+    """Run one server in the foreground (for systemd and Slurm jobs): prepare, start, notify READY=1, wait."""
     from modelctl.foreground import run_foreground
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    gpu_ids = [int(g) for g in gpus.split(",") if g.strip()] if gpus else None
-    raise typer.Exit(run_foreground(ctx_state.store, _load(profile), server, port=port, gpus=gpu_ids))
+    gpu_ids: list[int] | str | None = None
+    if gpus == "inherit":
+        gpu_ids = "inherit"
+    elif gpus:
+        try:
+            gpu_ids = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise ModelctlError(f"--gpus takes GPU ids like 0,1 or inherit, got {gpus!r}") from None
+    code = run_foreground(
+        ctx_state.store, _load(profile), server, port=port, gpus=gpu_ids, host=host, restart_in_place=restart_in_place, report=report
+    )
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------------- systemd
@@ -689,6 +710,91 @@ def k8s_status(
     for r in rows:
         t.add_row(r["name"], r["server"], styled_state(r["state"]), f"{r['ready']}/{r['replicas']}", r["detail"])
     console.print(t)
+
+
+# ---------------------------------------------------------------------------- Slurm
+ServersArg = typer.Argument(None, help="Servers (default: all of the profile's).")
+
+
+def _servers_of(prof: Any, servers: Optional[list[str]]) -> Optional[list[str]]:
+    for name in servers or []:
+        if name not in prof.servers:
+            raise ModelctlError(f"no server {name!r} in profile {prof.name} ({prof.path}); servers: {', '.join(prof.servers)}")
+    return list(servers) if servers else None
+
+
+@slurm_app.command("generate")
+def slurm_generate(
+    profile: Optional[Path] = ProfileFile,
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory to write the scripts to (default: print them)."),
+    servers: Optional[list[str]] = ServersArg,
+) -> None:
+    """One sbatch script per server; each job runs `modelctl run SERVER` and reports where it landed."""
+    from modelctl.slurm import scripts
+
+    prof = _load(profile)
+    generated = scripts.generate(prof, ctx_state.store.root, _servers_of(prof, servers))
+    if out is None:
+        for s in generated:
+            print(f"# ---- {s.name}\n{s.text}", end="")
+        return
+    for path in scripts.write(generated, out):
+        console.print(f"wrote {path}", highlight=False)
+    console.print(
+        f"submit with: modelctl slurm submit -p {prof.path} (or sbatch each script; job output goes to "
+        f"{scripts.jobs_dir(ctx_state.store.root, prof.name)}, which must exist on the shared filesystem)",
+        highlight=False,
+    )
+
+
+@slurm_app.command("submit")
+def slurm_submit(profile: Optional[Path] = ProfileFile, servers: Optional[list[str]] = ServersArg) -> None:
+    """sbatch each server's job, unless one of its name is already pending or running."""
+    from modelctl.slurm import commands
+
+    prof = _load(profile)
+    for s in commands.submit(prof, ctx_state.store.root, _servers_of(prof, servers)):
+        what = "submitted" if s.new else f"already {s.state.lower()}, not submitted again:"
+        console.print(f"{prof.name}/{s.server}: {what} job {s.job_id}", highlight=False)
+    console.print(f"watch with: modelctl slurm status -p {prof.path}", style="dim", highlight=False)
+
+
+@slurm_app.command("status")
+def slurm_status(profile: Optional[Path] = ProfileFile, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Each server's job: id, Slurm state, node, URL and health."""
+    from modelctl.slurm import commands
+
+    rows = commands.status(_load(profile), ctx_state.store.root)
+    if as_json:
+        print(json.dumps([r.to_json() for r in rows], indent=2))
+        return
+    t = Table(box=None, pad_edge=False)
+    for col in ("server", "state", "job", "node", "url", "restarts", "detail"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r.name,
+            styled_state(one_line(r.state)),
+            f"{r.job_id} ({one_line(r.job_state.lower())})" if r.job_id and r.job_state else (r.job_id or ""),
+            printable(r.node),
+            printable(r.url),
+            str(r.restarts) if r.restarts else "",
+            one_line(r.detail),
+        )
+    console.print(t)
+
+
+@slurm_app.command("cancel")
+def slurm_cancel(profile: Optional[Path] = ProfileFile, servers: Optional[list[str]] = ServersArg) -> None:
+    """scancel the servers' jobs and return once they are gone."""
+    from modelctl.slurm import commands
+
+    prof = _load(profile)
+    ended = commands.cancel(prof, _servers_of(prof, servers))
+    if not ended:
+        console.print(f"no pending or running jobs of profile {prof.name}", highlight=False)
+    for j in ended:
+        console.print(f"{j.name}: job {j.job_id} ended", highlight=False)
 
 
 def main() -> None:

@@ -10,19 +10,25 @@ reaped like the daemon's.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import socket
+import time
+from pathlib import Path
+from typing import Any
 
 from modelctl import lifecycle as lc
 from modelctl.control import Controller, select_specs
 from modelctl.errors import ModelctlError
+from modelctl.files import write_atomic
 from modelctl.identity import is_alive
 from modelctl.names import ServerRef, unit_name
-from modelctl.profile import Profile
+from modelctl.profile import Profile, parse_server
 from modelctl.record import ServerRecord
 from modelctl.runner import Runner
 from modelctl.sockets import Listener, inherited_listen_fd
+from modelctl.spec import ServerSpec
 from modelctl.state import StateStore
 from modelctl.stopping import record_identity, stop_servers
 from modelctl.supervisor import Supervisor
@@ -48,11 +54,57 @@ class Notifier:
                 log.warning("cannot notify systemd at %s: %s", self.address, e)
 
 
-class ForegroundPolicy:
-    """Exit when the one server does (systemd restarts it); READY=1 once it is ready."""
+class Reporter:
+    """Where the server landed, as JSON in a file the submitting machine can read (a Slurm job's
+    --report on the shared filesystem): job, node, port, URL and state, rewritten when they change."""
 
-    def __init__(self, store: StateStore, ref: ServerRef, notifier: Notifier):
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.last: dict[str, Any] | None = None
+        self.node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+    def report(self, rec: ServerRecord, state: str | None = None) -> None:
+        if self.path is None:
+            return
+        host = rec.host if rec.host not in ("0.0.0.0", "::", "") else self.node
+        url = f"http://{host}:{rec.port}" if rec.port else ""
+        facts = {
+            "server": rec.label,
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "node": self.node,
+            "host": rec.host,
+            "port": rec.port,
+            "url": url,
+            "state": state or rec.state,
+            "pid": rec.pid,
+            "restarts": rec.history.restarts,
+            "last_error": rec.history.last_error,
+            "last_exit": rec.history.last_exit.describe() if rec.history.last_exit is not None else None,
+            "last_line": rec.history.exits[-1].line if rec.history.exits else None,  # what it printed last
+        }
+        if facts == self.last:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps({**facts, "updated": time.time()}, indent=1) + "\n", mode=0o644)
+            self.last = facts
+        except OSError as e:
+            log.warning("cannot write the report %s: %s", self.path, e)
+
+
+class ForegroundPolicy:
+    """Exit when the one server does (systemd restarts it); READY=1 once it is ready.
+
+    With restart_in_place (a Slurm job: nobody outside restarts it), the supervisor's restart
+    policy brings a crashed server back on the same port, and we exit only when it gives up.
+    """
+
+    def __init__(
+        self, store: StateStore, ref: ServerRef, notifier: Notifier, restart_in_place: bool = False, reporter: Reporter | None = None
+    ):
         self.store, self.ref, self.notifier = store, ref, notifier
+        self.restart_in_place = restart_in_place
+        self.reporter = reporter or Reporter(None)
         self.notified = False
 
     def after_tick(self, runner: Runner) -> int | None:
@@ -64,6 +116,7 @@ class ForegroundPolicy:
                 log.error("%s: its record is gone or cannot be read; exiting", self.ref)
                 return 1
             current = loaded
+        self.reporter.report(current)
         if current.state == lc.READY and not self.notified:
             self.notifier.send(f"READY=1\nSTATUS=ready at {current.url}")
             log.info("%s: ready at %s", current.label, current.url)
@@ -73,11 +126,15 @@ class ForegroundPolicy:
             log.info("%s: idle; exiting until systemd's socket sees the next client", current.label)
             self.notifier.send(f"STATUS=idle {current.label}")
             return 0
+        if current.state == lc.BACKOFF and self.restart_in_place and current.wants_running:
+            self.notified = False  # READY=1 again once the restarted instance is ready
+            return None
         if current.state in (lc.BACKOFF, lc.FAILED) or not current.wants_running:
             why = current.history.last_error or current.detail or current.state
-            log.error("%s: %s; exiting for systemd to restart it", current.label, why)
+            log.error("%s: %s; exiting%s", current.label, why, "" if self.restart_in_place else " for systemd to restart it")
             self.notifier.send(f"STATUS=exited: {why}")
             self.store.update(self.ref, lc.at_rest)
+            self.reporter.report(current, lc.FAILED if current.state in (lc.BACKOFF, lc.FAILED) else lc.STOPPED)
             return exit_status(current)
         return None
 
@@ -85,7 +142,9 @@ class ForegroundPolicy:
         self.notifier.send(f"STOPPING=1\nSTATUS=stopping {self.ref}")
         current = self.store.load(self.ref)
         if isinstance(current, ServerRecord):
+            self.reporter.report(current, lc.STOPPING)
             stop_servers(self.store, [current])
+            self.reporter.report(current, lc.STOPPED)
         return 0
 
     def chores(self, runner: Runner) -> None:
@@ -103,12 +162,48 @@ def exit_status(rec: ServerRecord) -> int:
     return 1
 
 
-def run_foreground(store: StateStore, profile: Profile, name: str, port: int | None = None, gpus: list[int] | None = None) -> int:
-    """Run one server until it exits or we are told to stop; returns the exit status for systemd."""
+def with_keys(spec: ServerSpec, **keys: Any) -> ServerSpec:
+    """The spec with keys of its mapping replaced, parsed again: the record keeps the mapping, and
+    the supervisor starts each instance from it."""
+    return parse_server(spec.name, {**spec.raw, **keys}, spec.source, spec.profile)
+
+
+def inherit_gpus(spec: ServerSpec, visible: str | None) -> ServerSpec:
+    """The GPUs a batch system gave the job (Slurm's CUDA_VISIBLE_DEVICES from its GRES), as they
+    are: modelctl allocates none, and the server's environment keeps the job's value."""
+    env = {k: v for k, v in spec.env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    keys: dict[str, Any] = {"gpus": 0, "env": env}
+    count = len([g for g in (visible or "").split(",") if g.strip()])
+    if spec.kind == "vllm" and count > 1 and not spec.options.get("tensor_parallel_size"):
+        keys["tensor_parallel_size"] = count  # what gpus: N gives vLLM where modelctl allocates them
+    return with_keys(spec, **keys)
+
+
+def run_foreground(
+    store: StateStore,
+    profile: Profile,
+    name: str,
+    port: int | None = None,
+    gpus: list[int] | str | None = None,
+    host: str | None = None,
+    restart_in_place: bool = False,
+    report: Path | None = None,
+) -> int:
+    """Run one server until it exits or we are told to stop; returns the exit status for systemd.
+
+    gpus: ids to use, or "inherit" (the job's CUDA_VISIBLE_DEVICES). restart_in_place: restart a
+    crashed server here (a Slurm job) instead of exiting for systemd to restart us.
+    """
     spec = select_specs(profile, [name])[0]
     if port is not None:
         spec = dataclasses.replace(spec, port=port)
-    if gpus is not None:
+    if host is not None:
+        spec = with_keys(spec, host=host)
+    if isinstance(gpus, str):  # "inherit"
+        spec = inherit_gpus(spec, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    elif gpus is not None:
         spec = dataclasses.replace(spec, gpus=tuple(gpus))
     ctl = Controller(store)
     handed = inherited_listen_fd()
@@ -140,4 +235,5 @@ def run_foreground(store: StateStore, profile: Profile, name: str, port: int | N
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(key, None)
         log.info("%s: serving on the socket systemd holds (port %s)", spec.ref, listener.port)
-    return Runner(supervisor, ForegroundPolicy(store, spec.ref, notifier)).run()
+    policy = ForegroundPolicy(store, spec.ref, notifier, restart_in_place=restart_in_place, reporter=Reporter(report))
+    return Runner(supervisor, policy).run()

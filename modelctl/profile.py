@@ -19,6 +19,7 @@ from modelctl.errors import ProfileError
 from modelctl.k8s.keys import check_profile_k8s, check_server_k8s
 from modelctl.names import NAME_RULE, is_valid_name
 from modelctl.record import ServerRecord
+from modelctl.slurm.keys import check_profile_slurm, check_server_slurm, time_seconds
 from modelctl.spec import (
     Budget,
     Key,
@@ -67,6 +68,7 @@ class Profile:
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     k8s: Mapping[str, Any] = field(default_factory=dict)  # defaults for every server's k8s: keys
     budget: Budget | None = None
+    slurm: Mapping[str, Any] = field(default_factory=dict)  # defaults for every server's slurm: keys
 
 
 COMMON_KEYS: dict[str, Key] = {
@@ -82,6 +84,7 @@ COMMON_KEYS: dict[str, Key] = {
     "restart": Key(lambda v: v, None, "restart policy"),
     "log": Key(lambda v: v, None, "log rotation: {max_bytes: 50MB, keep: 3}"),
     "k8s": Key(lambda v: v, None, "Kubernetes: image, resources, node_selector, tolerations, cache, ..."),
+    "slurm": Key(lambda v: v, None, "Slurm: partition, account, time, qos, constraint, modules, sbatch, ..."),
     "socket": Key(
         check_choice("inherit", "none"), None, "inherit: modelctl holds the listening socket across restarts (default for kinds that can)"
     ),
@@ -95,8 +98,8 @@ COMMON_KEYS: dict[str, Key] = {
     "gpu_memory": Key(check_size, None, "GPU memory the server holds on each of its GPUs, for the budget, until measured"),
     "description": Key(check_str, None, "free text"),
 }
-_NESTED = ("kind", "health", "restart", "log", "k8s")  # checked by their own parsers below
-TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s", "budget")
+_NESTED = ("kind", "health", "restart", "log", "k8s", "slurm")  # checked by their own parsers below
+TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s", "slurm", "budget")
 
 
 def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
@@ -136,6 +139,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         restart = parse_restart(raw.get("restart"))
         log = parse_log(raw.get("log"))
         k8s = check_server_k8s(raw["k8s"]) if raw.get("k8s") is not None else {}
+        slurm = check_server_slurm(raw["slurm"]) if raw.get("slurm") is not None else {}
     except KeyProblem as e:
         raise err(e.key, e.message) from None
 
@@ -157,6 +161,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         log=log,
         options=options,
         k8s=k8s,
+        slurm=slurm,
         socket=socket,
         notify=notify,
         replace=replace,
@@ -245,6 +250,7 @@ def parse_profile(data: Any, source: str) -> Profile:
     name = str(raw_name)
     try:
         k8s = check_profile_k8s(data["k8s"]) if data.get("k8s") is not None else {}
+        slurm = check_profile_slurm(data["slurm"]) if data.get("slurm") is not None else {}
         budget = parse_budget(data.get("budget"))
     except KeyProblem as e:
         raise ProfileError(source, e.message, key=e.key) from None
@@ -263,6 +269,18 @@ def parse_profile(data: Any, source: str) -> Profile:
                 raise ProfileError(
                     source, "declare the GPU memory it holds per GPU: the profile has a GPU budget", server=spec.name, key="gpu_memory"
                 )
+    for spec in servers.values():
+        limit = spec.slurm.get("time", slurm.get("time"))
+        seconds = time_seconds(limit) if limit is not None else None
+        if seconds is not None and seconds <= spec.startup_timeout + spec.stop_timeout:
+            where = "slurm.time" if "time" in spec.slurm else "slurm.time (the profile's)"
+            raise ProfileError(
+                source,
+                f"{limit} is too short: the job must outlast startup_timeout ({spec.startup_timeout:g}s) and stop_timeout "
+                f"({spec.stop_timeout:g}s)",
+                server=spec.name,
+                key=where,
+            )
     seen: dict[int, str] = {}
     for spec in servers.values():
         if spec.port is None:
@@ -270,7 +288,7 @@ def parse_profile(data: Any, source: str) -> Profile:
         if spec.port in seen:
             raise ProfileError(source, f"port {spec.port} is already used by server '{seen[spec.port]}'", server=spec.name, key="port")
         seen[spec.port] = spec.name
-    return Profile(path=str(source), name=name, servers=servers, port_range=port_range, k8s=k8s, budget=budget)
+    return Profile(path=str(source), name=name, servers=servers, port_range=port_range, k8s=k8s, budget=budget, slurm=slurm)
 
 
 def load_profile(path: str | os.PathLike[str] | None = None) -> Profile:

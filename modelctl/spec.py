@@ -395,6 +395,7 @@ class ServerSpec:
     log: LogSpec = LogSpec()
     options: Mapping[str, Any] = field(default_factory=dict)
     k8s: Mapping[str, Any] = field(default_factory=dict)  # the server's checked k8s: keys
+    slurm: Mapping[str, Any] = field(default_factory=dict)  # the server's checked slurm: keys
     # the supervisor holds the listening socket and hands it to each instance (LISTEN_FDS)
     socket: bool = False
     notify: bool = False  # an instance says READY=1 on NOTIFY_SOCKET once it serves

@@ -50,7 +50,7 @@ def serve(a: argparse.Namespace, children: list[int]) -> None:
                     return self._send(503, {"status": "loading"})
                 return self._send(200, {"status": "ok"})
             if self.path == "/info":
-                keys = ("CUDA_VISIBLE_DEVICES", "MODELCTL_PORT", "MODELCTL_SERVER", "TOY_VALUE", "PORT")
+                keys = ("CUDA_VISIBLE_DEVICES", "MODELCTL_PORT", "MODELCTL_SERVER", "TOY_VALUE", "PORT", "SLURM_JOB_ID")
                 return self._send(
                     200, {"pid": os.getpid(), "port": a.port, "env": {k: os.environ.get(k) for k in keys}, "children": children}
                 )

@@ -1,0 +1,167 @@
+"""One sbatch script per server: the job runs `modelctl run SERVER` on the node it lands on.
+
+The mapping (README, "Slurm"):
+- the job is named PROFILE/SERVER, so `slurm status`, `slurm cancel` and a second `submit` find it;
+- `gpus: N` (or a list of N ids) asks for `--gres=gpu:N` (`gpu:TYPE:N` with slurm.gpu_type), and
+  the server sees the GPUs Slurm gave the job: `modelctl run --gpus inherit` never overrides
+  Slurm's CUDA_VISIBLE_DEVICES;
+- `stop_timeout` gives `--signal=B:TERM@SECONDS`: the batch shell hears SIGTERM that long before
+  the time limit, and `modelctl run` stops the server cleanly through the same path as `down`;
+- slurm.partition, account, qos, time, constraint, cpus_per_task, mem and sbatch give the other
+  `#SBATCH` lines; modules are loaded and setup lines run before modelctl;
+- the profile is embedded in the script as it was submitted, so env, model paths and the rest pass
+  through unchanged, and editing the file later does not change a queued job;
+- inside the job, the supervisor's restart policy brings a crashed server back on the same node
+  and port without a new job (`--restart-in-place`), and `--report` writes where it landed
+  (node, port, URL, state) to STATE/slurm/PROFILE/SERVER.json on the shared filesystem.
+
+The output is deterministic: the same profile and state directory give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelctl.profile import Profile
+from modelctl.spec import ServerSpec
+
+# seconds between the --signal warning and the time limit, besides the server's own stop_timeout
+SIGNAL_MARGIN = 30
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+def job_name(profile: str, server: str) -> str:
+    return f"{profile}/{server}"
+
+
+def jobs_dir(state_dir: Path, profile: str) -> Path:
+    """Where a profile's scripts, job output and reports live: on the cluster's shared filesystem."""
+    return state_dir / "slurm" / profile
+
+
+def report_path(state_dir: Path, profile: str, server: str) -> Path:
+    return jobs_dir(state_dir, profile) / f"{server}.json"
+
+
+def settings(profile: Profile, spec: ServerSpec) -> dict[str, Any]:
+    """The server's slurm: keys over the profile's."""
+    return {**profile.slurm, **spec.slurm}
+
+
+@dataclass(frozen=True)
+class Script:
+    server: str
+    name: str  # the file name
+    text: str
+
+
+def sbatch_lines(profile: Profile, spec: ServerSpec, state_dir: Path) -> list[str]:
+    s = settings(profile, spec)
+    out = jobs_dir(state_dir, profile.name)
+    lines = [
+        f"--job-name={job_name(profile.name, spec.name)}",
+        f"--output={out / spec.name}.%j.log",
+        "--nodes=1",
+        "--ntasks=1",
+    ]
+    if spec.gpu_count:
+        gres = f"gpu:{s['gpu_type']}:{spec.gpu_count}" if s.get("gpu_type") else f"gpu:{spec.gpu_count}"
+        lines.append(f"--gres={gres}")
+    for key, option in (("partition", "partition"), ("account", "account"), ("qos", "qos"), ("time", "time")):
+        if s.get(key) is not None:
+            lines.append(f"--{option}={s[key]}")
+    if s.get("constraint"):
+        lines.append(f"--constraint={s['constraint']}")
+    if s.get("cpus_per_task"):
+        lines.append(f"--cpus-per-task={s['cpus_per_task']}")
+    if s.get("mem"):
+        lines.append(f"--mem={s['mem']}")
+    lines.append(f"--signal=B:TERM@{math.ceil(spec.stop_timeout) + SIGNAL_MARGIN}")
+    lines += s.get("sbatch") or []
+    return lines
+
+
+def _delimiter(text: str) -> str:
+    """A here-document delimiter that no line of the text equals."""
+    tag = "MODELCTL_PROFILE_" + hashlib.sha256(text.encode()).hexdigest()[:12].upper()
+    assert tag not in text.splitlines()
+    return tag
+
+
+def script(profile: Profile, spec: ServerSpec, state_dir: Path, profile_text: str) -> Script:
+    s = settings(profile, spec)
+    q = shlex.quote
+    report = report_path(state_dir, profile.name, spec.name)
+    modelctl = s.get("modelctl") or "modelctl"
+    host = s.get("host") or "0.0.0.0"
+    run = [
+        *shlex.split(modelctl),
+        "--state-dir",
+        '"$job/state"',
+        "run",
+        spec.name,
+        "--profile",
+        f'"$job/{profile.name}.yaml"',
+        "--host",
+        host,
+        "--gpus",
+        "inherit",
+        "--restart-in-place",
+        "--report",
+        str(report),
+    ]
+    command = " ".join(a if a.startswith('"$job') else q(a) for a in run)
+    delimiter = _delimiter(profile_text)
+    body = [
+        "#!/bin/bash",
+        f"# {job_name(profile.name, spec.name)}: written by `modelctl slurm generate` from {Path(profile.path).name}",
+        *(f"#SBATCH {line}" for line in sbatch_lines(profile, spec, state_dir)),
+        "",
+        "set -euo pipefail",
+        *(f"module load {q(m)}" for m in s.get("modules") or []),
+        *(s.get("setup") or []),
+        "",
+        "# a node-local directory for this job: the profile as submitted, and modelctl's own state",
+        'job="${TMPDIR:-/tmp}/modelctl-slurm-${SLURM_JOB_ID}"',
+        'mkdir -p "$job"',
+        "trap 'rm -rf \"$job\"' EXIT",
+        f"cat > \"$job/{profile.name}.yaml\" <<'{delimiter}'",
+        profile_text.rstrip("\n"),
+        delimiter,
+        "",
+        "# modelctl run restarts a crashed server in place; SIGTERM (scancel, or --signal before the",
+        "# time limit) stops it the way `modelctl down` does",
+        f"{command} &",
+        "child=$!",
+        "trap 'kill -TERM \"$child\" 2>/dev/null' TERM INT",
+        'status=0; wait "$child" || status=$?',
+        'while kill -0 "$child" 2>/dev/null; do wait "$child" || status=$?; done',
+        'exit "$status"',
+        "",
+    ]
+    return Script(server=spec.name, name=f"{spec.name}.sbatch", text="\n".join(body))
+
+
+def generate(profile: Profile, state_dir: Path, servers: list[str] | None = None) -> list[Script]:
+    """The scripts for the profile's servers (all, or those named), in the profile's order."""
+    text = Path(profile.path).read_text()
+    specs: Mapping[str, ServerSpec] = profile.servers
+    names = servers or list(specs)
+    return [script(profile, specs[name], state_dir, text) for name in names]
+
+
+def write(scripts: list[Script], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in scripts:
+        path = out / s.name
+        path.write_text(s.text)
+        path.chmod(0o755)
+        paths.append(path)
+    return paths
