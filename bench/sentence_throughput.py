@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.mixed_load import mixed_workload
 from tests.sentence_fixtures import WORDS as FIXTURE_WORDS
-from tests.sentence_fixtures import minilm_path, sentence_server
+from tests.sentence_fixtures import accuracy_sentences, minilm_path, sentence_server
 
 WORDS = [*FIXTURE_WORDS, "music", "data"]
 
@@ -172,7 +172,8 @@ def main() -> None:
     baseline: dict[str, list[float]] = {"encode_rate": [], "encode_latency": []}
     per_backend: dict[str, dict[str, list[float]]] = {}
     rss: dict[str, int] = {}
-    reference = model.encode(sentences, batch_size=32, normalize_embeddings=True)
+    accuracy_set = accuracy_sentences()  # the short inputs too
+    reference = model.encode(accuracy_set, batch_size=32, normalize_embeddings=True)
     accuracy: dict[str, tuple[float, float]] = {}
     runs = [(b, b, ROOT) for b in backends] + [(f"torch@{ref}", "torch", tree_of(ref)) for ref in args.against.split(",") if ref]
     mixed: dict[str, list[float]] = {}
@@ -185,7 +186,7 @@ def main() -> None:
         server_args = ["--task-type", "embedding", *BACKEND_ARGS[backend], *args.server_args.split()]
         with sentence_server(log_dir, minilm_path(), *server_args, root=root) as url:
             asyncio.run(http_throughput(url, sentences[:128], 1, 32))  # warm up the server
-            accuracy[name] = asyncio.run(cosine_to(url, sentences, reference))
+            accuracy[name] = asyncio.run(cosine_to(url, accuracy_set, reference))
             for r in range(args.rounds):
                 baseline["encode_rate"].append(encode_rate())
                 results["http_1x32"].append(asyncio.run(http_throughput(url, sentences, 1, 32)))

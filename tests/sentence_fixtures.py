@@ -186,3 +186,17 @@ def port_of(url: str) -> int:
     port = urlsplit(url).port
     assert port is not None, url
     return port
+
+
+# very short inputs, where int8's one activation scale per tensor hurts most
+SHORT_INPUTS = ["hi", "ok", "a", "?", "yes", "no", "thanks", "hello world", "Paris", "42", "why?", "cat", "I", "go", "fine."]
+
+
+def accuracy_sentences(n: int = 512) -> list[str]:
+    """The fixed set that a backend's vectors are compared to torch's on: the short inputs, then n
+    generated sentences of 6 to 14 words (bench/sentence_throughput.py measures on the same set)."""
+    import random
+
+    rng = random.Random(7)
+    words = [*WORDS, "music", "data"]
+    return [*SHORT_INPUTS, *(" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(n))]
