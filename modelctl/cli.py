@@ -740,9 +740,11 @@ def slurm_generate(
         return
     for path in scripts.write(generated, out):
         console.print(f"wrote {path}", highlight=False)
+    jobs = scripts.jobs_dir(ctx_state.store.root, prof.name)
+    jobs.mkdir(parents=True, exist_ok=True)  # Slurm writes no output to a directory that does not exist
     console.print(
-        f"submit with: modelctl slurm submit -p {prof.path} (or sbatch each script; job output goes to "
-        f"{scripts.jobs_dir(ctx_state.store.root, prof.name)}, which must exist on the shared filesystem)",
+        f"submit with: modelctl slurm submit -p {prof.path}, or sbatch each script (the jobs write to {jobs}, "
+        "which must be on a filesystem the nodes share)",
         highlight=False,
     )
 

@@ -206,7 +206,7 @@ def report_of(mc) -> Path:
 
 @pytest.mark.slow
 def test_a_server_runs_as_a_slurm_job_restarts_in_place_and_is_cancelled(mc, slurm):  # noqa: F811
-    path = toy_profile(mc, slurm)
+    path = toy_profile(mc, slurm, env={"TOY_VALUE": "$(echo expanded) $HOME `id`"})
     t0 = time.monotonic()
     res = slurm_cli(mc, slurm, "submit", "-p", str(path))
     assert res.returncode == 0 and "lab/web: submitted job" in res.stdout, res.stdout + res.stderr
@@ -218,6 +218,7 @@ def test_a_server_runs_as_a_slurm_job_restarts_in_place_and_is_cancelled(mc, slu
     status, info = http_get(row["url"] + "/info")
     assert status == 200
     assert info["env"]["SLURM_JOB_ID"] == row["job_id"]  # it runs inside the job
+    assert info["env"]["TOY_VALUE"] == "$(echo expanded) $HOME `id`"  # the profile reaches the job as written
     port = int(row["url"].rsplit(":", 1)[1])
     listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN]
     assert listening == ["0.0.0.0"]  # slurm.host's default: reachable from the other nodes

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from servers.sentence.encoder import LANE
+
 
 class QueueFull(Exception):
     """More inputs are waiting than the server accepts; the client should retry later."""
@@ -228,7 +230,7 @@ class Batcher:
 
     async def _run(self, batch: list[tuple[_Request, int]], express: bool, bulk: bool) -> None:
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch)
+            result = await asyncio.get_running_loop().run_in_executor(self._model_threads, self._work, batch, express)
             for k, (req, i) in enumerate(batch):
                 if req.finished:
                     continue  # abandoned meanwhile: its result is dropped
@@ -247,16 +249,19 @@ class Batcher:
                 self._free += 1
             self._dispatch()
 
-    def _work(self, batch: list[tuple[_Request, int]]) -> np.ndarray | Exception:
+    def _work(self, batch: list[tuple[_Request, int]], express: bool = False) -> np.ndarray | Exception:
         """On a model thread: one model call for the batch's rows, those of live requests only
         (checked just before the call: a client may have left since the batch was gathered)."""
         live = [k for k, (req, _) in enumerate(batch) if not req.finished]
         if not live:
             return np.zeros((len(batch), 1), dtype=np.float32)
+        LANE.express = express
         try:
             out = self.run([batch[k][0].rows[batch[k][1]] for k in live])
         except Exception as e:
             return e
+        finally:
+            LANE.express = False
         if len(live) == len(batch):
             return out
         full = np.zeros((len(batch), *out.shape[1:]), dtype=out.dtype)

@@ -6,6 +6,7 @@ pass a fake that needs no torch, so the routes and their errors are tested in th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -23,6 +24,13 @@ class InputTooLong(ValueError):
 
 class ConfigurationError(RuntimeError):
     """The model cannot be loaded with this configuration (missing path, unknown hub model offline)."""
+
+
+class _Lane(threading.local):
+    express = False
+
+
+LANE = _Lane()  # which lane the calling model thread serves: an engine may keep the express lane apart
 
 
 @dataclass(frozen=True)
