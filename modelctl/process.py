@@ -41,6 +41,7 @@ class StopTarget:
     members: tuple[ProcessIdentity, ...] = ()
     port: int | None = None
     host: str = "127.0.0.1"
+    leader_first: bool = False  # SIGTERM the leader alone, the others once it is gone (Backend.stops_leader_first)
 
     @property
     def empty(self) -> bool:
@@ -276,13 +277,17 @@ def _signal(procs: Iterable[psutil.Process], sig: int) -> None:
 
 
 def stop_processes(target: StopTarget, timeout: float, poll: float = 0.05, port_wait: float = 3.0) -> StopResult:
-    """SIGTERM every provable member, wait up to `timeout`, SIGKILL what is left; return when none
-    is alive. Then the port must be free: if it still answers, say who holds it.
+    """SIGTERM every provable member (or, leader_first, the leader alone until it is gone), wait
+    up to `timeout`, SIGKILL what is left; return when none is alive. Then the port must be free:
+    if it still answers, say who holds it.
     """
     members = provable_members(target)
     result = StopResult("not running")
     if members:
-        _signal(members, signal.SIGTERM)
+        leader = next((p for p in members if target.leader is not None and p.pid == target.leader.pid), None)
+        first = [leader] if target.leader_first and leader is not None else members
+        _signal(first, signal.SIGTERM)
+        termed = {p.pid for p in first}
         result.how = "terminated"
         known = {p.pid: p for p in members}
         deadline = time.monotonic() + timeout
@@ -292,9 +297,7 @@ def stop_processes(target: StopTarget, timeout: float, poll: float = 0.05, port_
             now = time.monotonic()
             if now >= next_scan:  # children forked while shutting down carry the token too
                 for p in provable_members(target):
-                    if p.pid not in known:
-                        known[p.pid] = p
-                        _signal([p], signal.SIGTERM if now < deadline else signal.SIGKILL)
+                    known.setdefault(p.pid, p)
                 next_scan = now + _RESCAN_SECONDS
             alive = [p for p in known.values() if _live(p)]
             if not alive:
@@ -304,6 +307,10 @@ def stop_processes(target: StopTarget, timeout: float, poll: float = 0.05, port_
                 _signal(alive, signal.SIGKILL)
                 if now >= kill_deadline:
                     raise RuntimeError(f"{target.label}: processes survived SIGKILL: {[p.pid for p in alive]}")
+            elif leader is None or not target.leader_first or not _live(leader):
+                late = [p for p in alive if p.pid not in termed]
+                _signal(late, signal.SIGTERM)
+                termed.update(p.pid for p in late)
             time.sleep(poll)
     if target.port:
         result.port_holder = wait_port_released(target.port, target.host, port_wait)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelctl import lifecycle as lc
+from modelctl.backends import KINDS
 from modelctl.files import DiskError
 from modelctl.identity import ProcessIdentity, identity_of, is_alive
 from modelctl.names import ServerRef
@@ -50,7 +51,12 @@ def target_of(rec: ServerRecord) -> StopTarget:
     inst = rec.instance
     members = tuple(ProcessIdentity(int(p), float(c)) for p, c in inst.members) if inst else ()
     port = rec.port if inst is not None or rec.state not in NOTHING_LEFT else None
-    return StopTarget(rec.label, record_identity(rec), rec.token, members, port, rec.host)
+    return StopTarget(rec.label, record_identity(rec), rec.token, members, port, rec.host, leader_first=_leader_first(rec))
+
+
+def _leader_first(rec: ServerRecord) -> bool:
+    spec = record_spec(rec)
+    return spec is not None and KINDS[spec.kind].stops_leader_first(spec)
 
 
 def successor_target(rec: ServerRecord) -> StopTarget | None:

@@ -873,7 +873,8 @@ class Supervisor:
         """Stop a replaced (or failed new) instance in the background; nothing waits for it."""
         members = tuple(ProcessIdentity(int(p), float(c)) for p, c in inst.members)
         leader = ProcessIdentity(inst.pid, inst.create_time) if inst.pid is not None and inst.create_time is not None else None
-        target = StopTarget(f"{srv.label} (replaced)", leader, inst.token, members)
+        leader_first = get_backend(srv.spec.kind).stops_leader_first(srv.spec)
+        target = StopTarget(f"{srv.label} (replaced)", leader, inst.token, members, leader_first=leader_first)
         if notify is not None:
             notify.close()
 

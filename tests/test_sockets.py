@@ -11,13 +11,14 @@ import socket
 import sys
 import time
 
+import psutil
 import pytest
 
 from modelctl.errors import ProfileError
 from modelctl.profile import load_profile
 from modelctl.supervisor_client import supervisor_info
 
-from .conftest import ROOT, http_get, http_post, wait_for
+from .conftest import ROOT, http_get, http_post, tagged_processes, wait_for
 from .load import ClosedLoop
 
 LISTEN_SERVER = str(ROOT / "tests" / "servers" / "listen_server.py")
@@ -224,6 +225,38 @@ def test_vllm_serves_on_the_held_socket_and_restarts_without_a_gap(mc):
         load.wait_answered(20)
         t = load.tally.summary(t0, time.monotonic())
     assert t["refused"] == 0 and t["failed"] == 0 and t["outage_s"] < 1.0, t
+
+
+def test_a_vllm_stopped_first_finishes_its_requests_in_flight(mc):
+    """vLLM's default replacement is stop-first: the old API server must finish the requests it
+    is serving. A SIGTERM to its whole group ended its engine under them (500 EngineDeadError);
+    the API server alone gets it now, and ends its engine after draining."""
+    up(mc, {"llm": vllm_stand_in(env={"STAND_IN_REQUEST_SECONDS": "1.0"})})
+    row = mc.row("llm")
+    assert row["socket"] == "held"
+    with ClosedLoop(row["url"], "/v1/completions", {"model": "llm", "prompt": "hi"}, clients=3, timeout=60) as load:
+        load.wait_answered(3)
+        time.sleep(0.5)  # requests are in flight
+        t0 = time.monotonic()
+        assert mc.cli("restart", "test/llm").returncode == 0
+        ready_again(mc, "llm", row["pid"])
+        load.wait_answered(6)
+        t = load.tally.summary(t0, time.monotonic())
+    assert t["refused"] == 0 and t["failed"] == 0, t
+    assert vllm_processes(mc.tag, exclude=mc.row("llm")["pid"]) == []  # the old engine and workers are gone
+
+
+def vllm_processes(tag: str, exclude: int) -> list[int]:
+    """The stand-in's engines and workers that are not the running instance's."""
+    out = []
+    for p in tagged_processes(tag):
+        try:
+            cmd = " ".join(p.cmdline())
+            if ("EngineCore" in cmd or "VllmWorker" in cmd) and os.getpgid(p.pid) != exclude:
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return out
 
 
 def test_a_vllm_that_cannot_take_the_socket_runs_the_plain_way_and_status_says_so(mc):

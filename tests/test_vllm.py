@@ -4,6 +4,7 @@ real vLLM on the CPU (MODELCTL_TEST_VLLM=1, after tests/vllm/setup_vllm_cpu.sh).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -161,7 +162,7 @@ def test_real_vllm_on_cpu_serves_restarts_and_stops_clean(mc):
         )
         load.wait_answered(5, timeout=300)
         during = load.tally.summary(t0, time.monotonic())
-    assert during["refused"] == 0 and during["failed"] == 0, during
+    assert during["refused"] == 0 and during["failed"] == 0, json.dumps(during)
 
     family = {p.pid for p in tagged_processes(mc.tag) if p.pid != row["pid"] and _in_group(p, row["pid"])}
     t1 = time.monotonic()

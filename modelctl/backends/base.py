@@ -70,6 +70,12 @@ class Backend:
         """Whether an instance sends READY=1 to NOTIFY_SOCKET once it serves (when it has a socket)."""
         return False
 
+    def stops_leader_first(self, spec: ServerSpec) -> bool:
+        """Whether a stop sends SIGTERM to the instance's leader alone first, which then stops its
+        own children (vLLM's API server drains its requests, then ends its engine); the rest get
+        SIGTERM once the leader is gone, and SIGKILL at the stop timeout either way."""
+        return False
+
     def overlaps_by_default(self, options: Mapping[str, Any]) -> bool:
         """Whether a restart starts the new instance beside the old one unless the profile says
         otherwise (it must fit twice in memory)."""

@@ -70,6 +70,11 @@ class VllmBackend(Backend):
     def says_ready(self, options: Mapping[str, Any]) -> bool:
         return True  # the launcher says READY=1 once uvicorn serves
 
+    def stops_leader_first(self, spec: ServerSpec) -> bool:
+        # its engine core would die at once under a group SIGTERM, failing the requests the API
+        # server was draining: the API server ends it itself (stop_timeout still bounds the stop)
+        return spec.socket
+
     def overlaps_by_default(self, options: Mapping[str, Any]) -> bool:
         return False  # two engines rarely fit (GPU memory, or every core of a CPU): replace: overlap where they do
 

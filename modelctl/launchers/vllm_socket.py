@@ -18,6 +18,7 @@ import socket
 import sys
 
 EXIT_NO_SOCKET = 79
+ACCEPTED_GRACE = 0.5  # seconds between closing the listener and vLLM's drain
 
 
 def fail(why: str) -> None:
@@ -56,6 +57,7 @@ def patch_uvicorn() -> None:
     async def startup_then_ready(self, sockets=None):  # type: ignore[no-untyped-def]
         await startup(self, sockets=sockets)
         if self.started:
+            stop_accepting_first(self)
             notify("READY=1")
 
     uvicorn.Server.startup = startup_then_ready  # type: ignore[method-assign]
@@ -67,6 +69,31 @@ def patch_uvicorn() -> None:
         init(self, *args, **kwargs)
 
     uvicorn.Config.__init__ = init_with_backlog  # type: ignore[method-assign]
+
+
+def stop_accepting_first(server) -> None:  # type: ignore[no-untyped-def]
+    """On SIGTERM, stop accepting at once, then shut down the way vLLM does.
+
+    vLLM drains its engine first and stops its HTTP server only after: meanwhile it accepts new
+    connections and answers them 500 (the engine refuses new requests while draining). Closing
+    this process's listening socket leaves those connections in the socket modelctl holds, for
+    the next instance; the requests in flight finish on the connections already accepted. vLLM
+    handles SIGINT as it handles SIGTERM (one handler for both, on its event loop, which may be
+    uvloop's: it cannot be read back), so ours passes the stop on as SIGINT, after a moment
+    (ACCEPTED_GRACE) in which the requests just accepted reach the engine: vLLM's drain refuses
+    a request that arrives at the engine once the drain has begun.
+    """
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+
+    def stop_accepting() -> None:
+        for listener in list(getattr(server, "servers", None) or []):
+            listener.close()
+        loop.call_later(ACCEPTED_GRACE, os.kill, os.getpid(), signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGTERM, stop_accepting)
 
 
 def drain_on_stop() -> None:

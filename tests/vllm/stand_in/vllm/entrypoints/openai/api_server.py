@@ -3,8 +3,9 @@
 It takes vLLM's flags and behaves like vLLM where supervision is concerned (see
 vllm/entrypoints/launchers/api_server/entry.py): the port refuses connections while the "model
 loads", then /health answers 200; the API server spawns an EngineCore process, which spawns one
-Worker per tensor-parallel rank, and those children ignore SIGTERM and outlive a SIGKILL of the
-parent unless the whole group is killed.
+Worker per tensor-parallel rank. Workers ignore SIGTERM; the engine shuts down (with its workers)
+on SIGTERM, failing the requests in flight; all of them outlive a SIGKILL of the parent unless the
+whole group is killed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ CHILD = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def engine_core(tp: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for rank in range(tp):
-        subprocess.Popen([sys.executable, "-c", CHILD.format(name=f"VllmWorker-{rank}"), f"VllmWorker-{rank}"])
+    workers = [
+        subprocess.Popen([sys.executable, "-c", CHILD.format(name=f"VllmWorker-{rank}"), f"VllmWorker-{rank}"]) for rank in range(tp)
+    ]
+
+    def shut_down(signum, frame):  # as vLLM's EngineCore: SIGTERM shuts it down, with its workers
+        for w in workers:
+            w.kill()
+            w.wait()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, shut_down)
     print("ready", flush=True)  # the API server serves only once its workers exist, as vLLM does
     time.sleep(3600)
 

@@ -1,7 +1,9 @@
 """The stand-in's `vllm.entrypoints.launchers.api_server.entry.main`: vLLM's flags, an EngineCore
-with one Worker per tensor-parallel rank (children that ignore SIGTERM and outlive a SIGKILL of
-the parent unless the whole group is killed), the socket made before the "model loads", then
-uvicorn serving on it — the same calls real vLLM makes, so modelctl's launcher works on both."""
+with one Worker per tensor-parallel rank (workers ignore SIGTERM, and all of them outlive a
+SIGKILL of the parent unless the whole group is killed), the socket made before the "model
+loads", then uvicorn serving on it — the same calls real vLLM makes, so modelctl's launcher works
+on both. As in vLLM, a request whose engine died meanwhile is answered 500, and on SIGTERM the
+server finishes its requests in flight, then ends its engine."""
 
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     a, _unknown = p.parse_known_args()
     return a
+
+
+def engine_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def app_for(a: argparse.Namespace, engine_pid: int):
@@ -76,6 +86,8 @@ def app_for(a: argparse.Namespace, engine_pid: int):
             prompt = json.loads(body or b"{}").get("prompt")
             await asyncio.sleep(float(os.environ.get("STAND_IN_REQUEST_SECONDS", "0")))
             REQUESTS["running"] -= 1
+            if not engine_alive(engine_pid):
+                return await send(send_, 500, {"error": {"message": "EngineCore died", "type": "EngineDeadError"}})
             REQUESTS["success"] += 1
             choice = {"index": 0, "text": " stand-in", "finish_reason": "length"}
             return await send(
@@ -102,4 +114,6 @@ def main() -> None:
     engine.stdout.readline()  # the engine and its workers are up
     time.sleep(float(os.environ.get("STAND_IN_LOAD_SECONDS", "0.5")))  # "loading the model": nothing accepts yet
     config = uvicorn.Config(app_for(a, engine.pid), log_level="warning", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=[sock])  # on SIGTERM: stops accepting, finishes what is in flight
+    engine.terminate()  # then ends the engine, which ends its workers
+    engine.wait()
