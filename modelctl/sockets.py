@@ -26,6 +26,7 @@ import select
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger("modelctl.sockets")
@@ -121,36 +122,31 @@ def accept_queue(port: int, host: str = "127.0.0.1") -> int | None:
     return found
 
 
-def established(port: int) -> int:
-    """Connections established to a local port now (clients of the server on it)."""
-    count = 0
+def _tcp_sockets(port: int, state: str) -> Iterator[list[str]]:
+    """The rows of /proc/net/tcp and tcp6 for local `port` in `state` (01 established, 0A listening)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 4 and parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        count += 1
-        except (OSError, ValueError, StopIteration):
+                rows = [line.split() for line in f]
+        except (OSError, StopIteration):
             continue
-    return count
+        for parts in rows:
+            try:
+                if len(parts) >= 10 and parts[3] == state and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    yield parts
+            except ValueError:
+                continue
+
+
+def established(port: int) -> int:
+    """Connections established to a local port now (clients of the server on it)."""
+    return sum(1 for _ in _tcp_sockets(port, "01"))
 
 
 def listening_inode(port: int) -> set[int]:
     """The socket inodes listening on `port` (from /proc/net/tcp and tcp6)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 10 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(int(parts[9]))
-        except (OSError, ValueError, StopIteration):
-            continue
-    return inodes
+    return {int(parts[9]) for parts in _tcp_sockets(port, "0A")}
 
 
 def take_from_process(pid: int, port: int, host: str) -> Listener | None:
