@@ -353,7 +353,7 @@ class PortAllocation:
         if self.taken.get(port, str(req.ref)) != str(req.ref):
             return f"server {self.taken[port]} (see modelctl status)"
         if self.leases is not None and (who := self.leases.holder(port, req.ref)):
-            return f"{who}, which keeps it while in backoff"
+            return f"{who}, which keeps it while that server is wanted (in backoff, or idle on demand, too)"
         return None
 
     def port_for(self, req: PortRequest) -> int | None:

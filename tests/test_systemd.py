@@ -24,6 +24,7 @@ from modelctl.state import StateStore
 from modelctl.systemd import generate_units, write_units
 
 from .conftest import ROOT, http_get, http_post, wait_for
+from .sentence_fixtures import free_port
 
 PROFILES = [*sorted((ROOT / "profiles" / "examples").glob("*.yaml")), ROOT / "profiles" / "default.yaml"]
 
@@ -233,7 +234,10 @@ def test_systemd_starts_an_on_demand_server_at_its_first_connection_and_it_exits
     from .test_sockets import listen_server
 
     server = {**listen_server(), "start": "on-demand", "idle_timeout": 2}
-    path = mc.profile({"web": server}, port_range=[24970, 24979], name="sd")
+    # a port free now: an earlier run's record (its state directory outlives it) keeps the port it
+    # leased while that server is wanted, as an on-demand server under systemd stays
+    free = free_port()
+    path = mc.profile({"web": server}, port_range=[free, free], name="sd")
     units = generate_units(load_profile(path), mc.store)
     assert "[Install]" not in units["modelctl-sd-web.service"] and "[Install]" in units["modelctl-sd-web.socket"]
     assert "Wants=modelctl-sd-web.socket" in units["modelctl-sd.target"]
