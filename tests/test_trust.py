@@ -237,7 +237,7 @@ def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in (mc.env, other)]
     outs = [p.communicate(timeout=120) for p in procs]
     try:
-        assert [p.returncode for p in procs] == [0, 0], outs
+        assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs] + [out for out, _ in outs]  # stderr first
         ports = {mc.row("web")["port"], json.loads(mc.cli("status", "--json", env=other).stdout)[0]["port"]}
         assert len(ports) == 2
     finally:
