@@ -8,7 +8,6 @@ squeue, and where it landed by the report its `modelctl run` writes to the share
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelctl.errors import ModelctlError
+from modelctl.files import acquire_flock
 from modelctl.profile import Profile
 from modelctl.slurm.scripts import ACTIVE_STATES, Script, generate, job_name, jobs_dir, report_path, write
 from modelctl.spec import ServerSpec
@@ -121,7 +121,8 @@ def _submit_lock(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / ".submit.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # bounded, and names the holder: another submit waits for squeue and sbatch at most
+        acquire_flock(fd, 2 * TIMEOUT, f"submitting to Slurm ({directory / '.submit.lock'})")
         yield
     finally:
         os.close(fd)
