@@ -39,6 +39,7 @@ log = logging.getLogger("modelctl.ports")
 
 DEFAULT_LEASE_DIR = "/tmp/modelctl-port-leases"
 LEASE_TTL = 600.0  # a lease nobody refreshed for this long is stale (other users' leases)
+LEASE_GRACE = 120.0  # a lease younger than this whose record is older (or missing) belongs to an `up` in flight
 
 
 def _family(host: str) -> int:
@@ -194,7 +195,8 @@ class PortLeases:
     def _is_live(self, lease: Lease, port: int) -> bool:
         data = lease.data or {}
         if lease.uid == os.geteuid() and isinstance(data.get("state_dir"), str) and isinstance(data.get("server"), str):
-            return _record_wants_port(Path(data["state_dir"]), data["server"], port)
+            taken = data.get("time")
+            return _record_wants_port(Path(data["state_dir"]), data["server"], port, taken if isinstance(taken, (int, float)) else None)
         return time.time() - lease.mtime < LEASE_TTL
 
     def take(self, port: int, ref: ServerRef) -> bool:
@@ -275,7 +277,11 @@ def _open_entry(path: Path, flags: int) -> int | str | None:
     return fd
 
 
-def _record_wants_port(state_dir: Path, server: str, port: int) -> bool:
+def _record_wants_port(state_dir: Path, server: str, port: int, leased_at: float | None = None) -> bool:
+    """Whether the server's record keeps `port`. A lease is taken before its record is written (an
+    `up` allocates, then saves under the state lock), so a lease younger than LEASE_GRACE whose
+    record is missing or older than the lease belongs to an `up` in flight, and holds its port."""
+    in_flight = leased_at is not None and time.time() - leased_at < LEASE_GRACE
     try:
         ref = ServerRef.parse(server)
     except ValueError:
@@ -285,11 +291,13 @@ def _record_wants_port(state_dir: Path, server: str, port: int) -> bool:
     try:
         rec = StateStore(state_dir).load(ref)
     except OSError:
-        return False
+        return in_flight
     if rec is None:
-        return False
+        return in_flight
     if not isinstance(rec, ServerRecord):
         return True  # a broken record may still run: do not hand its port out
+    if in_flight and leased_at is not None and (rec.updated_at or 0.0) < leased_at:
+        return True  # the record has not been written since the lease was taken
     return rec.port == port and rec.wants_running
 
 

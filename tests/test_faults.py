@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 
 from modelctl import lifecycle as lc
+from modelctl.names import ServerRef
+from modelctl.ports import LEASE_GRACE, PortLeases
 from modelctl.profile import load_profile
 from modelctl.record import ServerRecord
+from modelctl.state import StateStore
 
 from .conftest import TOY_SERVER, http_get, wait_for
 from .test_cli import toy_pids
@@ -211,6 +214,31 @@ def test_whatever_another_user_leaves_in_the_lease_directory_never_blocks_up(mc,
         assert port == low  # a stale lease holds its port no more
     else:
         assert low < port <= low + 5  # the odd entry holds its port; the next one is taken
+
+
+def test_a_lease_taken_before_its_record_is_written_holds_its_port(tmp_path):
+    """`up` leases its ports, then writes its records (after GPU discovery, under the state lock).
+    Another state directory's `up` in between must not take the leased port as stale because no
+    record wants it yet: both would start on one port, and one fails (issue 21's concurrent test)."""
+    shared = str(tmp_path / "leases")
+    first, second = PortLeases(tmp_path / "a", shared), PortLeases(tmp_path / "b", shared)
+    web, port = ServerRef("lab", "web"), 24960
+    assert first.take(port, web)
+    assert second.holder(port, web) is not None and not second.take(port, web)  # in flight: held
+    store = StateStore(tmp_path / "a")
+    rec = ServerRecord(profile="lab", name="web", port=port)
+    rec.wish.desired = "running"
+    store.save(rec)
+    assert not second.take(port, web)  # its record, written after the lease, wants it
+    rec.wish.desired = "stopped"
+    store.save(rec)
+    assert second.holder(port, web) is None  # its record, written after the lease, says it is free
+    # a lease whose `up` died before writing any record holds its port for a while only
+    other = ServerRef("lab", "gone")
+    assert first.take(port + 1, other)
+    lease = Path(shared) / str(port + 1)
+    lease.write_text(json.dumps({**json.loads(lease.read_text()), "time": time.time() - LEASE_GRACE - 1}))
+    assert second.take(port + 1, other)
 
 
 # ---------------------------------------------------------------------- nothing hostile reaches the terminal

@@ -245,6 +245,33 @@ def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
 
 
 @pytest.mark.slow
+def test_auto_ports_stay_unique_while_the_first_up_is_slow_to_write_its_record(mc, tmp_path):
+    """The first `up` leases its port, then finds GPUs (a slow nvidia-smi here) before it writes its
+    record. The second `up`, from another state directory, must not take that lease as stale."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nsleep 2\necho 0\n")
+    smi.chmod(0o755)
+    env = {**mc.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("MODELCTL_GPUS", None)
+    other = {**env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
+    web = {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}, "gpus": 1, "gpus_shared": True}
+    path = mc.profile({"web": web}, port_range=[24340, 24350])
+    cmd = [sys.executable, "-m", "modelctl", "up", "-p", str(path)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)  # the first has leased its port and waits on nvidia-smi
+    second = subprocess.Popen(cmd, env=other, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = [p.communicate(timeout=120) for p in (first, second)]
+    try:
+        assert [first.returncode, second.returncode] == [0, 0], [err for _, err in outs] + [out for out, _ in outs]
+        ports = {mc.row("web")["port"], json.loads(mc.cli("status", "--json", env=other).stdout)[0]["port"]}
+        assert len(ports) == 2
+    finally:
+        mc.cli("down", env=other)
+
+
+@pytest.mark.slow
 def test_a_port_held_by_a_server_in_backoff_is_not_handed_out(mc, tmp_path):
     other = {**mc.env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
     crashing = mc.profile(
