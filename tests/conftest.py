@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,21 @@ def mc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         except (psutil.NoSuchProcess, ValueError, KeyError, TypeError, OSError):
             pass
     kill_tagged(tag)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _port_leases_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Servers of this session lease their ports in a directory of the session, shared by all its
+    tests, not in the machine's. A test's records outlive it (pytest keeps the last runs' temp
+    directories), and a record that still wants its server keeps that port leased: in the machine's
+    directory, a few hundred such leases would hold the default port range against real servers
+    and later test runs."""
+    leases = tmp_path_factory.mktemp("port-leases")
+    os.chmod(leases, 0o1777)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MODELCTL_PORT_LEASES", str(leases))
+    yield leases
+    patch.undo()
 
 
 @pytest.fixture(scope="session", autouse=True)
