@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import BinaryIO, cast
 
 import psutil
@@ -226,15 +227,16 @@ def test_deleting_or_replacing_the_lock_file_never_yields_two_supervisors(mc):
     assert [p.pid for p in supervisors] == [first.pid]
 
 
-@pytest.mark.slow
-def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
-    """Two state directories (two users, say) running up at once with the same port range."""
-    other = {**mc.env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
-    path = mc.profile(
-        {"web": {"kind": "command", "command": mc.toy("--startup-delay", "1"), "health": {"http": "/health"}}}, port_range=[24300, 24310]
-    )
+def up_from_two_state_directories(mc, tmp_path: Path, path: Path, env: dict[str, str], stagger: float = 0.0) -> None:
+    """`up` of one profile from two state directories at once (two users, say): both succeed, on
+    two ports. `stagger`: seconds between the two starts."""
+    other = {**env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
     cmd = [sys.executable, "-m", "modelctl", "up", "-p", str(path)]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for env in (mc.env, other)]
+    procs: list[subprocess.Popen[str]] = []
+    for each in (env, other):
+        if procs:
+            time.sleep(stagger)
+        procs.append(subprocess.Popen(cmd, env=each, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     try:
         assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs] + [out for out, _ in outs]  # stderr first
@@ -242,6 +244,14 @@ def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
         assert len(ports) == 2
     finally:
         mc.cli("down", env=other)
+
+
+@pytest.mark.slow
+def test_auto_ports_are_unique_across_state_directories(mc, tmp_path):
+    path = mc.profile(
+        {"web": {"kind": "command", "command": mc.toy("--startup-delay", "1"), "health": {"http": "/health"}}}, port_range=[24300, 24310]
+    )
+    up_from_two_state_directories(mc, tmp_path, path, mc.env)
 
 
 @pytest.mark.slow
@@ -255,20 +265,9 @@ def test_auto_ports_stay_unique_while_the_first_up_is_slow_to_write_its_record(m
     smi.chmod(0o755)
     env = {**mc.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("MODELCTL_GPUS", None)
-    other = {**env, "MODELCTL_STATE_DIR": str(tmp_path / "other-state")}
     web = {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}, "gpus": 1, "gpus_shared": True}
     path = mc.profile({"web": web}, port_range=[24340, 24350])
-    cmd = [sys.executable, "-m", "modelctl", "up", "-p", str(path)]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.7)  # the first has leased its port and waits on nvidia-smi
-    second = subprocess.Popen(cmd, env=other, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    outs = [p.communicate(timeout=120) for p in (first, second)]
-    try:
-        assert [first.returncode, second.returncode] == [0, 0], [err for _, err in outs] + [out for out, _ in outs]
-        ports = {mc.row("web")["port"], json.loads(mc.cli("status", "--json", env=other).stdout)[0]["port"]}
-        assert len(ports) == 2
-    finally:
-        mc.cli("down", env=other)
+    up_from_two_state_directories(mc, tmp_path, path, env, stagger=0.7)  # the first has leased its port and waits on nvidia-smi
 
 
 @pytest.mark.slow
