@@ -4,7 +4,7 @@ listening socket held by modelctl and without (`socket: none`), in one run.
     .venv/bin/python bench/socket_restarts.py [--clients 8]
 
 8 clients (tests/load.py) send a one-sentence embedding request each, in a closed loop, on new
-connections, with a 120 s timeout; a connection closed before any answer is sent once more (as
+connections, with a 120 s timeout; a connection closed before the whole answer is sent once more (as
 HTTP clients do). For each of SIGKILL, `modelctl restart` and a spec change applied by `up`:
 requests refused (ECONNREFUSED), failed (no answer, or not 200: a 503 while the model loads
 counts), and the outage (the longest time with no 200 answered).

@@ -2,9 +2,11 @@
 
 Each client sends one request at a time on a new connection and records how it ended:
 answered (with its status), refused (nothing listened: ECONNREFUSED) or failed (reset, closed
-before an answer, timed out). A request whose connection was closed before any answer is sent
-once more, as HTTP clients do (the openai SDK retries connection errors twice): a request that a
-killed process had accepted dies with it, and no manager can answer it. Refused connections are
+before a whole answer, timed out). A request whose connection was closed before the whole answer
+is sent once more, as HTTP clients do (the openai SDK retries connection errors twice, and a body
+cut short is one: httpx's RemoteProtocolError): a request that a killed process had accepted, or
+was answering, dies with it, and no manager can answer it. The tests of graceful restarts check
+that no request needed that second send. Refused connections are
 not retried; after one, or after an answer other than 200, a client pauses 0.1 s (RETRY_PAUSE).
 The outage is the longest time in which no request was answered 200. Used by the
 tests of held sockets and by bench/socket_restarts.py.
@@ -80,8 +82,9 @@ class Tally:
                 "retried": t.retried, "outage_s": round(self.outage(since, until), 2), "statuses": t.statuses(), "errors": t.errors()}  # fmt: skip
 
 
-# the connection was closed before any answer: what a client sees when the process that accepted it dies
-RETRIED = ("RemoteDisconnected", "ConnectionResetError", "BrokenPipeError")
+# the connection was closed before the whole answer: what a client sees when the process that
+# accepted it dies (IncompleteRead: it died between writing the answer's head and its body)
+RETRIED = ("RemoteDisconnected", "ConnectionResetError", "BrokenPipeError", "IncompleteRead")
 
 
 RETRY_PAUSE = 0.1  # after a refused connection or an answer other than 200, as an impatient client
