@@ -164,7 +164,9 @@ def test_version_and_shell_completion(mc):
         [sys.executable, "-m", "modelctl", "--show-completion", "bash"],
         capture_output=True,
         text=True,
-        env={**mc.env, "SHELL": "/bin/bash"},
+        # typer takes the shell's name from its parent processes unless told not to; a test run from a
+        # detached job has no shell among them ("Shell  not supported.")
+        env={**mc.env, "SHELL": "/bin/bash", "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
     )
     assert res.returncode == 0 and "complete" in res.stdout
 
