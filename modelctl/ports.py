@@ -281,7 +281,7 @@ def _record_wants_port(state_dir: Path, server: str, port: int, leased_at: float
     """Whether the server's record keeps `port`. A lease is taken before its record is written (an
     `up` allocates, then saves under the state lock), so a lease younger than LEASE_GRACE whose
     record is missing or older than the lease belongs to an `up` in flight, and holds its port."""
-    in_flight = leased_at is not None and time.time() - leased_at < LEASE_GRACE
+    fresh = leased_at if leased_at is not None and time.time() - leased_at < LEASE_GRACE else None
     try:
         ref = ServerRef.parse(server)
     except ValueError:
@@ -291,12 +291,12 @@ def _record_wants_port(state_dir: Path, server: str, port: int, leased_at: float
     try:
         rec = StateStore(state_dir).load(ref)
     except OSError:
-        return in_flight
+        return fresh is not None
     if rec is None:
-        return in_flight
+        return fresh is not None
     if not isinstance(rec, ServerRecord):
         return True  # a broken record may still run: do not hand its port out
-    if in_flight and leased_at is not None and (rec.updated_at or 0.0) < leased_at:
+    if fresh is not None and (rec.updated_at or 0.0) < fresh:
         return True  # the record has not been written since the lease was taken
     return rec.port == port and rec.wants_running
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelctl import lifecycle as lc
-from modelctl.backends import KINDS
+from modelctl.backends import get_backend
 from modelctl.files import DiskError
 from modelctl.identity import ProcessIdentity, identity_of, is_alive
 from modelctl.names import ServerRef
@@ -56,7 +56,7 @@ def target_of(rec: ServerRecord) -> StopTarget:
 
 def _leader_first(rec: ServerRecord) -> bool:
     spec = record_spec(rec)
-    return spec is not None and KINDS[spec.kind].stops_leader_first(spec)
+    return spec is not None and get_backend(spec.kind).stops_leader_first(spec)
 
 
 def successor_target(rec: ServerRecord) -> StopTarget | None:
