@@ -136,14 +136,29 @@ def test_unframed_token_ids_are_accepted_when_the_server_allows_them(logs):
         assert status == 200 and len(body["data"][0]["embedding"]) == 8
 
 
-def test_over_long_input_is_413_with_the_limit_unless_truncation_is_asked(embed_url):
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/embeddings"])
+@pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token ids"])
+def test_over_long_input_on_the_openai_routes_is_a_400_context_length_error(embed_url, path, as_ids):
+    """As OpenAI and vLLM answer it: openai.BadRequestError, which LangChain's and LlamaIndex's
+    truncation and retry logic read; with the limit, unless truncation is asked."""
     long = " ".join(["word"] * 40)
-    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
-    assert status == 413
-    assert_openai_error(body, "input_too_long")
-    assert "limit of 32" in body["error"]["message"]
-    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
+    given = long if not as_ids else [101, *([7] * 40), 102]
+    status, body, _ = post(embed_url, path, {"input": given})
+    assert status == 400
+    assert_openai_error(body, "context_length_exceeded")
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "input"
+    assert "maximum context length is 32 tokens" in body["error"]["message"], body
+    status, body, _ = post(embed_url, path, {"input": given, "truncate": True})
     assert status == 200 and body["usage"]["prompt_tokens"] == 32
+
+
+def test_over_long_input_on_the_tei_routes_stays_413_as_tei_answers(embed_url):
+    long = " ".join(["word"] * 40)
+    for path in ("/embed", "/", "/invocations"):
+        status, body, _ = post(embed_url, path, {"inputs": long})
+        assert status == 413, (path, body)
+        assert_openai_error(body, "input_too_long")
+        assert "limit of 32" in body["error"]["message"]
 
 
 def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(logs):
@@ -481,7 +496,7 @@ def _model_rows(log: Path) -> list[list[int]]:
         {"input": "one text"},
         {"input": ["two", "texts"], "encoding_format": "base64", "model": "x", "user": "u"},
         {"input": ["a b c"], "dimensions": 4, "truncate": True},
-        {"input": " ".join(["word"] * 40)},  # over the limit: 413
+        {"input": " ".join(["word"] * 40)},  # over the limit: 400 context_length_exceeded
         {"input": "x", "dimensions": 999},  # 400
     ],
 )
@@ -656,9 +671,9 @@ def test_a_huge_input_is_refused_or_cut_before_it_is_tokenized(logs):
     with sentence_server(logs, f"fake:dims=8,max_length=32,tlog={tlog}", "--max-body-bytes", str(8 << 20), fake=True) as url:
         huge = "word " * (1 << 20)  # 5 MB
         status, body, _ = http_post(url + "/v1/embeddings", {"input": huge})
-        assert status == 413 and body["error"]["code"] == "input_too_long" and "characters" in body["error"]["message"]
-        status, body, _ = http_post(url + "/v1/embeddings", {"input": ["short", huge]})
-        assert status == 413 and body["error"]["message"].startswith("input[1]")
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "characters" in body["error"]["message"]
+        status, body, _ = http_post(url + "/embed", {"inputs": ["short", huge]})
+        assert status == 413 and body["error"]["code"] == "input_too_long" and body["error"]["message"].startswith("inputs[1]")
         status, body, _ = http_post(url + "/embed", {"inputs": huge, "truncate": True})
         assert status == 200 and len(body) == 1
         status, body, _ = http_post(url + "/v1/embeddings", {"input": "hello"})  # and it serves on

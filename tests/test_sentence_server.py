@@ -181,12 +181,15 @@ def test_tei_embed_returns_bare_vectors(embed_url, st_model):
     np.testing.assert_allclose(raw[0], st_model.encode("hello", normalize_embeddings=False), atol=1e-5)
 
 
-def test_too_long_input_is_413_unless_truncation_is_asked(embed_url, st_model):
+def test_too_long_input_is_a_context_length_error_unless_truncation_is_asked(embed_url, st_model):
     long = "word " * 400
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
-    assert status == 413
+    assert status == 400
+    assert_openai_error(body, "context_length_exceeded")
+    assert "maximum context length is 256 tokens" in body["error"]["message"]
+    status, body, _ = post(embed_url, "/embed", {"inputs": long})
+    assert status == 413  # as TEI answers it
     assert_openai_error(body, "input_too_long")
-    assert "256" in body["error"]["message"]
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
     assert status == 200 and body["usage"]["prompt_tokens"] == 256
     np.testing.assert_allclose(body["data"][0]["embedding"], st_model.encode(long, normalize_embeddings=True), atol=1e-5)

@@ -15,7 +15,7 @@ import numpy as np
 
 from servers.sentence.batching import Batcher, QueueFull
 from servers.sentence.encoder import Direction, Encoder, InputTooLong, Row, normalize
-from servers.sentence.errors import ApiError
+from servers.sentence.errors import ApiError, TooLong
 from servers.sentence.settings import ServerSettings
 
 log = logging.getLogger("servers.sentence")
@@ -171,7 +171,7 @@ class Engine:
             message = (
                 f"{param}[{e.index}] has {e.length} tokens, more than this model's limit of {e.limit}; shorten it or send truncate: true"
             )
-            raise ApiError(413, message, param=param, code="input_too_long") from None
+            raise TooLong(message, param, e.limit) from None
         except ApiError:
             raise
         except ValueError as e:
@@ -303,12 +303,11 @@ def bound_length(texts: list[str], limit: int, truncate: bool, param: str, direc
             out.append(text[-bound:] if direction == "left" else text[:bound])  # the tokenizer cuts the rest to `limit` tokens
         else:
             where = f"{param}[{i}]" if len(texts) > 1 else param
-            raise ApiError(
-                413,
+            raise TooLong(
                 f"{where} has {len(text)} characters, more than {limit} tokens can hold (at most {bound} characters are read); "
                 "shorten it or send truncate: true",
-                param=param,
-                code="input_too_long",
+                param,
+                limit,
             )
     return out
 
