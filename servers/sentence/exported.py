@@ -297,7 +297,8 @@ class ExportedEncoder(HFTokenizing):
         self._infer: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
 
     def set_threads(self, workers: int, threads: int | None) -> None:
-        """Load the graph with cores / workers threads each (the batcher runs `workers` at once)."""
+        """Load the graph with cores / workers threads each (the batcher runs `workers` at once):
+        one thread each on a CPU by default (service.model_workers)."""
         from servers.sentence.service import cores
 
         per_worker = threads or max(1, cores() // workers)
@@ -313,7 +314,9 @@ class ExportedEncoder(HFTokenizing):
         }
 
     def run(self, rows: list[Row]) -> np.ndarray:
-        return run_sorted(rows, self._forward, self.max_batch_size, self.max_batch_tokens, self.dimensions or 1)
+        # a call costs ONNX Runtime little beside its compute: rows of mixed lengths run in groups of
+        # like lengths from two rows on, rather than padded to the longest
+        return run_sorted(rows, self._forward, self.max_batch_size, self.max_batch_tokens, self.dimensions or 1, min_split_rows=2)
 
     def _forward(self, rows: list[Row]) -> np.ndarray:
         if self._infer is None:
@@ -342,6 +345,10 @@ def _onnxruntime(graph: Path, threads: int) -> Callable[[dict[str, np.ndarray]],
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if threads > 1:
+        # threads that spin between ops take the cores from the event loop, the tokenizer and the
+        # other workers: on a shared CPU the split ops then wait for a descheduled thread
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     # a session's run is thread-safe: the workers share it

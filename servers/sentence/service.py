@@ -50,8 +50,7 @@ class Engine:
         t0 = time.perf_counter()
         model = self.model_factory(s.model_path, s.task, s.device, s.max_batch_tokens, s.max_batch_size)
         described = model.describe()  # backend auto: what was chosen
-        exported = str(described.get("backend") or "").startswith(("onnx", "openvino"))
-        self.workers = model_workers(s.device, s.model_workers, "onnx" if exported else "torch")
+        self.workers = model_workers(s.device, s.model_workers, str(described.get("backend") or s.backend))
         set_threads = getattr(model, "set_threads", None)
         if set_threads is not None:
             set_threads(self.workers, s.torch_threads)
@@ -264,13 +263,14 @@ def cores() -> int:
 
 
 def model_workers(device: str, workers: int | None, backend: str = "torch") -> int:
-    """Batches run at once. torch on a CPU: one single-threaded worker per core (separate batches
-    on separate cores beat one batch whose every op is split across them); ONNX Runtime and
-    OpenVINO: one worker using every core (their threads beat split workers by ~15%, measured in
-    bench/sentence_throughput.py); on a GPU one."""
+    """Batches run at once. On a CPU one single-threaded worker per core, for torch and ONNX Runtime
+    alike: separate batches on separate cores beat one batch whose every op is split across them,
+    above all for small batches of mixed lengths and on a busy machine, where the split ops wait
+    for each other at every step (bench/sentence_throughput.py, README "The CPU fast path").
+    OpenVINO: one worker, its streams share the cores; on a GPU one."""
     if workers is not None:
         return max(1, workers)
-    return min(cores(), 8) if device == "cpu" and backend == "torch" else 1
+    return min(cores(), 8) if device == "cpu" and backend != "openvino" else 1
 
 
 class Scores:

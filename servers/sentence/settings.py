@@ -21,7 +21,7 @@ class ServerSettings:
     api_key: str | None = None
     max_batch_tokens: int = 16384  # padded tokens in one model call
     max_batch_size: int = 64  # rows in one model call
-    # padded tokens in one fair batch of the queue: a large request is run in chunks this size,
+    # tokens in one fair batch of the queue: a large request is run in chunks this size,
     # interleaved with the others (default: 512 on a CPU, where 16 rows of a sentence are the
     # fastest batch per row; 8192 on a GPU)
     chunk_tokens: int | None = None
