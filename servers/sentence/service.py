@@ -45,24 +45,32 @@ class Engine:
         self.started = time.time()
 
     def load(self) -> None:
-        """Load (and warm up) the model; runs on a thread of its own."""
+        """Load (and warm up) the model; runs on a thread of its own. The log says where the time
+        went: the model (an export found, the tokenizer read), its threads (ONNX Runtime builds
+        its session there) and the one warm-up batch."""
         s = self.settings
         t0 = time.perf_counter()
         model = self.model_factory(s.model_path, s.task, s.device, s.max_batch_tokens, s.max_batch_size)
         described = model.describe()  # backend auto: what was chosen
         self.workers = model_workers(s.device, s.model_workers, str(described.get("backend") or s.backend))
+        t1 = time.perf_counter()
         set_threads = getattr(model, "set_threads", None)
         if set_threads is not None:
             set_threads(self.workers, s.torch_threads)
+        t2 = time.perf_counter()
         if s.warmup:
             model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
+        t3 = time.perf_counter()
         self.model = model
         kind = "cross-encoder" if model.cross_encoder else "bi-encoder"
         log.info(
-            "model %s loaded on %s in %.1fs (%s); backend %s (%s)",
+            "model %s loaded on %s in %.2fs (model %.2fs, threads and session %.2fs, warm-up %.2fs; %s); backend %s (%s)",
             s.model_path,
             s.device,
-            time.perf_counter() - t0,
+            t3 - t0,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
             kind,
             described.get("backend"),
             described.get("backend_reason") or "asked for",
