@@ -112,6 +112,8 @@ def intend_start(rec: ServerRecord, token: str, now: float) -> None:
     after_backoff = rec.state == BACKOFF
     move(rec, STARTING, expect=(STOPPED, BACKOFF, IDLE))
     rec.instance = Instance(token=token, fingerprint=rec.fingerprint, started_at=now, generation=rec.wish.generation)
+    if rec.usage.warmed != rec.wish.warm:  # any start answers `up --now`: a warm wish is never carried twice
+        rec.usage = dataclasses.replace(rec.usage, warmed=rec.wish.warm)
     rec.history = dataclasses.replace(rec.history, next_start_at=None, restarts=rec.history.restarts + (1 if after_backoff else 0))
     rec.startup, rec.progress, rec.detail = {}, None, "starting"
 
@@ -323,12 +325,16 @@ def active(rec: ServerRecord, now: float) -> None:
 
 
 def measured(rec: ServerRecord, rss: int | None, gpu: int | None) -> None:
-    """A measured footprint while ready: the largest seen replaces the declared one."""
+    """A measured footprint while ready: the largest seen with this spec replaces the declared one;
+    a measure of a new spec starts afresh."""
     usage = rec.usage
+    spec = rec.instance.fingerprint if rec.instance else rec.fingerprint
+    if usage.measured_for not in (None, spec):
+        usage = dataclasses.replace(usage, peak_rss=None, peak_gpu=None)
     peak_rss = max(rss, usage.peak_rss or 0) if rss else usage.peak_rss
     peak_gpu = max(gpu, usage.peak_gpu or 0) if gpu else usage.peak_gpu
-    if (peak_rss, peak_gpu) != (usage.peak_rss, usage.peak_gpu):
-        rec.usage = dataclasses.replace(usage, peak_rss=peak_rss, peak_gpu=peak_gpu)
+    if (peak_rss, peak_gpu, spec) != (rec.usage.peak_rss, rec.usage.peak_gpu, rec.usage.measured_for):
+        rec.usage = dataclasses.replace(usage, peak_rss=peak_rss, peak_gpu=peak_gpu, measured_for=spec)
 
 
 def begin_rest(rec: ServerRecord, owner: ProcessIdentity | None, why: str) -> None:
