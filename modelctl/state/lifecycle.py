@@ -40,6 +40,7 @@ from modelctl.state.states import (  # noqa: F401  (re-exported: callers write l
     UNHEALTHY,
     Desired,
     ManagedBy,
+    State,
 )
 
 log = logging.getLogger("modelctl.state.lifecycle")
@@ -49,11 +50,11 @@ class TransitionError(RuntimeError):
     """A move the table does not allow, or a record that is not in the state the mover expected."""
 
 
-def can_move(src: str, dst: str) -> bool:
+def can_move(src: State, dst: State) -> bool:
     return dst in ALLOWED.get(src, frozenset())
 
 
-def move(rec: ServerRecord, dst: str, expect: Collection[str] | str | None = None) -> None:
+def move(rec: ServerRecord, dst: State, expect: Collection[State] | State | None = None) -> None:
     """Move `rec` to `dst`. With `expect`, only from those states: a mover that read the record
     earlier learns that someone else moved it since, instead of undoing their move."""
     if expect is not None:
@@ -65,7 +66,7 @@ def move(rec: ServerRecord, dst: str, expect: Collection[str] | str | None = Non
     rec.state = dst
 
 
-def force(rec: ServerRecord, dst: str, why: str) -> None:
+def force(rec: ServerRecord, dst: State, why: str) -> None:
     """The exceptions to the table, each named by its reason (logged)."""
     if rec.state != dst:
         log.info("server %s: %s → %s forced: %s", rec.label, rec.state, dst, why)
@@ -235,13 +236,6 @@ def failed_to_start(rec: ServerRecord, failure: Failure, now: float) -> None:
     entry = ExitEntry(at=now, exit=None, cls=failure.cls, line=failure.line, retry=failure.retry)
     rec.history = dataclasses.replace(rec.history, last_error=failure.describe(), exits=[*rec.history.exits, entry][-restart.EXITS_KEPT :])
     rec.instance, rec.detail = None, None
-
-
-def refused_by_budget(rec: ServerRecord, reason: str) -> None:
-    """Nothing can make room under the budget: failed, with what holds it."""
-    move(rec, FAILED, expect=(STOPPED, IDLE, BACKOFF))
-    rec.history = dataclasses.replace(rec.history, last_error=reason)
-    rec.detail = f"not started: {reason}"
 
 
 def spec_unreadable(rec: ServerRecord) -> None:

@@ -23,7 +23,7 @@ from modelctl.failures import Exit
 from modelctl.host.identity import ProcessIdentity
 from modelctl.names import ServerRef, is_valid_name
 from modelctl.state import states
-from modelctl.state.states import Desired, ManagedBy
+from modelctl.state.states import Desired, ManagedBy, State
 
 RECORD_VERSION = 3
 
@@ -200,7 +200,7 @@ class ServerRecord:
     port: int | None = None
     url: str = ""
     gpus: list[int] = field(default_factory=list)
-    state: str = states.STOPPED
+    state: State = states.STOPPED
     wish: Wish = field(default_factory=Wish)
     instance: Instance | None = None
     # a new instance started beside the serving one, on the same socket, to take over once ready

@@ -28,6 +28,7 @@ from modelctl.names import ServerRef
 from modelctl.spec import Budget, ServerSpec
 from modelctl.state import states
 from modelctl.state.record import ServerRecord
+from modelctl.state.states import State
 from modelctl.units import format_bytes
 
 HOLDING = states.ALIVE | {states.STOPPING, states.CRASHED}
@@ -74,7 +75,7 @@ def footprint(rec: ServerRecord, spec: ServerSpec | None, fingerprint: str | Non
 @dataclass(frozen=True)
 class Member:
     ref: ServerRef
-    state: str
+    state: State
     footprint: Footprint
     evictable: bool  # start: on-demand, and serving (not starting, not stopping)
     last_used: float
@@ -177,18 +178,6 @@ def admit(
         names = ", ".join(f"{m.label} ({format_bytes(m.footprint.memory)})" for m in victims)
         return Evict(tuple(m.ref for m in victims), f"{target.label} needs the memory; least recently used: {names}")
     return Wait(f"waiting for {', '.join(m.label for m in stopping)} to stop and free their memory")
-
-
-def too_big(spec: ServerSpec, budget: Budget) -> str | None:
-    """Why a server can never fit its budget, whatever else stops (a profile error), or None."""
-    if budget.memory is not None and spec.memory is not None and spec.memory > budget.memory:
-        return f"memory: {format_bytes(spec.memory)} is more than the whole budget's memory ({format_bytes(budget.memory)})"
-    if spec.gpu_memory is not None:
-        for gpu in spec.gpus if isinstance(spec.gpus, tuple) else ():
-            limit = budget.gpu_limit(gpu)
-            if limit is not None and spec.gpu_memory > limit:
-                return f"gpu_memory: {format_bytes(spec.gpu_memory)} is more than the budget's GPU {gpu} memory ({format_bytes(limit)})"
-    return None
 
 
 def _limits(target: ServerRecord, spec: ServerSpec | None, others: list[tuple[ServerRecord, ServerSpec | None]]) -> list[_Limit]:

@@ -588,7 +588,7 @@ class Supervisor:
             return
         log.info("%s: finishing a stop its command left behind", rec.label)
         lc.take_over_stop(rec, self.me)
-        self.begin_stop(rec, slot, record_spec(rec), AfterStop.STOP, now)
+        self.begin_stop(rec, slot, self._spec(rec, slot), AfterStop.STOP, now)
 
     def begin_stop(
         self,
@@ -608,7 +608,7 @@ class Supervisor:
         """
         if slot.successor is not None or rec.successor is not None:
             self.retire_successor(Server(rec, slot, spec) if spec is not None else None, rec, slot, now)
-        target = dataclasses.replace(target_of(rec), port=None)
+        target = dataclasses.replace(target_of(rec, spec), port=None)
         inst, slot.current = slot.current, None
         if inst is not None and inst.notify is not None:
             inst.notify.close()
