@@ -16,22 +16,23 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelctl import lifecycle as lc
-from modelctl import logfiles
 from modelctl.backends import get_backend
-from modelctl.budget import budget_json
 from modelctl.errors import ModelctlError, UnknownServerError
-from modelctl.gpus import allocate_gpus, discover_gpus
-from modelctl.identity import is_alive
+from modelctl.host import logfiles
+from modelctl.host.gpus import allocate_gpus, discover_gpus
+from modelctl.host.identity import is_alive
+from modelctl.host.sockets import holds_listener
 from modelctl.names import ServerRef, is_valid_name, unit_name
-from modelctl.ports import PortAllocation, PortLeases, PortRequest, allocate_ports
+from modelctl.observe.rows import StatusRow, status_rows
 from modelctl.profile import Profile, record_spec
-from modelctl.record import ServerRecord
-from modelctl.rows import StatusRow, status_rows
 from modelctl.spec import Budget, ServerSpec
-from modelctl.state import AnyRecord, BrokenRecord, Stamp, StateStore
-from modelctl.stopping import Stopped, record_identity, stop_owner_alive, stop_servers
-from modelctl.supervisor_client import ensure_supervisor, supervisor_info, wake_supervisor
+from modelctl.state import lifecycle as lc
+from modelctl.state.leases import PortAllocation, PortLeases, PortRequest, allocate_ports
+from modelctl.state.record import HELD, NO_SOCKET, NotHeld, ServerRecord
+from modelctl.state.store import AnyRecord, BrokenRecord, Stamp, StateStore
+from modelctl.supervisor.budget import budget_json
+from modelctl.supervisor.client import SupervisorInfo, ensure_supervisor, supervisor_info, wake_supervisor
+from modelctl.supervisor.stopping import Stopped, stop_owner_alive, stop_servers
 from modelctl.yamlfile import peek_profile_name
 
 SUPERVISOR = lc.SUPERVISOR
@@ -122,7 +123,7 @@ def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
             f"of a server it cannot account for. Fix or remove that file (`modelctl down {rec.label}` stops the "
             "process it names, if it can tell), then run up again"
         )
-    if rec is not None and rec.wish.managed_by != managed_by and is_alive(record_identity(rec)):
+    if rec is not None and rec.wish.managed_by != managed_by and is_alive(rec.leader):
         raise ModelctlError(
             f"server {rec.label} is run by systemd (unit {systemd_unit_of(rec)}); use systemctl to manage it"
             if rec.wish.managed_by == SYSTEMD
@@ -130,12 +131,19 @@ def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
         )
 
 
+def holds_own_socket(rec: ServerRecord, supervisor: SupervisorInfo | None) -> bool:
+    """Does this state directory's supervisor hold the server's listening socket on its port now?"""
+    if supervisor is None or supervisor.pid is None or rec.port is None or rec.socket_mode != HELD:
+        return False
+    return holds_listener(supervisor.pid, rec.port)
+
+
 def _write_spec(
     rec: ServerRecord, spec: ServerSpec, managed_by: lc.ManagedBy, port: int | None, gpus: list[int], budget: Budget | None
 ) -> None:
     """What the profile now says, into a record; the supervisor takes it from there."""
-    if rec.fingerprint != spec.fingerprint and rec.socket.startswith("not held"):
-        rec.socket = ""  # a new spec (another vLLM, say): try the held socket again
+    if rec.fingerprint != spec.fingerprint and isinstance(rec.socket_mode, NotHeld):
+        rec.set_socket(NO_SOCKET)  # a new spec (another vLLM, say): try the held socket again
     rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
     rec.host, rec.port, rec.gpus, rec.url = spec.host, port, gpus, get_backend(spec.kind).base_url(spec, port)
     rec.budget = budget_json(budget)
@@ -201,11 +209,14 @@ class Controller:
         starting = {s.ref for s in plan.start}
         others = [r for r in readable if r.ref not in starting]
         requests = []
+        supervisor = supervisor_info(self.store)
         for spec in plan.start:
             old = mine.get(spec.ref)
             previous = old.port if old else None
-            alive = old is not None and is_alive(record_identity(old))
-            own = (handed or {}).get(spec.ref) or (previous if alive else None)
+            alive = old is not None and is_alive(old.leader)
+            # the server's own socket, held by our supervisor (idle, backing off), is free for it
+            own_socket = old is not None and previous is not None and holds_own_socket(old, supervisor)
+            own = (handed or {}).get(spec.ref) or (previous if alive or own_socket else None)
             requests.append(PortRequest.of(spec, previous, own, get_backend(spec.kind).is_external(spec)))
         held = {r.port: r.label for r in others if r.port and r.wants_running}
         allocation = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))
@@ -329,7 +340,7 @@ class Controller:
             return True  # an on-demand server, armed: it starts when a client connects
         if rec.state != lc.READY or rec.outdated:
             return False
-        ident = record_identity(rec)
+        ident = rec.leader
         return ident is None or is_alive(ident)  # a record that says ready about a dead process is not
 
     @staticmethod
@@ -346,7 +357,7 @@ class Controller:
         targets = self.resolve(scope)
         skipped = []
         for rec in list(targets):
-            if isinstance(rec, ServerRecord) and rec.wish.managed_by == SYSTEMD and is_alive(record_identity(rec)):
+            if isinstance(rec, ServerRecord) and rec.wish.managed_by == SYSTEMD and is_alive(rec.leader):
                 unit = systemd_unit_of(rec)
                 how = f"systemctl {'--user ' if os.geteuid() else ''}{'stop' if verb == 'down' else 'restart'} {unit}"
                 if scope.names:
@@ -402,7 +413,8 @@ class Controller:
     # ------------------------------------------------------------------ status / logs
     def status(self, scope: Scope = Scope()) -> list[StatusRow]:
         """One row per server, as observed now (read-only, no lock)."""
-        return status_rows(self.store, self.resolve(scope))
+        info = supervisor_info(self.store)
+        return status_rows(self.store, self.resolve(scope), supervisor_pid=info.pid if info is not None else None)
 
     def log_tail(self, ref: ServerRef, lines: int = 20) -> list[str]:
         return logfiles.tail_rotated(self.store.log_path(ref), lines)
