@@ -13,8 +13,10 @@ the template (6 to 14 words) and mixed lengths (3 to 60 words from a fixed vocab
   3. one client, one sentence per request (latency)   vs  encode of one sentence
   4. a RAG system's mixed load: one-sentence queries beside two clients sending 1024 sentences
      per request, as ratios to each alone (query p90 latency; bulk sentences per second)
-and the server's resident memory. The baseline is in-process torch sentence-transformers; each
-figure is the median of --rounds rounds, baseline and server rounds alternating.
+and the server's resident memory. The baseline is in-process torch sentence-transformers. Every
+backend's server runs at once and they are measured in turn within each round, beside that
+round's baseline; each ratio is the median over --rounds rounds of a round's figure over its
+baseline, so that a shared machine's drifting load moves every row alike.
 
     --against REF[,REF]   also measure the server of another commit (e.g. main) in the same run,
                           on that commit's default backend
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -211,27 +214,36 @@ def main() -> None:
     accuracy: dict[str, tuple[float, float]] = {}
     runs = [(b, b, ROOT) for b in backends] + [(f"torch@{ref}", "torch", tree_of(ref)) for ref in args.against.split(",") if ref]
     mixed: dict[str, list[float]] = {}
-    for name, backend, root in runs:
-        if backend not in ("torch", "auto"):  # export first: the servers then start as they do on every restart
-            from servers.sentence.exported import ensure_export
+    # every server runs at once and they are measured in turn, round by round, each beside the same
+    # in-process baseline: a machine whose load drifts (a shared CI runner) moves them all alike
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+        for name, backend, root in runs:
+            if backend not in ("torch", "auto"):  # export first: the servers then start as they do on every restart
+                from servers.sentence.exported import ensure_export
 
-            ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), "int8" if backend.endswith("int8") else None)
-        per_backend[name] = {c: {"http_1x32": [], "http_64x4": [], "http_latency": []} for c in corpora}
-        own = BACKEND_ARGS[backend] if root == ROOT else []  # another commit's server runs its own default
-        server_args = ["--task-type", "embedding", *own, *args.server_args.split()]
-        with sentence_server(log_dir, minilm_path(), *server_args, root=root) as url:
+                quantize = "int8" if backend.endswith("int8") else None
+                ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), quantize)
+            per_backend[name] = {c: {"http_1x32": [], "http_64x4": [], "http_latency": []} for c in corpora}
+            own = BACKEND_ARGS[backend] if root == ROOT else []  # another commit's server runs its own default
+            server_args = ["--task-type", "embedding", *own, *args.server_args.split()]
+            urls[name] = url = stack.enter_context(sentence_server(log_dir, minilm_path(), *server_args, root=root))
             for texts in corpora.values():
                 asyncio.run(http_throughput(url, texts[:128], 1, 32))  # warm up the server
             accuracy[name] = asyncio.run(cosine_to(url, accuracy_set, reference))
-            for r in range(args.rounds):
-                for corpus, texts in corpora.items():
+        for r in range(args.rounds):
+            for corpus, texts in corpora.items():
+                baseline[corpus]["encode_rate"].append(encode_rate(texts))
+                for name, url in urls.items():
                     results = per_backend[name][corpus]
-                    baseline[corpus]["encode_rate"].append(encode_rate(texts))
                     results["http_1x32"].append(asyncio.run(http_throughput(url, texts, 1, 32)))
                     results["http_64x4"].append(asyncio.run(http_throughput(url, texts, 64, 4)))
-                    baseline[corpus]["encode_latency"].append(encode_latency(texts))
+                baseline[corpus]["encode_latency"].append(encode_latency(texts))
+                for name, url in urls.items():
+                    results = per_backend[name][corpus]
                     results["http_latency"].append(asyncio.run(http_latency(url, texts[:100])))
                     print(f"{name} {corpus} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
+        for name, url in urls.items():
             if not args.no_mixed:
                 got = mixed_workload(url)
                 print(f"{name} mixed workload: {got.line()}", flush=True)
@@ -251,11 +263,23 @@ def main() -> None:
     for backend, by_corpus in per_backend.items():
         row: dict[str, object] = {"backend": backend}
         for c, results in by_corpus.items():
-            med = {k: statistics.median(v) for k, v in results.items()}
-            row[f"{c}_32x1"] = round(med["http_1x32"] / rate[c], 3)
-            row[f"{c}_64x4"] = round(med["http_64x4"] / rate[c], 3)
-            row[f"{c}_1_ms"] = round(med["http_latency"] * 1000, 2)
-            row[f"{c}_1_vs_encode"] = round(med["http_latency"] / latency[c], 2)
+            # each round's figure over the baseline of the same round, then the median of those ratios
+            base = baseline[c]
+            ratio = {
+                k: statistics.median(
+                    x / b for x, b in zip(v, base["encode_latency" if k == "http_latency" else "encode_rate"], strict=True)
+                )
+                for k, v in results.items()
+            }
+            row[f"{c}_32x1"] = round(ratio["http_1x32"], 3)
+            row[f"{c}_64x4"] = round(ratio["http_64x4"], 3)
+            row[f"{c}_1_ms"] = round(statistics.median(results["http_latency"]) * 1000, 2)
+            row[f"{c}_1_vs_encode"] = round(ratio["http_latency"], 2)
+            if "torch" in per_backend:  # the torch server of the same round
+                torch_1x32 = per_backend["torch"][c]["http_1x32"]
+                row[f"{c}_32x1_vs_torch"] = round(
+                    statistics.median(x / t for x, t in zip(results["http_1x32"], torch_1x32, strict=True)), 2
+                )
         row["server_rss_mib"] = round(rss[backend] / 2**20)
         if backend in mixed:
             row["query_beside_bulk_p90_ratio"] = round(mixed[backend][0], 2)

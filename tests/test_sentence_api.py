@@ -318,6 +318,21 @@ def test_empty_documents_are_scored_and_objects_without_text_ranked_by_their_fie
     assert status == 200 and [r["index"] for r in body] == [1, 0]
 
 
+def test_document_objects_without_text_or_with_null_text_are_scored_as_the_schema_allows(rerank_url):
+    """The OpenAPI document lets a document object lack `text`, or carry `text: null`, with no
+    rank_fields (schemathesis generates them): each is scored (ranked as its other fields, or as
+    an empty document), never refused."""
+    spec = http_get(rerank_url + "/openapi.json")[1]
+    doc_schema = spec["components"]["schemas"]["RerankDocument"]
+    assert "text" not in doc_schema.get("required", []) and {"type": "null"} in doc_schema["properties"]["text"]["anyOf"]
+    docs = [{}, {"text": None}, {"text": None, "title": "france"}, "Paris is the capital of France."]
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        status, body, _ = http_post(rerank_url + path, {"query": QUERY, "documents": docs, "return_documents": True})
+        assert status == 200 and sorted(r["index"] for r in body["results"]) == [0, 1, 2, 3], (path, body)
+        text = {r["index"]: r["document"] for r in body["results"]}
+        assert [t if isinstance(t, str) else t["text"] for t in (text[0], text[1], text[2])] == ["", "", "title: france"], (path, text)
+
+
 def test_rank_fields_select_what_is_ranked(rerank_url):
     docs = [{"title": "bananas", "body": "yellow fruit"}, {"title": "france", "body": "paris is its capital"}]
     status, body, _ = http_post(rerank_url + "/v1/rerank", {"query": QUERY, "documents": docs, "rank_fields": ["body"]})

@@ -241,7 +241,8 @@ def test_tei_rerank_shape_gets_a_bare_list(rerank_url, ce_model):
 
     raw = ce_model.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity())
     _, logits, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
-    assert {i["index"]: i["score"] for i in logits} == pytest.approx({i: float(s) for i, s in enumerate(raw)}, abs=1e-5)
+    # the default backend runs the ONNX export: fp32 sums in another order, within 1e-4 of torch's
+    assert {i["index"]: i["score"] for i in logits} == pytest.approx({i: float(s) for i, s in enumerate(raw)}, abs=1e-4)
 
 
 def test_embeddings_on_a_rerank_server_is_404(rerank_url):

@@ -90,7 +90,9 @@ def encoder_factory(settings: ServerSettings) -> ModelFactory:
         from servers.sentence.model import SentenceTransformerEncoder
 
         model = SentenceTransformerEncoder(model_path, task, device, max_batch_tokens, max_batch_size, half=chosen.half)
-        model.backend_reason = reason if model.half or not chosen.half else f"{reason}: not finite in fp16, so fp32"
+        model.backend_reason = (
+            reason if model.half or not chosen.half else f"{reason.removesuffix(' in fp16')}, fp32: the model is not finite in fp16"
+        )
         return model
 
     return build

@@ -54,7 +54,7 @@ class SentenceTransformerEncoder(HFTokenizing):
             raise ConfigurationError(f"cannot load model {model_path!r}: {e}") from e
         self.model.eval()
         self.half = False
-        if half:
+        if half and hasattr(self.model, "half"):
             self.model.half()
             self.half = self._finite_in_half()
         hf = self.model.tokenizer
@@ -70,13 +70,16 @@ class SentenceTransformerEncoder(HFTokenizing):
 
     def _finite_in_half(self) -> bool:
         """Whether the model's outputs stay finite in fp16 (where they do not, it goes back to fp32)."""
-        with torch.inference_mode():
-            if self.cross_encoder:
-                out = self.model.predict([("a query", "a document about it")], convert_to_numpy=True)
-            else:
-                out = self.model.encode(["a sentence to check fp16 on"], convert_to_numpy=True)
-        if np.isfinite(np.asarray(out, dtype=np.float32)).all():
-            return True
+        try:
+            with torch.inference_mode():
+                if self.cross_encoder:
+                    out = self.model.predict([("a query", "a document about it")], convert_to_numpy=True)
+                else:
+                    out = self.model.encode(["a sentence to check fp16 on"], convert_to_numpy=True)
+            if np.isfinite(np.asarray(out, dtype=np.float32)).all():
+                return True
+        except RuntimeError:  # an op without a half kernel on this device
+            pass
         self.model.float()
         return False
 
