@@ -6,7 +6,7 @@
   a plain server (`start: always`), and an idle on-demand server's wake: its first request,
   answered once the model has loaded;
 - refused and failed requests while servers wake and are evicted: N on-demand servers on the
-  default backend, each declared at 300 MiB, under a budget for two, called in turn by 4 clients
+  default backend, each declared at 250 MiB, under a budget for two (550 MiB), called in turn by 4 clients
   each;
 - memory: N idle on-demand servers (no process) against N running ones (resident memory of the
   servers' processes, and of the supervisor).
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.servers
     names = [f"s{i}" for i in range(n)]
-    od = {"kind": "sentence", "start": "on-demand", "idle_timeout": "10m", "memory": "300MiB"}
+    od = {"kind": "sentence", "start": "on-demand", "idle_timeout": "10m", "memory": "250MiB"}
     backends = [b for b in args.backends.split(",") if b]
     starts: dict[str, list[tuple[float, float, float, float]]] = {b: [] for b in backends}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +122,7 @@ def main() -> None:
             run.cli("down")
 
             # wakes and evictions under a budget for two, clients calling in turn
-            run.write({name: od for name in names}, budget="700MiB")
+            run.write({name: od for name in names}, budget="550MiB")
             run.cli("up", "-p", str(run.profile))
             rows = run.rows()
             before = {name: (rows[name]["wakes"], rows[name]["evictions"]) for name in names}
