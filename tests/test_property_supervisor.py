@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
@@ -252,6 +252,7 @@ def _env(p: psutil.Process) -> dict:
         return {}
 
 
+@pytest.mark.timeout(3600)
 def test_random_operations_keep_the_guarantees(tmp_path_factory, monkeypatch):
     steps = int(os.environ.get("MODELCTL_PROPERTY_STEPS", "30"))
     examples = int(os.environ.get("MODELCTL_PROPERTY_EXAMPLES", "2"))
@@ -277,5 +278,6 @@ def test_random_operations_keep_the_guarantees(tmp_path_factory, monkeypatch):
             derandomize=True,  # a fixed seed in CI
             suppress_health_check=list(HealthCheck),
             database=None,
+            phases=[Phase.explicit, Phase.generate],  # no shrinking: each replay is real processes; a failure prints its steps
         ),
     )
