@@ -133,7 +133,8 @@ BACKEND_ARGS = {
     "torch": ["--backend", "torch"],
     "onnx": ["--backend", "onnx"],
     "onnx-int8": ["--backend", "onnx", "--quantize", "int8"],
-    "onnx-1x2": ["--backend", "onnx", "--model-workers", "1"],  # one worker on every core (the layout before auto)
+    "onnx-1x2": ["--backend", "onnx", "--model-workers", "1"],  # one worker on every core (the default)
+    "onnx-2x1": ["--backend", "onnx", "--model-workers", "2"],  # one single-threaded worker per core
     "openvino": ["--backend", "openvino"],
 }
 

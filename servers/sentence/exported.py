@@ -297,8 +297,7 @@ class ExportedEncoder(HFTokenizing):
         self._infer: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
 
     def set_threads(self, workers: int, threads: int | None) -> None:
-        """Load the graph with cores / workers threads each (the batcher runs `workers` at once):
-        one thread each on a CPU by default (service.model_workers)."""
+        """Load the graph with cores / workers threads each (the batcher runs `workers` at once)."""
         from servers.sentence.service import cores
 
         per_worker = threads or max(1, cores() // workers)

@@ -271,14 +271,15 @@ def cores() -> int:
 
 
 def model_workers(device: str, workers: int | None, backend: str = "torch") -> int:
-    """Batches run at once. On a CPU one single-threaded worker per core, for torch and ONNX Runtime
-    alike: separate batches on separate cores beat one batch whose every op is split across them,
-    above all for small batches of mixed lengths and on a busy machine, where the split ops wait
-    for each other at every step (bench/sentence_throughput.py, README "The CPU fast path").
-    OpenVINO: one worker, its streams share the cores; on a GPU one."""
+    """Batches run at once. torch on a CPU: one single-threaded worker per core (separate batches
+    on separate cores beat one batch whose every op is split across them); ONNX Runtime and
+    OpenVINO: one worker using every core. Two single-threaded ONNX Runtime workers gave more
+    bulk throughput on a busy machine, but bulk work then lost a quarter of its pace to queries
+    beside it (tests/test_sentence_server.py, the mixed load), where one worker lost 10%
+    (README, "The CPU fast path"); on a GPU one."""
     if workers is not None:
         return max(1, workers)
-    return min(cores(), 8) if device == "cpu" and backend != "openvino" else 1
+    return min(cores(), 8) if device == "cpu" and not backend.startswith(("onnx", "openvino")) else 1
 
 
 class Scores:
