@@ -108,6 +108,54 @@ def test_gpu_memory_is_budgeted_per_gpu():
     assert isinstance(admit(target[0], spec, [target, rec("a", "ready", 1)]), Admit)  # the other GPU
 
 
+def record(profile: str, name: str, state: str, memory_mib: int, budget: Budget | None) -> tuple:
+    raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": "on-demand",
+           "memory": memory_mib * MiB}  # fmt: skip
+    rec = ServerRecord(profile=profile, name=name, state=state, spec=raw, budget=budget_json(budget))
+    if state in lc.ALIVE:
+        rec.instance = Instance(token=f"{profile}-{name}", fingerprint="", started_at=0.0, ready_at=1.0)
+    return rec, parse_server(name, raw, f"{profile}.yaml", profile)
+
+
+@pytest.mark.parametrize("shared, expect", [(True, Evict), (False, Admit)])
+def test_a_shared_budget_bounds_the_servers_of_every_profile(shared, expect):
+    """p/t needs 650 MiB under 1400 MiB; q's two servers hold 1300 MiB. A shared budget counts
+    them (q/a or q/b must go); p's own budget does not.
+    Fails if a shared budget bounds its own profile only, or a profile's budget every profile."""
+    budget = Budget(memory=1400 * MiB, shared=shared)
+    target = record("p", "t", "idle", 650, budget)
+    others = [record("q", "a", "ready", 650, None), record("q", "b", "ready", 650, None)]
+    decision = admit(target[0], target[1], [target, *others])
+    assert isinstance(decision, expect), decision
+    if shared:
+        assert isinstance(decision, Evict) and {str(v) for v in decision.victims} <= {"q/a", "q/b"} and len(decision.victims) == 1
+
+
+def test_the_tightest_shared_budget_of_the_state_directory_bounds_everything():
+    """p says 2000 MiB shared, q says 1000 MiB shared: 1000 MiB bounds both profiles' servers.
+    Fails if the loosest shared budget wins."""
+    target = record("p", "t", "idle", 600, Budget(memory=2000 * MiB, shared=True))
+    q = record("q", "a", "ready", 600, Budget(memory=1000 * MiB, shared=True))
+    decision = admit(target[0], target[1], [target, q])
+    assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["q/a"], decision
+
+
+def test_a_shared_budget_evicts_another_profiles_server_on_real_processes(mc):
+    """Two profiles, one on-demand server each, a shared budget for one: calling the second
+    evicts the first, although it belongs to the other profile."""
+    od = {"kind": "command", "command": [sys.executable, LISTEN_SERVER, "--hold", "200", "--load", "0.2"], "socket": "inherit",
+          "notify": True, "start": "on-demand", "idle_timeout": 600, "memory": "250MiB", "health": {"http": "/health"}}  # fmt: skip
+    for name in ("p", "q"):
+        path = mc.profile({"srv": dict(od)}, name=name, budget={"memory": "300MiB", "shared": True})
+        assert mc.cli("up", "-p", str(path)).returncode == 0
+    urls = {name: mc.row(f"{name}/srv")["url"] for name in ("p", "q")}
+    with Sampler(mc) as sampled:
+        for name in ("p", "q"):
+            assert http_post(urls[name] + "/call", {}, timeout=60)[0] == 200
+    assert mc.row("p/srv")["evictions"] == 1 and mc.row("q/srv")["state"] == "ready"
+    assert sampled.most_processes == 1 and sampled.peak <= 300 * MiB
+
+
 @pytest.mark.parametrize(
     "body, key, words",
     [
@@ -134,31 +182,40 @@ def test_idle_timeout_takes_durations(tmp_path):
 
 
 # ---------------------------------------------------------------------- real processes
-def rss_of(mc) -> int:
-    """The resident memory of every server process of this test, summed."""
-    total = 0
+def server_processes(mc) -> list[psutil.Process]:
+    """This test's server processes (the stand-in's or the bundled server's), running or draining."""
+    found = []
     for p in psutil.process_iter(["cmdline", "memory_info"]):
         try:
             cmd = p.info["cmdline"] or []
             ours = LISTEN_SERVER in cmd or "servers.sentence" in " ".join(cmd)
-            if ours and p.environ().get("MODELCTL_TEST_TAG") == mc.tag:
-                total += p.info["memory_info"].rss
+            if ours and p.status() != psutil.STATUS_ZOMBIE and p.environ().get("MODELCTL_TEST_TAG") == mc.tag:
+                found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+    return found
+
+
+def rss_of(procs: list[psutil.Process]) -> int:
+    """Their resident memory, summed."""
+    return sum(p.info["memory_info"].rss for p in procs)
 
 
 class Sampler:
-    """Samples the servers' resident memory and how many run, every 50 ms, in a thread."""
+    """Samples the servers' resident memory and how many run, every 50 ms, in a thread: by their
+    records (starting, ready, unhealthy or stopping) and by their processes (a draining one too)."""
 
     def __init__(self, mc):
-        self.mc, self.peak, self.most_running, self._stop = mc, 0, 0, threading.Event()
+        self.mc, self.peak, self.most_running, self.most_processes, self._stop = mc, 0, 0, 0, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_of(self.mc))
-            self.most_running = max(self.most_running, sum(r.state in lc.ALIVE for r in self.mc.ctl.status()))
+            procs = server_processes(self.mc)
+            self.peak = max(self.peak, rss_of(procs))
+            self.most_processes = max(self.most_processes, len(procs))
+            holding = lc.ALIVE | {lc.STOPPING}
+            self.most_running = max(self.most_running, sum(r.state in holding for r in self.mc.ctl.status()))
             time.sleep(0.05)
 
     def __enter__(self) -> Sampler:
@@ -191,6 +248,25 @@ def test_three_on_demand_servers_under_a_budget_for_two_are_called_in_turn(mc):
     assert "budget:" in res.stdout and "of 520.0 MiB" in res.stdout, res.stdout
     metrics = mc.cli("metrics").stdout
     assert 'modelctl_server_evictions_total{server="test/a"}' in metrics and "modelctl_server_wakes_total" in metrics
+
+
+def test_a_server_starts_only_once_the_server_evicted_for_it_is_gone(mc):
+    """The budget holds one; the evicted server takes 1.5 s to drain after SIGTERM, its memory still
+    held. The next starts only once it is gone: never two processes, never more than the budget.
+    Fails if the supervisor starts the new server right after ordering the eviction."""
+    od = {"kind": "command", "command": [sys.executable, LISTEN_SERVER, "--hold", "200", "--load", "0.3", "--drain", "1.5"],
+          "socket": "inherit", "notify": True, "start": "on-demand", "idle_timeout": 600, "memory": "250MiB",
+          "health": {"http": "/health"}}  # fmt: skip
+    path = mc.profile({n: dict(od) for n in ("a", "b")}, budget={"memory": "300MiB"})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    urls = {n: mc.row(n)["url"] for n in ("a", "b")}
+    with Sampler(mc) as sampled:
+        for name in ("a", "b", "a"):
+            status, body, _ = http_post(urls[name] + "/call", {}, timeout=60)
+            assert status == 200, (name, body)
+    assert sampled.most_processes == 1, f"{sampled.most_processes} server processes at once"
+    assert sampled.most_running == 1 and sampled.peak <= 300 * MiB, (sampled.most_running, sampled.peak)
+    assert mc.row("b")["evictions"] == 1 and mc.row("a")["evictions"] == 1
 
 
 # ---------------------------------------------------------------------- the bundled server, real MiniLM

@@ -1,7 +1,8 @@
 """A small server that speaks systemd's protocols, as gunicorn or `uvicorn --fd 3` would: it
 serves from the socket handed to it (fd 3, LISTEN_FDS=1, LISTEN_PID), accepts nothing until it
 has "loaded" (--load seconds), then says READY=1 on $NOTIFY_SOCKET. On SIGTERM it stops
-accepting and finishes what it has accepted. Without LISTEN_FDS it binds --port itself.
+accepting and finishes what it has accepted, then takes --drain seconds more to exit (holding its
+memory, as a server that drains a long request would). Without LISTEN_FDS it binds --port itself.
 
 POST anything → 200 {"pid", "value"}; GET /health → 200.
 """
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--value", default="")
     p.add_argument("--work", type=float, default=0.02, help="seconds each request takes")
     p.add_argument("--hold", type=int, default=0, help="MiB of memory to hold (touched, so resident)")
+    p.add_argument("--drain", type=float, default=0.0, help="seconds from SIGTERM to the exit, memory still held")
     a = p.parse_args()
     held = bytearray(a.hold << 20)
     for i in range(0, len(held), 4096):
@@ -79,6 +81,7 @@ def main() -> None:
     notify("READY=1")
     server.serve_forever(poll_interval=0.05)
     server.server_close()
+    time.sleep(a.drain)
     sys.exit(0)
 
 
