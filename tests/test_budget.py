@@ -67,6 +67,14 @@ def test_the_least_recently_used_is_evicted_first_and_only_as_many_as_needed():
     assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/b"]
 
 
+def test_a_server_that_fills_the_budget_exactly_is_admitted():
+    """750 MiB held, 650 MiB needed, 1400 MiB budget: it fits, to the byte.
+    Fails if a deficit of zero counts as short."""
+    target = server("t", "idle", 650 * MiB)
+    assert isinstance(admit(target[0], target[1], [target, server("a", "ready", 750 * MiB)]), Admit)
+    assert isinstance(admit(target[0], target[1], [target, server("a", "ready", 750 * MiB + 1)]), Evict)
+
+
 def test_a_refusal_names_what_holds_the_budget():
     target = server("t", "idle", 650 * MiB)
     a = server("a", "ready", 700 * MiB, start="always")
@@ -154,6 +162,25 @@ def test_a_shared_budget_evicts_another_profiles_server_on_real_processes(mc):
             assert http_post(urls[name] + "/call", {}, timeout=60)[0] == 200
     assert mc.row("p/srv")["evictions"] == 1 and mc.row("q/srv")["state"] == "ready"
     assert sampled.most_processes == 1 and sampled.peak <= 300 * MiB
+
+
+def test_every_limit_of_a_budget_must_fit_not_only_one():
+    """Memory fits (2 of 10 GiB) but GPU 0 does not (40 + 40 of 70 GiB): the other server must go.
+    Fails if a start is admitted when one of the budget's limits fits."""
+    both = Budget(memory=10 << 30, gpu_memory={0: 70 << 30})
+    raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": "on-demand",
+           "gpus": [0], "gpu_memory": "40GiB", "memory": "1GiB"}  # fmt: skip
+    spec = parse_server("t", raw, "p.yaml", "p")
+
+    def rec(name: str, state: str) -> tuple:
+        r = ServerRecord(profile="p", name=name, state=state, spec=raw, gpus=[0], budget=budget_json(both))
+        if state in lc.ALIVE:
+            r.instance = Instance(token=name, fingerprint="", started_at=0.0, ready_at=1.0)
+        return r, spec
+
+    target = rec("t", "idle")
+    decision = admit(target[0], spec, [target, rec("a", "ready")])
+    assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/a"], decision
 
 
 @pytest.mark.parametrize(
