@@ -117,7 +117,7 @@ def test_gpu_memory_is_budgeted_per_gpu():
     assert isinstance(admit(target[0], spec, [target, rec("a", "ready", 1)]), Admit)  # the other GPU
 
 
-def record(profile: str, name: str, state: str, memory_mib: int, budget: Budget | None) -> tuple:
+def record(profile: str, name: str, state: State, memory_mib: int, budget: Budget | None) -> tuple:
     raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": "on-demand",
            "memory": memory_mib * MiB}  # fmt: skip
     rec = ServerRecord(profile=profile, name=name, state=state, spec=raw, budget=budget_json(budget))
@@ -173,7 +173,7 @@ def test_every_limit_of_a_budget_must_fit_not_only_one():
            "gpus": [0], "gpu_memory": "40GiB", "memory": "1GiB"}  # fmt: skip
     spec = parse_server("t", raw, "p.yaml", "p")
 
-    def rec(name: str, state: str) -> tuple:
+    def rec(name: str, state: State) -> tuple:
         r = ServerRecord(profile="p", name=name, state=state, spec=raw, gpus=[0], budget=budget_json(both))
         if state in lc.ALIVE:
             r.instance = Instance(token=name, fingerprint="", started_at=0.0, ready_at=1.0)
