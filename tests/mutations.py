@@ -66,14 +66,14 @@ mutant("budget: a deficit of zero is short", B, "if all(d <= 0 for d in deficits
 mutant("budget: one limit that fits admits", B, "if all(d <= 0 for d in deficits.values()):\n        return Admit()", "if any(d <= 0 for d in deficits.values()):\n        return Admit()", (BUDGET,))  # fmt: skip
 mutant("budget: no budget counts as none", B, "    if not limits:\n        return Admit()\n", "    if not limits or len(limits) == 1:\n        return Admit()\n", (BUDGET,))  # fmt: skip
 mutant("budget: the target's own need is left out", B, "sum(lim.held_by(m) for m in holders) + lim.need - lim.limit", "sum(lim.held_by(m) for m in holders) - lim.limit", (BUDGET,))  # fmt: skip
-mutant("budget: the declared footprint is never replaced by the measured peak", B, "memory = usage.peak_rss if usage.peak_rss is not None else (declared_mem or 0)", "memory = declared_mem or 0", (BUDGET,))  # fmt: skip
-mutant("budget: a GPU footprint counts on no GPU", B, "return Footprint(memory, {g: per_gpu for g in rec.gpus} if per_gpu else {}, learned=usage.peak_rss is not None)", "return Footprint(memory, {}, learned=usage.peak_rss is not None)", (BUDGET,))  # fmt: skip
+mutant("budget: the declared footprint is never replaced by the measured peak", B, "memory = peak_rss if peak_rss is not None else (declared_mem or 0)", "memory = declared_mem or 0", (BUDGET,))  # fmt: skip
+mutant("budget: a GPU footprint counts on no GPU", B, "return Footprint(memory, {g: per_gpu for g in rec.gpus} if per_gpu else {}, learned=peak_rss is not None)", "return Footprint(memory, {}, learned=peak_rss is not None)", (BUDGET,))  # fmt: skip
 mutant("budget: a GPU limit bounds every GPU", B, "return m.footprint.memory if self.gpu is None else m.footprint.gpu.get(self.gpu, 0)", "return m.footprint.memory if self.gpu is None else sum(m.footprint.gpu.values())", (BUDGET,))  # fmt: skip
 mutant("budget: a profile's budget bounds every profile", B, "budgets.append((own, {r.ref for r, _ in others if r.ref.profile == target.ref.profile}))", "budgets.append((own, {r.ref for r, _ in others}))", (BUDGET,))  # fmt: skip
 mutant("budget: a shared budget bounds its own profile only", B, "budgets.append((tight, {r.ref for r, _ in others}))", "budgets.append((tight, {r.ref for r, _ in others if r.ref.profile == target.ref.profile}))", (BUDGET,))  # fmt: skip
 mutant("budget: the loosest shared budget wins", B, "memory=min((b.memory for b in shared if b.memory is not None), default=None),", "memory=max((b.memory for b in shared if b.memory is not None), default=None),", (BUDGET,))  # fmt: skip
 # ---------------------------------------------------------------------- the budget: eviction
-mutant("eviction: always servers are evictable", B, "return Member(rec.ref, rec.state, footprint(rec, spec), on_demand and rec.state in EVICTABLE, last)", "return Member(rec.ref, rec.state, footprint(rec, spec), rec.state in EVICTABLE, last)", (BUDGET,))  # fmt: skip
+mutant("eviction: always servers are evictable", B, "return Member(rec.ref, rec.state, running, on_demand and rec.state in EVICTABLE and not busy, last)", "return Member(rec.ref, rec.state, running, rec.state in EVICTABLE and not busy, last)", (BUDGET,))  # fmt: skip
 mutant("eviction: a starting server is evictable", B, "EVICTABLE = frozenset({states.READY, states.UNHEALTHY})", "EVICTABLE = frozenset({states.READY, states.UNHEALTHY, states.STARTING})", (BUDGET,))  # fmt: skip
 mutant("eviction: most recently used first", B, "candidates = sorted((m for m in holders if m.evictable), key=lambda m: m.last_used)", "candidates = sorted((m for m in holders if m.evictable), key=lambda m: -m.last_used)", (BUDGET,))  # fmt: skip
 mutant("eviction: oldest woken first, not least recently used", B, "last = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or 0.0", "last = (rec.instance.started_at if rec.instance else None) or 0.0", (BUDGET, ON_DEMAND))  # fmt: skip
@@ -81,27 +81,30 @@ mutant("eviction: every candidate is evicted", B, "        if all(d <= 0 for d i
 mutant("eviction: a victim that frees nothing of the short limit", B, "if any(after_stops[id(lim)] > 0 and lim.held_by(m) > 0 for lim in limits):", "if True:", (BUDGET,))  # fmt: skip
 mutant("eviction: what stopping servers free is not counted", B, "after_stops = {id(lim): deficits[id(lim)] - sum(lim.held_by(m) for m in stopping) for lim in limits}", "after_stops = dict(deficits)", (BUDGET,))  # fmt: skip
 mutant("eviction: a start that cannot fit is evicted for anyway", B, "    if short:\n        return Refuse(", "    if short and not victims:\n        return Refuse(", (BUDGET,))  # fmt: skip
-# the supervisor's use of the decision (finding 1)
-S = "modelctl/supervisor/core.py"
-mutant("eviction: the new server starts before the evicted are gone (finding 1)", S, "                self._evict(victim, decision.reason, now)\n", "                self._evict(victim, decision.reason, now)\n            return True\n", (f"{BUDGET}::test_a_server_starts_only_once_the_server_evicted_for_it_is_gone",))  # fmt: skip
-mutant("eviction: a refusal is not a failure but a wait", S, "            lc.refused_by_budget(rec, decision.reason)\n", "            slot.wake_at(now + 0.25)\n            return False\n", (BUDGET,))  # fmt: skip
+mutant("eviction: a busy server is evicted", B, "return Member(rec.ref, rec.state, running, on_demand and rec.state in EVICTABLE and not busy, last)", "return Member(rec.ref, rec.state, running, on_demand and rec.state in EVICTABLE, last)", (BUDGET,))  # fmt: skip
+mutant("eviction: a successor's memory is not counted", B, "        running = Footprint(running.memory + new.memory,", "        running = Footprint(running.memory,", (BUDGET,))  # fmt: skip
+# the supervisor's use of the decision (finding 1): modelctl/supervisor/on_demand.py
+S = "modelctl/supervisor/on_demand.py"
+mutant("eviction: the new server starts before the evicted are gone (finding 1)", S, "                self.evict(victim, decision.reason, now)\n", "                self.evict(victim, decision.reason, now)\n            return True\n", (f"{BUDGET}::test_a_server_starts_only_once_the_server_evicted_for_it_is_gone",))  # fmt: skip
+mutant("eviction: the evicted are not stopped", S, "                self.evict(victim, decision.reason, now)\n", "                pass\n", (BUDGET,))  # fmt: skip
 
 # ---------------------------------------------------------------------- the idle decision (finding 2)
 mutant("idle: requests do not keep a server from its idle stop (finding 2)", S, "            if busy:\n                lc.active(rec, now)\n", "            if busy:\n                pass\n", (ON_DEMAND,))  # fmt: skip
-mutant("idle: requests in progress are not activity", S, "busy = moved or scraped.in_progress > 0", "busy = moved", (ON_DEMAND,))  # fmt: skip
-mutant("idle: a moved request counter is not activity", S, "busy = moved or scraped.in_progress > 0", "busy = scraped.in_progress > 0", (ON_DEMAND,))  # fmt: skip
-mutant("idle: connections are not activity", S, "                busy = bool(connections)\n", "                busy = False\n", (ON_DEMAND,))  # fmt: skip
+mutant("idle: requests in progress are not activity", S, "busy = moved or demand.in_flight", "busy = moved", (ON_DEMAND,))  # fmt: skip
+mutant("idle: a moved request counter is not activity", S, "busy = moved or demand.in_flight", "busy = demand.in_flight", (ON_DEMAND,))  # fmt: skip
+mutant("idle: connections are not activity", S, "                demand.in_flight = bool(connections)\n", "                demand.in_flight = False\n", (ON_DEMAND,))  # fmt: skip
 mutant("idle: the timeout counts from the start, not the last request", S, "since = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or now", "since = (rec.instance.ready_at if rec.instance else None) or now", (ON_DEMAND,))  # fmt: skip
-mutant("idle: never stopped", S, "        if now - since >= spec.idle_timeout:\n", "        if False:\n", (ON_DEMAND,))  # fmt: skip
+mutant("idle: never stopped", S, "        if now - since >= spec.idle_timeout and not demand.in_flight:\n", "        if False:\n", (ON_DEMAND,))  # fmt: skip
+mutant("idle: stopped with requests in flight", S, "        if now - since >= spec.idle_timeout and not demand.in_flight:\n", "        if now - since >= spec.idle_timeout:\n", (ON_DEMAND,))  # fmt: skip
 
 # ---------------------------------------------------------------------- lifecycle
 L = "modelctl/state/lifecycle.py"
 T = "modelctl/state/states.py"
 LQ = (LIFECYCLE, "tests/test_supervisor_logic.py", "tests/test_restart.py")
 mutant("lifecycle: expect is ignored", L, "    if expect is not None:\n", "    if False:\n", LQ)  # fmt: skip
-mutant("lifecycle: the table is not consulted", L, "def can_move(src: str, dst: str) -> bool:\n    return dst in ALLOWED.get(src, frozenset())", "def can_move(src: str, dst: str) -> bool:\n    return True", LQ)  # fmt: skip
+mutant("lifecycle: the table is not consulted", L, "def can_move(src: State, dst: State) -> bool:\n    return dst in ALLOWED.get(src, frozenset())", "def can_move(src: State, dst: State) -> bool:\n    return True", LQ)  # fmt: skip
 mutant("lifecycle: unhealthy cannot become ready again", T, "UNHEALTHY: frozenset({READY, CRASHED, STOPPING}),", "UNHEALTHY: frozenset({CRASHED, STOPPING}),", LQ)  # fmt: skip
-mutant("lifecycle: a stopped server may become ready without starting", T, "STOPPED: frozenset({STARTING, IDLE, FAILED}),", "STOPPED: frozenset({STARTING, IDLE, FAILED, READY}),", LQ)  # fmt: skip
+mutant("lifecycle: a stopped server may become ready without starting", T, "STOPPED: frozenset({STARTING, IDLE}),", "STOPPED: frozenset({STARTING, IDLE, READY}),", LQ)  # fmt: skip
 mutant("lifecycle: a first start counts as a restart", L, "restarts=rec.history.restarts + (1 if after_backoff else 0))", "restarts=rec.history.restarts + 1)", LQ)  # fmt: skip
 mutant("lifecycle: a start never follows a backoff", L, "move(rec, STARTING, expect=(STOPPED, BACKOFF, IDLE))", "move(rec, STARTING, expect=(STOPPED, IDLE))", LQ)  # fmt: skip
 mutant("lifecycle: a start keeps the backoff's due time", L, "rec.history = dataclasses.replace(rec.history, next_start_at=None, restarts=", "rec.history = dataclasses.replace(rec.history, restarts=", LQ)  # fmt: skip
@@ -149,7 +152,7 @@ R = "modelctl/supervisor/runner.py"
 mutant("runner: not a child subreaper (finding 5)", R, "if not set_child_subreaper():", "if False:", ("tests/test_runner.py::test_modelctl_run_reaps_the_orphans_that_reparent_to_it",))  # fmt: skip
 mutant("runner: SIGHUP does not read the records again (finding 6)", R, "        for slot in self.sup.slots.values():\n            slot.rec = slot.stamp = slot.saved = None\n", "        for slot in self.sup.slots.values():\n            pass\n", ("tests/test_runner.py::test_sighup_reopens_the_supervisor_log_and_reads_the_records_again",))  # fmt: skip
 mutant("slurm: --gpus inherit is ignored (finding 7)", "modelctl/foreground.py", "        spec = inherit_gpus(spec, os.environ.get(\"CUDA_VISIBLE_DEVICES\"))\n", "        pass\n", ("tests/test_slurm_gres.py",), slow=True)  # fmt: skip
-mutant("lifecycle: a history written outside lifecycle (finding 8)", S, "        lc.settle_crash(rec, decision, now)\n", "        lc.settle_crash(rec, decision, now)\n        rec.history.restarts += 1\n", (f"{LIFECYCLE}::test_no_state_instance_history_or_wish_is_written_outside_the_lifecycle_module",))  # fmt: skip
+mutant("lifecycle: a history written outside lifecycle (finding 8)", "modelctl/supervisor/core.py", "        lc.settle_crash(rec, decision, now)\n", "        lc.settle_crash(rec, decision, now)\n        rec.history.restarts += 1\n", (f"{LIFECYCLE}::test_no_state_instance_history_or_wish_is_written_outside_the_lifecycle_module",))  # fmt: skip
 mutant("up: ports are probed under the state lock (finding 10)", "modelctl/control.py", "        allocation = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))\n", "        with self.store.locked():\n            allocation = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))\n", ("tests/test_planning.py",))  # fmt: skip
 
 
