@@ -46,7 +46,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="also run the slow integration tests (real models, many processes)")
 
 
+# tests of other files that measure time or wait on short deadlines: they run alone (the `alone`
+# marker, without editing those files)
+ALONE = frozenset(
+    {
+        "tests/test_sockets.py::test_status_counts_the_connections_waiting_in_the_backlog",
+        "tests/test_sentence_server.py::test_a_query_after_eight_abandoned_bulk_requests_is_answered_at_once",
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid in ALONE:
+            item.add_marker(pytest.mark.alone)
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow integration test: run with --slow")

@@ -110,7 +110,9 @@ def fill(disk: Path) -> None:
 
 
 def disk_env(mc, disk: Path, leases: Path) -> dict[str, str]:
-    return {"MODELCTL_STATE_DIR": str(disk / "state"), "MODELCTL_PORT_LEASES": str(leases)}
+    # a wide terminal: the messages name deep temporary paths (deeper under xdist), and a message
+    # wrapped by the terminal's width would read as two lines
+    return {"MODELCTL_STATE_DIR": str(disk / "state"), "MODELCTL_PORT_LEASES": str(leases), "COLUMNS": "1000"}
 
 
 def leases_dir(mc) -> Path:
