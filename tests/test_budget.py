@@ -76,6 +76,35 @@ def test_a_server_that_fills_the_budget_exactly_is_admitted():
     assert isinstance(admit(target[0], target[1], [target, server("a", "ready", 750 * MiB + 1)]), Evict)
 
 
+def test_a_starting_server_is_never_evicted():
+    """a is starting (used longest ago, as far as anyone knows), b is ready: b goes.
+    Fails if a starting server counts as evictable."""
+    target = server("t", "idle", 650 * MiB)
+    a = server("a", "starting", 650 * MiB)
+    b = server("b", "ready", 650 * MiB, last_active=10.0)
+    decision = admit(target[0], target[1], [target, a, b])
+    assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/b"], decision
+
+
+def test_only_servers_that_hold_the_short_memory_are_evicted():
+    """GPU 0 is short; a (used longest ago) holds GPU 1, b holds GPU 0: only b goes.
+    Fails if a victim is taken that frees nothing of what is short."""
+    gpu_budget = Budget(gpu_memory={0: 70 << 30, 1: 70 << 30})
+    raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": "on-demand",
+           "gpu_memory": "40GiB"}  # fmt: skip
+
+    def rec(name: str, state: State, gpu: int, last_active: float) -> tuple:
+        r = ServerRecord(profile="p", name=name, state=state, spec={**raw, "gpus": [gpu]}, gpus=[gpu], budget=budget_json(gpu_budget))
+        r.usage = Usage(last_active=last_active)
+        if state in lc.ALIVE:
+            r.instance = Instance(token=name, fingerprint="", started_at=0.0, ready_at=1.0)
+        return r, parse_server(name, {**raw, "gpus": [gpu]}, "p.yaml", "p")
+
+    target = rec("t", "idle", 0, 0.0)
+    decision = admit(target[0], target[1], [target, rec("a", "ready", 1, 5.0), rec("b", "ready", 0, 50.0)])
+    assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/b"], decision
+
+
 def test_a_refusal_names_what_holds_the_budget():
     target = server("t", "idle", 650 * MiB)
     a = server("a", "ready", 700 * MiB, start="always")

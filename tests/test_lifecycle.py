@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from modelctl.failures import Exit, Failure
 from modelctl.host.identity import ProcessIdentity
 from modelctl.spec import RestartPolicy
 from modelctl.state import lifecycle as lc
-from modelctl.state.record import ServerRecord
+from modelctl.state.record import Instance, ServerRecord
 from modelctl.state.restart import Backoff
 
 
@@ -213,3 +214,50 @@ def test_a_version_2_record_is_read_into_its_parts():
     assert rec.history.restarts == 2 and rec.history.last_exit == Exit(signal=9) and rec.history.next_start_at == 11.0
     assert rec.history.exits[0].exit == Exit(code=3) and rec.history.exits[0].cls == "crash"
     assert ServerRecord.from_json(rec.to_json()) == rec  # and written back as version 3
+
+
+# ---------------------------------------------------------------------- what each transition sets (mutants that survived)
+def running(state: lc.State = lc.READY, token: str = "tok") -> ServerRecord:
+    rec = ServerRecord(profile="p", name="s", state=state)
+    rec.instance = Instance(token=token, fingerprint="f", started_at=1.0, pid=10, create_time=1.0, ready_at=2.0)
+    return rec
+
+
+def test_a_crashed_instance_is_no_longer_ready():
+    """Fails if a crash keeps the instance's ready time (status would show an uptime for it)."""
+    rec = running()
+    lc.crashed(rec, 5.0, Exit(code=1), Failure("crash", "exit code 1", True), RestartPolicy())
+    assert rec.state == lc.CRASHED and rec.instance is not None and rec.instance.ready_at is None
+
+
+def test_a_start_that_spawns_nothing_is_failed_with_its_exit_kept():
+    """Fails if a failed start leaves no entry in the exits that status shows."""
+    rec = ServerRecord(profile="p", name="s")
+    lc.intend_start(rec, "tok", now=1.0)
+    lc.failed_to_start(rec, Failure("missing-executable", "cannot run 'x'", False), 2.0)
+    assert rec.state == lc.FAILED and rec.instance is None
+    assert [(e.cls, e.line) for e in rec.history.exits] == [("missing-executable", "cannot run 'x'")]
+
+
+def test_the_end_of_another_instances_stop_changes_nothing():
+    """Instance B is being stopped; the stop of instance A, begun earlier, ends now: the record
+    stays B's. Fails if `stopped` does not check the instance's token."""
+    rec = running(lc.STOPPING, token="B")
+    assert lc.stopped(rec, "A") is False
+    assert rec.state == lc.STOPPING and rec.instance is not None and rec.instance.token == "B"
+
+
+def test_a_stopped_server_has_no_instance_and_no_successor():
+    """Fails if a stop leaves the successor of a replacement in the record."""
+    rec = running(lc.STOPPING)
+    rec.successor = Instance(token="next", fingerprint="f", started_at=3.0)
+    assert lc.stopped(rec, "tok") is True
+    assert rec.state == lc.STOPPED and rec.instance is None and rec.successor is None
+
+
+def test_a_stop_during_a_backoff_cancels_the_next_start():
+    """Fails if `begin_stop` keeps the backoff's due time (the supervisor would start it again)."""
+    rec = ServerRecord(profile="p", name="s", state=lc.BACKOFF)
+    rec.history = dataclasses.replace(rec.history, next_start_at=9.0)
+    lc.begin_stop(rec, None, "stopped")
+    assert rec.state == lc.STOPPED and rec.history.next_start_at is None and rec.wish.desired == "stopped"
