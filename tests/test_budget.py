@@ -105,6 +105,16 @@ def test_only_servers_that_hold_the_short_memory_are_evicted():
     assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/b"], decision
 
 
+def test_no_server_is_evicted_for_a_start_that_would_still_not_fit():
+    """a (always) holds 900 MiB, b (on demand) 300 MiB; t needs 650 of 1400: even without b it
+    does not fit, so b keeps running and the answer is a refusal (the start waits).
+    Fails if servers are evicted for a start that cannot fit anyway."""
+    target = server("t", "idle", 650 * MiB)
+    a = server("a", "ready", 900 * MiB, start="always")
+    b = server("b", "ready", 300 * MiB)
+    assert isinstance(admit(target[0], target[1], [target, a, b]), Refuse)
+
+
 def test_a_refusal_names_what_holds_the_budget():
     target = server("t", "idle", 650 * MiB)
     a = server("a", "ready", 700 * MiB, start="always")
