@@ -115,6 +115,16 @@ def test_no_server_is_evicted_for_a_start_that_would_still_not_fit():
     assert isinstance(admit(target[0], target[1], [target, a, b]), Refuse)
 
 
+def test_a_busy_server_is_never_evicted():
+    """b was used longest ago but has requests in flight: a goes.
+    Fails if a server the supervisor says is busy can be evicted."""
+    target = server("t", "idle", 650 * MiB)
+    a = server("a", "ready", 650 * MiB, last_active=50.0)
+    b = server("b", "ready", 650 * MiB, last_active=10.0)
+    decision = admit(target[0], target[1], [target, a, b], busy={b[0].ref})
+    assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/a"], decision
+
+
 def test_a_refusal_names_what_holds_the_budget():
     target = server("t", "idle", 650 * MiB)
     a = server("a", "ready", 700 * MiB, start="always")

@@ -261,3 +261,28 @@ def test_a_stop_during_a_backoff_cancels_the_next_start():
     rec.history = dataclasses.replace(rec.history, next_start_at=9.0)
     lc.begin_stop(rec, None, "stopped")
     assert rec.state == lc.STOPPED and rec.history.next_start_at is None and rec.wish.desired == "stopped"
+
+
+def test_the_largest_measurement_is_the_peak():
+    """Fails if the last measurement replaces a larger peak (the budget would undercount)."""
+    rec = running()
+    lc.measured(rec, rss=300, gpu=None)
+    lc.measured(rec, rss=200, gpu=None)
+    assert rec.usage.peak_rss == 300
+
+
+def test_up_forgets_the_failures_of_the_old_spec():
+    """Fails if `wanted` keeps the failures that count towards a crash loop."""
+    rec = ServerRecord(profile="p", name="s", state=lc.BACKOFF)
+    rec.history = dataclasses.replace(rec.history, failures=[1.0, 2.0], consecutive_failures=2, next_start_at=9.0)
+    lc.wanted(rec, lc.SUPERVISOR)
+    assert rec.history.failures == [] and rec.history.consecutive_failures == 0 and rec.history.next_start_at is None
+
+
+def test_a_successor_that_takes_over_is_the_instance_and_the_old_one_is_returned_to_stop():
+    """Fails if the record keeps the old instance once the successor took over."""
+    rec = running(token="old")
+    rec.successor = Instance(token="new", fingerprint="f", started_at=3.0, pid=11, create_time=3.0)
+    old = lc.successor_took_over(rec, 4.0)
+    assert old.token == "old" and rec.instance is not None and rec.instance.token == "new" and rec.instance.ready_at == 4.0
+    assert rec.successor is None
