@@ -125,6 +125,16 @@ def test_a_busy_server_is_never_evicted():
     assert isinstance(decision, Evict) and [str(v) for v in decision.victims] == ["p/a"], decision
 
 
+def test_a_server_being_replaced_holds_both_of_its_instances():
+    """a is replacing its instance (the new one starts beside the old): it holds 2 × 650 MiB, so
+    t's 650 MiB does not fit in 1400 without a stop.
+    Fails if a successor's memory is not counted."""
+    target = server("t", "idle", 650 * MiB)
+    a = server("a", "ready", 650 * MiB)
+    a[0].successor = Instance(token="a2", fingerprint="", started_at=2.0)
+    assert not isinstance(admit(target[0], target[1], [target, a]), Admit)
+
+
 def test_a_refusal_names_what_holds_the_budget():
     target = server("t", "idle", 650 * MiB)
     a = server("a", "ready", 700 * MiB, start="always")

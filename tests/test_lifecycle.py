@@ -286,3 +286,14 @@ def test_a_successor_that_takes_over_is_the_instance_and_the_old_one_is_returned
     old = lc.successor_took_over(rec, 4.0)
     assert old.token == "old" and rec.instance is not None and rec.instance.token == "new" and rec.instance.ready_at == 4.0
     assert rec.successor is None
+
+
+def test_a_failed_successor_is_remembered_so_that_its_spec_is_not_tried_again():
+    """Fails if a failed replacement is not recorded (the supervisor would start it again and again)."""
+    rec = running()
+    rec.fingerprint = "f2"
+    rec.successor = Instance(token="new", fingerprint="f2", started_at=3.0)
+    lc.successor_failed(rec, Failure("crash", "exit code 1", True), Exit(code=1), 4.0)
+    assert rec.successor is None and rec.instance is not None and rec.instance.token == "tok"
+    failed = rec.history.failed_replacement
+    assert failed is not None and failed.fingerprint == "f2" and failed.generation == rec.wish.generation
