@@ -37,6 +37,8 @@ def without_state(state: str, detail: str) -> str:
 
 
 def state_line(rec: ServerRecord) -> str:
+    if rec.state in (lc.CRASHED, lc.FAILED):
+        return rec.state  # why: said once, after the wait
     detail = without_state(rec.state, rec.detail or "")
     return f"{rec.state} ({detail})" if detail else rec.state
 

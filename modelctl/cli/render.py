@@ -53,6 +53,7 @@ def clean_cause(text: str) -> str:
     """A failure's own words: without the wrappers, and without a clause said twice in a row
     (`cannot load model 'X': cannot load model 'X': ...`)."""
     text = _WRAPPERS.sub("", text.strip())
+    text = re.sub(r"(?<=[;:] )[^;:]*\\x0d|^[^;:]*\\x0d", "", text)  # a progress bar redrawn with \r: its last drawing
     parts = text.split(": ")
     kept: list[str] = []
     for part in parts:
@@ -255,7 +256,4 @@ def hidden_profiles_line(names: Iterable[str]) -> str:
     names = list(names)
     if not names:
         return ""
-    return (
-        f"{len(names)} profile(s) with every server stopped not shown: {', '.join(names)} "
-        f"(status -p NAME shows one; `modelctl forget -p NAME` removes its records)"
-    )
+    return f"not shown, every server stopped: {', '.join(names)} (status --all shows them; `modelctl forget -p NAME` forgets one)"

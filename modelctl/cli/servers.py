@@ -18,7 +18,7 @@ from modelctl.cli.app import ProfileOption, ProfileScope, app, console, controll
 from modelctl.cli.progress import wait_with_display
 from modelctl.cli.tables import terminal_width
 from modelctl.control import Controller, Scope, systemd_unit_of
-from modelctl.errors import ModelctlError
+from modelctl.errors import GpuAllocationError, ModelctlError
 from modelctl.names import ServerRef
 from modelctl.observe.rows import StatusRow
 from modelctl.sanitize import one_line
@@ -55,7 +55,14 @@ def up(
                 highlight=False,
             )
     ctl = controller()
-    plan = ctl.up(prof, servers or [], remove_orphans=remove_orphans, now=now)
+    try:
+        plan = ctl.up(prof, servers or [], remove_orphans=remove_orphans, now=now)
+    except GpuAllocationError as e:
+        raise fail(
+            f"{e}. Check `gpus:` in {prof.path}: `gpus: 0` (with `device: cpu` for a sentence server) runs it on the CPU; "
+            "MODELCTL_GPUS=0,1 names GPUs that discovery missed",
+            e.exit_code,
+        ) from None
     for label in plan.unchanged:
         rec = ctl.store.load(ServerRef(*label.split("/", 1)))
         if isinstance(rec, ServerRecord) and rec.spec.get("start") == "on-demand" and rec.state in (lc.IDLE, lc.STOPPED):
@@ -129,7 +136,7 @@ def down(
         console.print(note, highlight=False)
     _print_stops(results)
     if forget:
-        _print_forgotten(ctl, which)
+        _print_forgotten(ctl, *ctl.forget(which))
     if any(not stopped.ok for stopped in results):
         raise typer.Exit(1)
 
@@ -161,8 +168,7 @@ def _print_stops(results: list[Stopped]) -> None:
         console.print(f"already stopped: {', '.join(already)}", style="dim", highlight=False)
 
 
-def _print_forgotten(ctl: Controller, which: Scope) -> None:
-    forgotten, kept = ctl.forget(which)
+def _print_forgotten(ctl: Controller, forgotten: list[str], kept: list[tuple[str, str]]) -> None:
     if forgotten:
         console.print(f"forgot {', '.join(forgotten)} (their logs stay in {ctl.store.root / 'logs'})", highlight=False)
     for label, why in kept:
@@ -182,7 +188,7 @@ def forget(
     forgotten, kept = ctl.forget(which)
     if not forgotten and not kept:
         console.print("nothing to forget", highlight=False)
-    _print_forgotten(ctl, which)
+    _print_forgotten(ctl, forgotten, kept)
     if kept and which.names:
         raise typer.Exit(1)
 
@@ -235,7 +241,7 @@ def status(
     shown = {name: group for name, group in by_profile.items() if name not in hidden}
     if not shown:
         where = f"profile {which.profile}" if which.profile else str(ctl.store.root)
-        console.print(f"no servers in {where}" + ("" if hidden else ": start some with `modelctl up`"), highlight=False)
+        console.print(f"nothing running in {where}" if hidden else f"no servers in {where}: start some with `modelctl up`", highlight=False)
     gpu_column = any(r.gpu_memory is not None for r in rows)
     for name, group in shown.items():
         console.print(Text(f"profile {name}", style="bold"), highlight=False)
