@@ -43,6 +43,7 @@ pip_install() {
     if ! "${pip[@]}" install "$@" 2>&1 | tee "$log" | while IFS= read -r line; do
         case "$line" in
             Collecting*) printf '    %s\n' "${line:0:100}" ;;
+            Processing*) printf '    Processing %s\n' "${line##*/}" ;;
             "Installing collected packages"*) echo "    installing the collected packages (the largest take a minute)" ;;
         esac
     done; then
