@@ -40,13 +40,22 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 pip_install() {
     local log
     log="$(mktemp)"
-    if ! "${pip[@]}" install "$@" 2>&1 | tee "$log" | while IFS= read -r line; do
-        case "$line" in
-            Collecting*) printf '    %s\n' "${line:0:100}" ;;
-            Processing*) printf '    Processing %s\n' "${line##*/}" ;;
-            "Installing collected packages"*) echo "    installing the collected packages (the largest take a minute)" ;;
-        esac
-    done; then
+    if ! "${pip[@]}" install "$@" 2>&1 | tee "$log" | {
+        ticker=""
+        while IFS= read -r line; do
+            case "$line" in
+                Collecting*) printf '    %s\n' "${line:0:100}" ;;
+                Processing*) printf '    Processing %s\n' "${line##*/}" ;;
+                "Installing collected packages"*)
+                    echo "    installing the collected packages (the largest take a minute)"
+                    # pip says nothing while it unpacks: a line every 5 s says it still works
+                    (s=0; while sleep 5; do s=$((s + 5)); echo "    still installing (${s}s)"; done) &
+                    ticker=$!
+                    ;;
+            esac
+        done
+        if [ -n "$ticker" ]; then kill "$ticker" 2>/dev/null || true; fi
+    }; then
         echo "install.sh: pip install $* failed:" >&2
         cat "$log" >&2
         rm -f "$log"
