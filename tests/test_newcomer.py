@@ -16,6 +16,7 @@ import pytest
 import typer
 
 from .conftest import ROOT
+from .sentence_fixtures import free_port
 from .terminal import run_in_terminal
 
 WIDTHS = (80, 200)
@@ -36,10 +37,12 @@ def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
 @pytest.fixture
 def two_running(mc):
     """Two profiles whose servers run (toy servers), one with a long name."""
+    # ports free now (this machine's other test sessions lease theirs elsewhere)
     web = mc.profile(
-        {"web": {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}, "k8s": {"image": "toy:1"}}}, name="lab"
+        {"web": {"kind": "command", "command": mc.toy(), "port": free_port(), "health": {"http": "/health"}, "k8s": {"image": "toy:1"}}},
+        name="lab",
     )
-    other = mc.profile({LONG: {"kind": "command", "command": mc.toy(), "health": {"http": "/health"}}}, name="prod")
+    other = mc.profile({LONG: {"kind": "command", "command": mc.toy(), "port": free_port(), "health": {"http": "/health"}}}, name="prod")
     for path in (web, other):
         res = mc.cli("up", "-p", str(path))
         assert res.returncode == 0, res.stdout + res.stderr

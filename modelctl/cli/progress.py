@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 # the supervisor's words for what a start waits on, as a person reads them
 PLAIN_WORDS = {
-    "the socket is held; waiting for the server's READY=1": "loading; its port already takes connections, which wait for it",
+    "the socket is held; waiting for the server's READY=1": "loading; clients that connect wait for it",
     "waiting for health": "waiting for its health probe",
 }
 
@@ -55,10 +55,11 @@ class WaitDisplay:
     def table(self, records: list[ServerRecord]) -> Table:
         from rich.progress_bar import ProgressBar
 
+        # the name, the state and the time are never cut: only what is happening gives way
         t = Table(box=None, pad_edge=False)
-        t.add_column("server", no_wrap=True)
-        t.add_column("state", no_wrap=True)
-        t.add_column("time", justify="right", no_wrap=True)
+        t.add_column("server", no_wrap=True, min_width=max([6, *(len(r.label) for r in records)]))
+        t.add_column("state", no_wrap=True, min_width=max([5, *(len(r.state) for r in records)]))
+        t.add_column("time", justify="right", no_wrap=True, min_width=6)
         t.add_column("", no_wrap=True, overflow="ellipsis")
         for rec in records:
             inst = rec.instance

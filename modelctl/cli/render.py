@@ -46,6 +46,7 @@ STATUS_COLUMNS = (
 
 # the wrappers a failure's line gathers on its way from the server to the record
 _WRAPPERS = re.compile(r"^(?:configuration error, not retried: |config: |[a-z]+ server: |configuration error: |model-not-found: )+")
+_MODEL_FAILURE = re.compile(r"model path|load model|model-not-found|model '[^']*' (?:does not exist|not found|is not)|no such model", re.I)
 _HUB_UNREACHABLE = re.compile(r"couldn't connect to 'https://huggingface\.co'|offline mode|LocalEntryNotFoundError", re.I)
 
 
@@ -64,7 +65,7 @@ def clean_cause(text: str) -> str:
 
 def model_hint(rec: ServerRecord | None, cause: str) -> str:
     """Where a model's failure is fixed, and what to run next; empty when it is not a model's."""
-    if rec is None or "model" not in cause.lower():
+    if rec is None or not _MODEL_FAILURE.search(cause):
         return ""
     model = str(rec.spec.get("model") or "")
     source = rec.source or "the profile"

@@ -241,7 +241,8 @@ def status(
     shown = {name: group for name, group in by_profile.items() if name not in hidden}
     if not shown:
         where = f"profile {which.profile}" if which.profile else str(ctl.store.root)
-        console.print(f"nothing running in {where}" if hidden else f"no servers in {where}: start some with `modelctl up`", highlight=False)
+        start = f"modelctl up -p {profile}" if profile else "modelctl up"
+        console.print(f"nothing running in {where}" if hidden else f"no servers in {where}: start them with `{start}`", highlight=False)
     gpu_column = any(r.gpu_memory is not None for r in rows)
     for name, group in shown.items():
         console.print(Text(f"profile {name}", style="bold"), highlight=False)
