@@ -134,15 +134,16 @@ def down(
     results, skipped = while_waiting(err_console, "stopping", running, lambda: ctl.down(which))
     for note in skipped:
         console.print(note, highlight=False)
-    _print_stops(results)
+    _print_stops(results, running)
     if forget:
         _print_forgotten(ctl, *ctl.forget(which))
     if any(not stopped.ok for stopped in results):
         raise typer.Exit(1)
 
 
-def _print_stops(results: list[Stopped]) -> None:
-    already = [s.label for s in results if s.ok and s.result.how == "not running" and not s.note]
+def _print_stops(results: list[Stopped], running: list[str]) -> None:
+    """One line per server that was running (or whose record said so); those already stopped, in one."""
+    already = [s.label for s in results if s.ok and s.result.how == "not running" and not s.note and s.label not in running]
     if not results:
         console.print("no servers to stop")
     for stopped in results:
