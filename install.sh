@@ -46,6 +46,7 @@ pip_install() {
             case "$line" in
                 Collecting*) printf '    %s\n' "${line:0:100}" ;;
                 Processing*) printf '    Processing %s\n' "${line##*/}" ;;
+                Obtaining* | *"build dependencies"* | *"editable metadata"*) printf '    %s\n' "${line#"${line%%[! ]*}"}" ;;
                 "Installing collected packages"*)
                     echo "    installing the collected packages (the largest take a minute)"
                     # pip says nothing while it unpacks: a line every 5 s says it still works
