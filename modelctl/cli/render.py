@@ -46,6 +46,7 @@ STATUS_COLUMNS = (
 
 # the wrappers a failure's line gathers on its way from the server to the record
 _WRAPPERS = re.compile(r"^(?:configuration error, not retried: |config: |[a-z]+ server: |configuration error: |model-not-found: )+")
+_NOT_RETRIED = "configuration error, not retried"
 _MODEL_FAILURE = re.compile(r"model path|load model|model-not-found|model '[^']*' (?:does not exist|not found|is not)|no such model", re.I)
 _HUB_UNREACHABLE = re.compile(r"couldn't connect to 'https://huggingface\.co'|offline mode|LocalEntryNotFoundError", re.I)
 
@@ -84,11 +85,13 @@ def cause_of(detail: str | None, last_error: str | None, state: str) -> str:
     texts = [t for t in texts if t]
     if not texts:
         return ""
+    # what kind of failure it was is said once, before the failure's own words
+    kind = "configuration error, not retried: " if any(t and _NOT_RETRIED in t for t in (detail, last_error)) else ""
     if _HUB_UNREACHABLE.search(" ".join(texts)):
         # the hub's own sentence is long; its first clause says which model
         texts = [t.split(": We couldn't")[0].split(". We couldn't")[0] for t in texts]
     best = max(texts, key=len)
-    return best if all(t in best for t in texts) else "; ".join(dict.fromkeys(texts))
+    return kind + (best if all(t in best for t in texts) else "; ".join(dict.fromkeys(texts)))
 
 
 def status_lines(rows: Sequence[StatusRow], gpu_column: bool, width: int | None) -> list[Text]:
@@ -247,6 +250,7 @@ def as_shown(line: str) -> str:
 def print_tail(out: Console, ctl: Controller, ref: ServerRef, lines: int, header: str = "", style: str = "", said: str = "") -> None:
     """The end of a server's log, each line marked `  | `, printed as it is (no markup) and with
     its control characters made visible; a line that only repeats `said` is left out."""
+    said = said.removeprefix(f"{_NOT_RETRIED}: ")
     tail = [line for line in ctl.log_tail(ref, lines) if not (said and said in clean_cause(line))]
     if tail and header:
         out.print(header, style=style, highlight=False)
