@@ -40,6 +40,7 @@ from modelctl.spec import (
     parse_health,
     parse_log,
     parse_restart,
+    unknown_key,
 )
 from modelctl.state.record import ServerRecord
 from modelctl.units import format_bytes
@@ -124,7 +125,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str, cluster: bool =
     for key in raw:
         if key not in COMMON_KEYS and key not in backend.keys:
             known = sorted(set(COMMON_KEYS) | set(backend.keys))
-            raise err(str(key)[:60], f"unknown key for kind '{kind}'; known keys: {', '.join(known)}")
+            raise err(str(key)[:60], unknown_key(key, known).replace("unknown key", f"unknown key for kind '{kind}'"))
 
     try:
         common = _check_keys(raw, {k: v for k, v in COMMON_KEYS.items() if k not in _NESTED})
@@ -253,7 +254,7 @@ def parse_profile(data: Any, source: str) -> Profile:
         raise ProfileError(source, "must be a mapping with a top-level 'servers:' key")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise ProfileError(source, f"unknown top-level key; known: {', '.join(TOP_LEVEL_KEYS)}", key=str(key)[:60])
+            raise ProfileError(source, unknown_key(key, TOP_LEVEL_KEYS).replace("unknown key", "unknown top-level key"), key=str(key)[:60])
     servers_raw = data.get("servers")
     if not isinstance(servers_raw, Mapping) or not servers_raw:
         raise ProfileError(source, "must be a non-empty mapping of server name → spec", key="servers")
