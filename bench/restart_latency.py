@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from modelctl.control import Controller
 from modelctl.names import ServerRef
 from modelctl.profile import load_profile
-from modelctl.record import ServerRecord
-from modelctl.state import StateStore
+from modelctl.state.record import ServerRecord
+from modelctl.state.store import StateStore
 from tests.sentence_fixtures import free_port
 
 TOY = [sys.executable, str(ROOT / "tests" / "servers" / "toy_server.py")]

@@ -16,22 +16,22 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelctl import lifecycle as lc
-from modelctl import logfiles
 from modelctl.backends import get_backend
-from modelctl.budget import budget_json
 from modelctl.errors import ModelctlError, UnknownServerError
-from modelctl.gpus import allocate_gpus, discover_gpus
-from modelctl.identity import is_alive
+from modelctl.host import logfiles
+from modelctl.host.gpus import allocate_gpus, discover_gpus
+from modelctl.host.identity import is_alive
 from modelctl.names import ServerRef, is_valid_name, unit_name
-from modelctl.ports import PortAllocation, PortLeases, PortRequest, allocate_ports
+from modelctl.observe.rows import StatusRow, status_rows
 from modelctl.profile import Profile, record_spec
-from modelctl.record import ServerRecord
-from modelctl.rows import StatusRow, status_rows
 from modelctl.spec import Budget, ServerSpec
-from modelctl.state import AnyRecord, BrokenRecord, Stamp, StateStore
-from modelctl.stopping import Stopped, record_identity, stop_owner_alive, stop_servers
-from modelctl.supervisor_client import ensure_supervisor, supervisor_info, wake_supervisor
+from modelctl.state import lifecycle as lc
+from modelctl.state.leases import PortAllocation, PortLeases, PortRequest, allocate_ports
+from modelctl.state.record import ServerRecord
+from modelctl.state.store import AnyRecord, BrokenRecord, Stamp, StateStore
+from modelctl.supervisor.budget import budget_json
+from modelctl.supervisor.client import ensure_supervisor, supervisor_info, wake_supervisor
+from modelctl.supervisor.stopping import Stopped, stop_owner_alive, stop_servers
 from modelctl.yamlfile import peek_profile_name
 
 SUPERVISOR = lc.SUPERVISOR
@@ -122,7 +122,7 @@ def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
             f"of a server it cannot account for. Fix or remove that file (`modelctl down {rec.label}` stops the "
             "process it names, if it can tell), then run up again"
         )
-    if rec is not None and rec.wish.managed_by != managed_by and is_alive(record_identity(rec)):
+    if rec is not None and rec.wish.managed_by != managed_by and is_alive(rec.leader):
         raise ModelctlError(
             f"server {rec.label} is run by systemd (unit {systemd_unit_of(rec)}); use systemctl to manage it"
             if rec.wish.managed_by == SYSTEMD
@@ -204,7 +204,7 @@ class Controller:
         for spec in plan.start:
             old = mine.get(spec.ref)
             previous = old.port if old else None
-            alive = old is not None and is_alive(record_identity(old))
+            alive = old is not None and is_alive(old.leader)
             own = (handed or {}).get(spec.ref) or (previous if alive else None)
             requests.append(PortRequest.of(spec, previous, own, get_backend(spec.kind).is_external(spec)))
         held = {r.port: r.label for r in others if r.port and r.wants_running}
@@ -329,7 +329,7 @@ class Controller:
             return True  # an on-demand server, armed: it starts when a client connects
         if rec.state != lc.READY or rec.outdated:
             return False
-        ident = record_identity(rec)
+        ident = rec.leader
         return ident is None or is_alive(ident)  # a record that says ready about a dead process is not
 
     @staticmethod
@@ -346,7 +346,7 @@ class Controller:
         targets = self.resolve(scope)
         skipped = []
         for rec in list(targets):
-            if isinstance(rec, ServerRecord) and rec.wish.managed_by == SYSTEMD and is_alive(record_identity(rec)):
+            if isinstance(rec, ServerRecord) and rec.wish.managed_by == SYSTEMD and is_alive(rec.leader):
                 unit = systemd_unit_of(rec)
                 how = f"systemctl {'--user ' if os.geteuid() else ''}{'stop' if verb == 'down' else 'restart'} {unit}"
                 if scope.names:

@@ -1,6 +1,6 @@
 """`modelctl run SERVER`: one server in the foreground, for systemd (Type=notify) and Slurm jobs.
 
-The same loop as the daemon (modelctl/runner.py), with its own exit policy, for one server
+The same loop as the daemon (modelctl/supervisor/runner.py), with its own exit policy, for one server
 whose record says `managed_by: systemd`: prepare and start it, send READY=1 once its health
 probe passes, and exit when it exits (systemd restarts it: Restart=on-failure). SIGTERM stops the
 whole process group through the same stop path as `down`. Orphans that re-parent to it are
@@ -18,20 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelctl import lifecycle as lc
 from modelctl.control import Controller, select_specs
 from modelctl.errors import ModelctlError
-from modelctl.files import write_atomic
-from modelctl.identity import is_alive
+from modelctl.host.files import write_atomic
+from modelctl.host.identity import is_alive
+from modelctl.host.sockets import Listener, inherited_listen_fd
 from modelctl.names import ServerRef, unit_name
 from modelctl.profile import Profile, parse_server
-from modelctl.record import ServerRecord
-from modelctl.runner import Runner
-from modelctl.sockets import Listener, inherited_listen_fd
 from modelctl.spec import ServerSpec
-from modelctl.state import StateStore
-from modelctl.stopping import record_identity, stop_servers
-from modelctl.supervisor import Supervisor
+from modelctl.state import lifecycle as lc
+from modelctl.state.record import ServerRecord
+from modelctl.state.store import StateStore
+from modelctl.supervisor.core import Supervisor
+from modelctl.supervisor.runner import Runner
+from modelctl.supervisor.stopping import stop_servers
 
 log = logging.getLogger("modelctl.run")
 
@@ -213,7 +213,7 @@ def run_foreground(
         if spec.port is None:
             spec = dataclasses.replace(spec, port=listener.port)  # the .socket unit's port
     existing = store.load(spec.ref)
-    if isinstance(existing, ServerRecord) and is_alive(record_identity(existing)):
+    if isinstance(existing, ServerRecord) and is_alive(existing.leader):
         if existing.wish.managed_by != lc.SYSTEMD:
             raise ModelctlError(f"server {existing.label} is running under the modelctl supervisor; `modelctl down {existing.label}` first")
         stop_servers(store, [existing])  # left over from an earlier run

@@ -1,7 +1,7 @@
 """The vocabulary profiles are written in: keys with their checks, and the typed specs built from them.
 
 Server kinds (modelctl/backends) declare their keys with `Key` and the `check_*` functions here;
-`modelctl/profile.py` reads YAML and applies them. A check returns the clean value or raises
+`modelctl/profile/__init__.py` reads YAML and applies them. A check returns the clean value or raises
 `KeyProblem` (or ValueError) with a short reason; the profile loader adds file, server and key.
 """
 

@@ -23,8 +23,8 @@ import yaml
 
 from modelctl.control import Controller
 from modelctl.names import ServerRef
-from modelctl.record import ServerRecord
-from modelctl.state import StateStore
+from modelctl.state.record import ServerRecord
+from modelctl.state.store import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_SERVER = str(ROOT / "tests" / "servers" / "toy_server.py")

@@ -1,4 +1,4 @@
-"""The memory budget as a table (modelctl/budget.py), and on real processes: on-demand servers that
+"""The memory budget as a table (modelctl/supervisor/budget.py), and on real processes: on-demand servers that
 cannot all fit are stopped least recently used first, and what modelctl starts never holds more
 than the budget (sampled)."""
 
@@ -11,12 +11,12 @@ import time
 import psutil
 import pytest
 
-from modelctl import lifecycle as lc
-from modelctl.budget import Admit, Evict, Refuse, Wait, admit, budget_json
 from modelctl.errors import ProfileError
 from modelctl.profile import load_profile, parse_server
-from modelctl.record import Instance, ServerRecord, Usage
 from modelctl.spec import Budget
+from modelctl.state import lifecycle as lc
+from modelctl.state.record import Instance, ServerRecord, Usage
+from modelctl.supervisor.budget import Admit, Evict, Refuse, Wait, admit, budget_json
 
 from .conftest import ROOT, http_post, wait_for
 

@@ -13,10 +13,10 @@ import time
 import psutil
 import pytest
 
-from modelctl import lifecycle as lc
 from modelctl.control import Scope
 from modelctl.profile import load_profile
-from modelctl.record import Instance, ServerRecord
+from modelctl.state import lifecycle as lc
+from modelctl.state.record import Instance, ServerRecord
 
 from .conftest import http_get, tagged_processes, wait_for, wait_ticks
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from modelctl import lifecycle as lc
 from modelctl.names import ServerRef
-from modelctl.ports import LEASE_GRACE, PortLeases
 from modelctl.profile import load_profile
-from modelctl.record import ServerRecord
-from modelctl.state import StateStore
+from modelctl.state import lifecycle as lc
+from modelctl.state.leases import LEASE_GRACE, PortLeases
+from modelctl.state.record import ServerRecord
+from modelctl.state.store import StateStore
 
 from .conftest import TOY_SERVER, http_get, wait_for
 from .test_cli import toy_pids

@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from modelctl.gpus import _nvidia_smi_ids, _nvml_ids
+from modelctl.host.gpus import _nvidia_smi_ids, _nvml_ids
 
 from .conftest import http_get, http_post
 from .sentence_fixtures import build_tiny_sentence_model

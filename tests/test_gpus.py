@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modelctl.errors import GpuAllocationError
-from modelctl.gpus import allocate_gpus, discover_gpus
+from modelctl.host.gpus import allocate_gpus, discover_gpus
 
 
 def test_override_lists_the_gpus(monkeypatch):

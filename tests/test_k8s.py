@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modelctl.cluster.k8s.manifests import PRE_STOP_SECONDS, ClusterOptions, generate, startup_budget
 from modelctl.errors import ProfileError
-from modelctl.k8s.manifests import PRE_STOP_SECONDS, ClusterOptions, generate, startup_budget
 from modelctl.profile import Profile, load_profile
 
 from .conftest import ROOT

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from modelctl import lifecycle as lc
 from modelctl.failures import Exit, Failure
-from modelctl.identity import ProcessIdentity
-from modelctl.record import ServerRecord
-from modelctl.restart import Backoff
+from modelctl.host.identity import ProcessIdentity
 from modelctl.spec import RestartPolicy
+from modelctl.state import lifecycle as lc
+from modelctl.state.record import ServerRecord
+from modelctl.state.restart import Backoff
 
 
 @pytest.mark.parametrize(

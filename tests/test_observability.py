@@ -14,9 +14,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from modelctl.cli.top import quantile, spark
 from modelctl.failures import Exit
-from modelctl.metrics import exit_returncode
-from modelctl.top import quantile, spark
+from modelctl.observe.metrics import exit_returncode
 
 from .conftest import ROOT, http_get, http_post, wait_for, wait_text
 from .sentence_fixtures import free_port

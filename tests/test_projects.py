@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from modelctl import __version__
-from modelctl.record import ServerRecord
+from modelctl.state.record import ServerRecord
 
 from .conftest import http_get, wait_for
 from .test_cli import status_json, toy_pids
@@ -191,8 +191,8 @@ def test_the_profile_env_var_scopes_commands_too(mc):
 
 
 def test_generated_unit_names_carry_the_profile(mc):
+    from modelctl.cluster.systemd import generate_units
     from modelctl.profile import load_profile
-    from modelctl.systemd import generate_units
 
     a, b = two_profiles(mc)
     names = set(generate_units(load_profile(a), mc.store)) | set(generate_units(load_profile(b), mc.store))

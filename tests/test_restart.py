@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from modelctl.failures import Exit, Failure
-from modelctl.record import History
-from modelctl.restart import Backoff, GiveUp, StayDown, count_failure, decide
 from modelctl.spec import RestartPolicy
+from modelctl.state.record import History
+from modelctl.state.restart import Backoff, GiveUp, StayDown, count_failure, decide
 
 CRASH = Failure("crash", "segfault", True)
 CONFIG = Failure("config", "no such model", False)

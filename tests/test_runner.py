@@ -1,4 +1,4 @@
-"""The one supervisor loop (modelctl/runner.py), for the daemon and for `modelctl run`, with real
+"""The one supervisor loop (modelctl/supervisor/runner.py), for the daemon and for `modelctl run`, with real
 processes: it outlives a state lock held by someone else, reaps orphans in both uses, reopens
 its log on SIGHUP."""
 
@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from modelctl.supervisor_client import supervisor_info
+from modelctl.supervisor.client import supervisor_info
 
 from .conftest import TOY_SERVER, http_get, wait_for, wait_text
 

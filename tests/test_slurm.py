@@ -17,11 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from modelctl.cluster.slurm import commands, scripts
 from modelctl.errors import ProfileError
 from modelctl.foreground import inherit_gpus
 from modelctl.profile import load_profile, parse_profile, parse_server
-from modelctl.slurm import commands, scripts
-from modelctl.slurm.keys import time_seconds
+from modelctl.profile.slurm_keys import time_seconds
 
 from .conftest import ROOT, TOY_SERVER, http_get, wait_for
 from .slurm_cluster import Cluster, slurm  # noqa: F401 - the fixture

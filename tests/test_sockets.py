@@ -16,7 +16,7 @@ import pytest
 
 from modelctl.errors import ProfileError
 from modelctl.profile import load_profile
-from modelctl.supervisor_client import supervisor_info
+from modelctl.supervisor.client import supervisor_info
 
 from .conftest import ROOT, http_get, http_post, tagged_processes, wait_for
 from .load import ClosedLoop

@@ -107,8 +107,8 @@ def test_the_process_table_reads_what_psutil_reads():
 
     import psutil
 
-    from modelctl.identity import identity_of
-    from modelctl.process import alive_in, process_table
+    from modelctl.host.identity import identity_of
+    from modelctl.host.process import alive_in, process_table
 
     table = process_table()
     me = psutil.Process()
@@ -116,3 +116,77 @@ def test_the_process_table_reads_what_psutil_reads():
     assert row.ppid == me.ppid() and row.pgid == os.getpgid(me.pid) and not row.zombie
     assert abs(row.create_time - me.create_time()) <= 0.05 and alive_in(table, identity_of(me.pid))
     assert abs(row.rss - me.memory_info().rss) < 16 * 2**20
+
+
+# The layers, lowest first. A module may import its own layer and those below, never one above.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "vocabulary",
+        (
+            "modelctl",
+            "modelctl.errors",
+            "modelctl.names",
+            "modelctl.sanitize",
+            "modelctl.failures",
+            "modelctl.spec",
+            "modelctl.yamlfile",
+            "modelctl.units",
+        ),
+    ),
+    ("host", ("modelctl.host", "modelctl.backends", "modelctl.launchers")),
+    ("state", ("modelctl.state",)),
+    ("profile", ("modelctl.profile",)),
+    ("observe", ("modelctl.observe",)),
+    ("supervisor", ("modelctl.supervisor",)),
+    ("cluster", ("modelctl.cluster",)),
+    ("control", ("modelctl.control",)),
+    ("foreground", ("modelctl.foreground",)),
+    ("cli", ("modelctl.cli", "modelctl.__main__")),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of a module: the longest prefix that names one (a package names its modules)."""
+    best, found = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), i
+    assert found is not None, f"{module} is in no layer: add it to LAYERS in tests/test_structure.py"
+    return found
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    graph = import_graph()
+    upward = [
+        f"{mod} ({LAYERS[layer_of(mod)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for mod, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if layer_of(dep) > layer_of(mod)
+    ]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The check itself: a host module that imports the supervisor is reported."""
+    graph = {"modelctl.host.x": {"modelctl.supervisor.core"}, "modelctl.supervisor.core": {"modelctl.host.x"}}
+    assert [m for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m)] == ["modelctl.host.x"]
+
+
+def test_every_module_says_what_it_owns():
+    missing = [
+        str(p.relative_to(ROOT))
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.name != "__main__.py" and ast.get_docstring(ast.parse(p.read_text())) is None
+    ]
+    assert missing == []
+
+
+def test_no_folder_of_modelctl_holds_more_than_a_dozen_modules():
+    """Folders name the parts: a flat heap of modules is what the layout replaced."""
+    crowded = {
+        str(d.relative_to(ROOT)): n
+        for d in [PACKAGE, *[p for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"]]
+        if (n := len(list(d.glob("*.py")))) > 12
+    }
+    assert crowded == {}

@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from modelctl.supervisor_client import supervisor_info
+from modelctl.supervisor.client import supervisor_info
 
 from .conftest import http_get, wait_for, wait_text, wait_ticks
 from .test_cli import status_json, toy_pids

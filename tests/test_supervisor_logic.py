@@ -11,19 +11,19 @@ import os
 
 import pytest
 
-from modelctl import lifecycle as lc
 from modelctl.backends.base import Launch
 from modelctl.failures import Exit
-from modelctl.files import DiskError
-from modelctl.health import ProbeResult
-from modelctl.identity import ProcessIdentity, identity_of
+from modelctl.host.files import DiskError
+from modelctl.host.health import ProbeResult
+from modelctl.host.identity import ProcessIdentity, identity_of
+from modelctl.host.process import INSTANCE_VAR, StopResult, StopTarget
 from modelctl.names import ServerRef
-from modelctl.process import INSTANCE_VAR, StopResult, StopTarget
 from modelctl.profile import parse_server
-from modelctl.record import ServerRecord
 from modelctl.spec import ServerSpec
-from modelctl.state import StateStore
-from modelctl.supervisor import Handle, InlineExecutor, ProcessControl, Supervisor
+from modelctl.state import lifecycle as lc
+from modelctl.state.record import ServerRecord
+from modelctl.state.store import StateStore
+from modelctl.supervisor.core import Handle, InlineExecutor, ProcessControl, Supervisor
 
 
 class FakePopen:
@@ -37,7 +37,7 @@ class FakePopen:
 class FakeProcs:
     """Processes that live until a test says they exit; probes that answer what the test says.
 
-    It implements modelctl.supervisor.ProcessControl; mypy checks it against that protocol (see
+    It implements modelctl.supervisor.core.ProcessControl; mypy checks it against that protocol (see
     `world`), so a change of the protocol cannot leave it behind.
     """
 

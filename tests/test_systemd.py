@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from modelctl.cluster.systemd import generate_units, write_units
 from modelctl.profile import load_profile
-from modelctl.state import StateStore
-from modelctl.systemd import generate_units, write_units
+from modelctl.state.store import StateStore
 
 from .conftest import ROOT, http_get, http_post, wait_for
 from .sentence_fixtures import free_port
@@ -185,7 +185,7 @@ def test_a_socket_unit_holds_the_socket_that_modelctl_run_hands_to_the_server(mc
     """What systemd does with the .socket unit, done by the test: it binds the port and starts
     `modelctl run` with the socket at fd 3 (LISTEN_FDS=1, LISTEN_PID); the server serves from it,
     and while the service is down (between systemd's restarts) a client waits in the backlog."""
-    from modelctl.sockets import Listener, activation_argv, activation_env
+    from modelctl.host.sockets import Listener, activation_argv, activation_env
 
     from .test_sockets import listen_server
 
@@ -229,7 +229,7 @@ def test_systemd_starts_an_on_demand_server_at_its_first_connection_and_it_exits
     """The .socket unit has [Install], the service none: systemd starts the service when a client
     connects (here the test does); `modelctl run` starts the server at once, and exits 0 after
     idle_timeout without a request, until systemd sees the next client."""
-    from modelctl.sockets import Listener, activation_argv, activation_env
+    from modelctl.host.sockets import Listener, activation_argv, activation_env
 
     from .test_sockets import listen_server
 

@@ -19,11 +19,11 @@ from typing import BinaryIO, cast
 import psutil
 import pytest
 
-from modelctl import lifecycle as lc
-from modelctl.process import INSTANCE_VAR
+from modelctl.host.process import INSTANCE_VAR
 from modelctl.profile import load_profile
-from modelctl.record import Instance, ServerRecord
-from modelctl.supervisor_client import supervisor_info
+from modelctl.state import lifecycle as lc
+from modelctl.state.record import Instance, ServerRecord
+from modelctl.supervisor.client import supervisor_info
 
 from .conftest import http_get, tagged_processes, wait_for, wait_ticks
 from .test_cli import status_json, toy_pids
@@ -223,7 +223,7 @@ def test_deleting_or_replacing_the_lock_file_never_yields_two_supervisors(mc):
         if second.poll() is None:
             second.kill()
             second.wait()
-    supervisors = [p for p in tagged_processes(mc.tag) if {"supervise", "modelctl.daemon"} & set(p.cmdline())]
+    supervisors = [p for p in tagged_processes(mc.tag) if {"supervise", "modelctl.supervisor.daemon"} & set(p.cmdline())]
     assert [p.pid for p in supervisors] == [first.pid]
 
 
@@ -326,7 +326,7 @@ def test_a_held_state_lock_makes_commands_fail_fast_and_name_the_holder(mc):
         [
             sys.executable,
             "-c",
-            f"from modelctl.state import StateStore; import time; s = StateStore({str(mc.state_dir)!r}); c = s.locked(); c.__enter__(); print('held', flush=True); time.sleep(120)",
+            f"from modelctl.state.store import StateStore; import time; s = StateStore({str(mc.state_dir)!r}); c = s.locked(); c.__enter__(); print('held', flush=True); time.sleep(120)",
         ],
         env=mc.env,
         stdout=subprocess.PIPE,
@@ -521,7 +521,7 @@ def test_server_logs_are_rotated_at_their_size_cap(mc):
 
 
 def test_logs_n_reads_from_the_end_of_a_big_log_and_cuts_long_lines(mc):
-    from modelctl.logfiles import MAX_LINE, tail_lines
+    from modelctl.host.logfiles import MAX_LINE, tail_lines
 
     big = mc.tmp / "big.log"
     with open(big, "wb") as f:

@@ -17,7 +17,7 @@ import pytest
 
 from modelctl.backends import get_backend
 from modelctl.profile import parse_server
-from modelctl.supervisor import server_environment
+from modelctl.supervisor.core import server_environment
 
 from .conftest import ROOT, http_get, http_post, tagged_processes, wait_for
 from .load import ClosedLoop

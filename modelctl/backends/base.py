@@ -24,7 +24,7 @@ class Launch:
 
 @dataclass(frozen=True)
 class ClusterContainer:
-    """How a server runs in a Kubernetes pod; modelctl/k8s/manifests.py builds the objects around it."""
+    """How a server runs in a Kubernetes pod; modelctl/cluster/k8s/manifests.py builds the objects around it."""
 
     image: str
     args: list[str]

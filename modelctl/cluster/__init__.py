@@ -1,0 +1,1 @@
+"""Beyond one machine: a profile as systemd units, Kubernetes manifests and Slurm jobs."""

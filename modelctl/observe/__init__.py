@@ -1,0 +1,1 @@
+"""What modelctl shows of its servers: status rows and Prometheus metrics."""

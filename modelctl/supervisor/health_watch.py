@@ -1,0 +1,210 @@
+"""The health watch: warm-up, preparation and hung servers, for one server at a time.
+
+While a server starts, its probe runs every STARTUP_PROBE_SECONDS until it passes; then the
+kind's preparation runs (an Ollama pull or import, a preload), and the server is ready. Once
+ready, the probe runs every `health.interval`; a server unhealthy for longer than `health.grace`
+is restarted (hung, not dead). A start past `startup_timeout` is a failure; the time a probe
+waited for a free worker is not held against it, so a busy supervisor never kills a server that
+was simply not looked at.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Protocol
+
+from modelctl.backends import get_backend
+from modelctl.failures import Failure
+from modelctl.host.health import ProbeResult
+from modelctl.sanitize import one_line
+from modelctl.spec import ServerSpec
+from modelctl.state import lifecycle as lc
+
+STARTUP_PROBE_SECONDS = 0.1
+UNHEALTHY_PROBE_SECONDS = 1.0
+PROBE_GRID_SECONDS = 0.25
+
+
+class _Server(Protocol):
+    rec: Any
+    slot: Any
+    spec: ServerSpec
+
+
+def on_grid(when: float) -> float:
+    """Probes of ready servers fall on a common grid, so that one wake-up of the supervisor
+    collects several of them: at most PROBE_GRID_SECONDS later than asked."""
+    return math.ceil(when / PROBE_GRID_SECONDS) * PROBE_GRID_SECONDS
+
+
+class HealthWatch:
+    startup_probe_seconds = STARTUP_PROBE_SECONDS
+
+    def __init__(self, sup: Any):
+        self.sup = sup  # the supervisor: its procs, log, submit() and crash()
+
+    def check(self, srv: _Server, now: float) -> None:
+        if self.collect_preparation(srv, now):
+            return
+        if srv.rec.state == lc.STARTING and srv.slot.notify is not None:
+            self.await_ready(srv, now)
+            return
+        self.collect_probe(srv, now)
+        if srv.rec.state not in lc.ALIVE or srv.slot.stop is not None:
+            return
+        if self.enforce_timeouts(srv, now):
+            return
+        self.schedule_probe(srv, now)
+
+    # ------------------------------------------------------------------ preparation
+    def collect_preparation(self, srv: _Server, now: float) -> bool:
+        """True while a preparation (pull, import, preload) runs or just ended."""
+        rec, slot = srv.rec, srv.slot
+        if slot.prepare is None:
+            return False
+        if slot.progress is not None:
+            rec.progress = dict(slot.progress)
+        if not slot.prepare.done():
+            self.enforce_timeouts(srv, now)
+            slot.wake_at(now + 1.0)  # progress to show
+            return True
+        fut, slot.prepare = slot.prepare, None
+        rec.progress = None
+        try:
+            rec.info = fut.result() or {}
+        except Exception as e:
+            self.sup.log.error("%s: preparation failed: %s", rec.label, e)
+            # what a preparation says (no such model, unsupported file) does not heal by retrying
+            self.sup.crash(srv, now, None, Failure("prepare", one_line(str(e)), False))
+            return True
+        slot.prepared = True
+        rec.startup["prepare"] = round(now - (slot.prepare_started or now), 3)
+        self.mark_ready(srv, now)
+        return True
+
+    # ------------------------------------------------------------------ READY=1
+    def await_ready(self, srv: _Server, now: float) -> None:
+        """A server on a held socket is ready when it says so: a probe through the socket could be
+        answered by nobody yet (it waits in the backlog) or by another instance."""
+        rec, slot = srv.rec, srv.slot
+        if slot.notified:
+            rec.startup["port_open"] = 0.0  # held all along
+            self.apply_startup_probe(srv, ProbeResult(True, "READY=1", connected=True), now)
+            return
+        rec.detail = "starting: the socket is held; waiting for the server's READY=1"
+        self.enforce_timeouts(srv, now)
+
+    # ------------------------------------------------------------------ probes
+    def collect_probe(self, srv: _Server, now: float) -> None:
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        if slot.probe is None or not slot.probe.done():
+            return
+        fut, slot.probe = slot.probe, None
+        try:
+            result, ran_at = fut.result()
+        except Exception as e:
+            result, ran_at = ProbeResult(False, f"probe error: {e}"), slot.probe_submitted
+        if rec.state == lc.STARTING:
+            slot.starved += max(0.0, ran_at - slot.probe_submitted)
+        if rec.state == lc.STARTING:
+            slot.next_probe_at = now + STARTUP_PROBE_SECONDS
+        else:
+            interval = min(spec.health.interval, UNHEALTHY_PROBE_SECONDS) if rec.state == lc.UNHEALTHY else spec.health.interval
+            slot.next_probe_at = on_grid(now + interval)
+        if rec.state == lc.STARTING:
+            self.apply_startup_probe(srv, result, now)
+        elif result.ok:
+            if rec.state == lc.UNHEALTHY:
+                self.sup.log.info("%s: healthy again", rec.label)
+            lc.became_healthy(rec)
+            slot.unhealthy_since = None
+        else:
+            if rec.state == lc.READY:
+                self.sup.log.warning("%s: unhealthy: %s", rec.label, result.detail)
+                slot.unhealthy_since = now
+            lc.became_unhealthy(rec, result.detail)
+
+    def apply_startup_probe(self, srv: _Server, result: ProbeResult, now: float) -> None:
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        started = rec.instance.started_at if rec.instance else now
+        if result.connected and "port_open" not in rec.startup:
+            rec.startup["port_open"] = round(now - started, 3)
+        if not result.ok:
+            rec.detail = f"warming up: {result.detail}"
+            return
+        rec.startup.setdefault("port_open", round(now - started, 3))
+        backend = get_backend(spec.kind)
+        if not slot.prepared and backend.has_prepare:
+            rec.detail = "preparing"
+            slot.prepare_started = now
+
+            def report(progress: dict[str, Any]) -> None:
+                slot.progress = progress
+
+            slot.prepare = self.sup.submit(slot, backend.prepare, spec, self.url(srv), report)
+            return
+        self.mark_ready(srv, now)
+
+    def mark_ready(self, srv: _Server, now: float) -> None:
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        started = rec.instance.started_at if rec.instance else now
+        # the phases add up to the total: spawn → port open → healthy → prepared
+        total = round(now - started, 3)
+        port_open = min(rec.startup.get("port_open", total), total)
+        prepare = min(rec.startup.get("prepare", 0.0), total - port_open)
+        lc.became_ready(
+            rec, now, {"port_open": port_open, "healthy": round(total - port_open - prepare, 3), "prepare": prepare, "total": total}
+        )
+        slot.next_probe_at = on_grid(now + spec.health.interval)
+        slot.wake_at(slot.next_probe_at)
+        self.sup.log.info("%s: ready after %.1fs", rec.label, now - started)
+
+    def enforce_timeouts(self, srv: _Server, now: float) -> bool:
+        """Startup past startup_timeout, or unhealthy past the grace period: a failure."""
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        started = rec.instance.started_at if rec.instance else None
+        if rec.state == lc.STARTING and started is not None:
+            deadline = started + spec.startup_timeout + slot.starved
+            if now > deadline:
+                reason = f"not ready after {spec.startup_timeout:g}s (startup_timeout): {rec.detail or ''}".rstrip(": ")
+                if slot.external:  # nothing of ours to restart: say so and stop trying
+                    self.sup.crash(srv, now, None, Failure("unreachable", f"{rec.url} did not answer: {reason}", False))
+                else:
+                    self.sup.crash(srv, now, None, Failure("startup-timeout", reason, True))
+                return True
+            slot.wake_at(deadline)
+        since = slot.unhealthy_since
+        if rec.state == lc.UNHEALTHY and since is not None and not slot.external:
+            if now - since > spec.health.grace:
+                reason = f"unhealthy for {now - since:.0f}s ({rec.detail}); restarting"
+                self.sup.crash(srv, now, None, Failure("unhealthy", reason, True))
+                return True
+            slot.wake_at(since + spec.health.grace + 0.001)
+        return False
+
+    def schedule_probe(self, srv: _Server, now: float) -> None:
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        if slot.probe is not None or slot.prepare is not None:
+            return
+        if now < slot.next_probe_at:
+            slot.wake_at(slot.next_probe_at)
+            return
+        slot.probe_submitted = time.monotonic()
+        ready = rec.state == lc.READY
+        slot.probe = self.sup.submit(
+            slot, self.probe_job, spec, self.url(srv), rec.state != lc.STARTING, quiet=lambda outcome: ready and outcome[0].ok
+        )
+
+    def probe_job(self, spec: ServerSpec, url: str, check_model: bool) -> tuple[ProbeResult, float]:
+        """One probe, and when it actually ran (a worker may have been busy)."""
+        ran_at = time.monotonic()
+        result = self.sup.procs.probe(spec, url)
+        if result.ok and check_model:
+            ok, why = get_backend(spec.kind).is_ready(spec, url)
+            if not ok:
+                result = ProbeResult(False, why, connected=True)
+        return ProbeResult(result.ok, one_line(result.detail), result.connected), ran_at
+
+    def url(self, srv: _Server) -> str:
+        return srv.rec.url or get_backend(srv.spec.kind).base_url(srv.spec, srv.rec.port)
