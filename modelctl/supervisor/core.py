@@ -245,7 +245,13 @@ class Server:
 
 
 def server_environment(
-    spec: ServerSpec, launch: Launch, port: int | None, gpus: list[int], instance: str, cache_dir: Path | str = "."
+    spec: ServerSpec,
+    launch: Launch,
+    port: int | None,
+    gpus: list[int],
+    instance: str,
+    cache_dir: Path | str = ".",
+    state_dir: Path | None = None,
 ) -> dict[str, str]:
     """The environment a server starts with: ours, the kind's, the profile's, its GPUs and its token."""
     env = dict(os.environ)
@@ -257,6 +263,8 @@ def server_environment(
     env.setdefault("MODELCTL_CACHE_DIR", str(cache_dir))
     if port is not None:
         env["MODELCTL_PORT"] = str(port)
+    if state_dir is not None:
+        env["MODELCTL_STATE_DIR"] = str(Path(state_dir).resolve())  # where the gateway reads the records
     env.update(spec.env)  # the profile has the last word...
     env[INSTANCE_VAR] = instance  # ...but for the proof that a process is this instance's
     return env
@@ -610,7 +618,7 @@ class Supervisor:
         listener = self.listeners.get(rec.ref) if self.uses_socket(srv) else None
         launch = get_backend(spec.kind).launch(spec, rec.port, rec.gpus, socket=listener is not None)
         assert launch is not None
-        env = server_environment(spec, launch, rec.port, rec.gpus, token, self.store.root / "cache")
+        env = server_environment(spec, launch, rec.port, rec.gpus, token, self.store.root / "cache", self.store.root)
         program = launch.argv[0]
         mark = f"starting {rec.label}: {one_line(shlex.join(launch.argv))}" + (
             " (on the held socket, as fd 3)" if listener is not None else ""

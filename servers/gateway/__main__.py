@@ -1,4 +1,4 @@
-"""`python -m servers.gateway --state-dir DIR [--profile NAME ...] --port 8000`
+"""`python -m servers.gateway [--state-dir DIR] [--profile NAME ...] --port 8000`
 
 Serves on --host/--port, or on the socket a supervisor handed it (LISTEN_FDS; modelctl holds it
 across restarts) and says READY=1 once serving. On SIGTERM it stops accepting at once (the next
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ from typing import NoReturn
 
 from aiohttp import web
 
+from modelctl.served_names import TASKS
 from servers.activation import inherited_socket, notify
 from servers.gateway.app import Gateway
-from servers.gateway.naming import TASKS
 from servers.gateway.settings import GatewaySettings
 
 EXIT_CONFIG = 78
@@ -40,7 +41,11 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> tuple[GatewaySettings, argparse.Namespace]:
     d = GatewaySettings(state_dir=Path("."))
     p = _Parser(prog="python -m servers.gateway", description="One URL for every model server modelctl runs.")
-    p.add_argument("--state-dir", required=True, help="modelctl's state directory (its records say where each server is)")
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("MODELCTL_STATE_DIR"),
+        help="modelctl's state directory, whose records say where each server is (default: $MODELCTL_STATE_DIR)",
+    )
     p.add_argument("--profile", action="append", default=None, help="serve this profile's servers (repeat; default: every profile)")
     p.add_argument("--home", default=None, help="the gateway's own profile: its names win where two profiles share one")
     p.add_argument("--host", default=d.host)
@@ -64,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewaySettings, argparse
         if not sep or task not in TASKS or not name:
             p.error(f"--default {item!r}: write TASK=NAME with TASK one of {', '.join(TASKS)}")
         defaults[task] = name
+    if not a.state_dir:
+        p.error("--state-dir is required (or MODELCTL_STATE_DIR)")
     if not Path(a.state_dir).is_dir():
         p.error(f"--state-dir {a.state_dir}: no such directory")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

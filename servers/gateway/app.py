@@ -28,11 +28,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from modelctl.served_names import OLLAMA, TASKS, ollama_full_name
 from servers.gateway.admission import Admission, Full
 from servers.gateway.catalog import Catalog, Server
 from servers.gateway.errors import GatewayError, listing
 from servers.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from servers.gateway.naming import OLLAMA, TASKS, ollama_full_name
 from servers.gateway.settings import GatewaySettings
 
 try:  # orjson parses a request body several times faster; json is the fallback

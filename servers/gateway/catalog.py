@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from servers.gateway.naming import OLLAMA, aliases_of, names_of, served_name, task_of
+from modelctl.served_names import OLLAMA, aliases_of, names_of, served_name, task_of
 
 log = logging.getLogger("gateway")
 
