@@ -1,6 +1,6 @@
 """A stand-in for an LLM server's OpenAI chat API: it "generates" N tokens at a fixed rate.
 
-    chat_stream_server.py --port P [--model NAME] [--tokens N] [--interval S] [--load S]
+    chat_stream_server.py --port P [--model NAME] [--tokens N] [--interval S] [--load S] [--head-delay S]
 
 POST /v1/chat/completions and /v1/completions: `stream: true` → SSE, one `data:` chunk per token
 every --interval seconds, then `data: [DONE]`; else one JSON answer after the same time. A body's
@@ -64,6 +64,7 @@ def make_app(a: argparse.Namespace) -> web.Application:
                     "usage": {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1},
                 }
             )
+        await asyncio.sleep(a.head_delay)  # a server that takes its time to begin (a long prompt, a wake)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         stats["open"] += 1
@@ -137,6 +138,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--interval", type=float, default=0.02)
     p.add_argument("--load", type=float, default=0.0)
+    p.add_argument("--head-delay", type=float, default=0.0, help="seconds before a stream's answer head")
     asyncio.run(serve(p.parse_args()))
 
 
