@@ -36,6 +36,7 @@ from .gateway_stack import (
     gateway_argv,
     write_record,
 )
+from .load import ClosedLoop
 
 CHAT_TOKENS, CHAT_INTERVAL = 6, 0.15
 
@@ -530,3 +531,89 @@ def test_systemd_units_include_the_gateway(mc):
     service = (out / "modelctl-test-gateway.service").read_text()
     assert " run gateway " in service and (out / "modelctl-test-gateway.socket").exists()
     assert "ListenStream=127.0.0.1:18999" in (out / "modelctl-test-gateway.socket").read_text()
+
+
+def supervised_embedders(mc, count: int, **keys: object) -> dict:
+    embed = [sys.executable, str(Path(__file__).parent / "servers" / "fake_sentence_server.py")]
+    return {
+        f"e{i}": {
+            "kind": "command",
+            "task": "embedding",
+            "model_name": f"e{i}",
+            "command": [*embed, "--model-path", "fake:dims=8,delay=0.05", "--port", "{port}", "--model-name", f"e{i}"],
+            "socket": "inherit",
+            "notify": True,
+            "health": {"http": "/health"},
+            **keys,
+        }
+        for i in range(count)
+    }
+
+
+@pytest.mark.slow
+def test_a_gateway_restart_under_load_refuses_and_fails_no_request(mc):
+    gateway_port = free_port()
+    path = mc.profile(supervised_embedders(mc, 1), gateway={"port": gateway_port})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    totals = {}
+    with ClosedLoop(f"http://127.0.0.1:{gateway_port}", "/v1/embeddings", {"model": "e0", "input": "hi"}, clients=8, timeout=60) as load:
+        load.wait_answered(20)
+        for what in ("restart", "restart again"):
+            t0 = time.monotonic()
+            res = mc.cli("restart", "test/gateway")
+            assert res.returncode == 0, res.stdout + res.stderr
+            load.wait_answered(20)
+            totals[what] = load.tally.summary(t0, time.monotonic())
+    for what, t in totals.items():
+        assert t["refused"] == 0 and t["failed"] == 0, (what, t)
+        assert t["outage_s"] < 1.0, (what, t)
+    assert mc.row("gateway")["restarts"] == 0 and mc.row("gateway")["state"] == "ready"
+
+
+@pytest.mark.slow
+def test_on_demand_servers_under_a_budget_called_in_turn_through_the_gateway_all_answer(mc):
+    gateway_port = free_port()
+    servers = supervised_embedders(mc, 2, start="on-demand", memory="60MiB", idle_timeout="1m")
+    path = mc.profile(servers, gateway={"port": gateway_port}, budget={"memory": "160MiB"})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="none", max_retries=0, timeout=120)
+    statuses = []
+    for turn in range(6):
+        name = f"e{turn % 2}"
+        for _ in range(3):
+            statuses.append(len(client.embeddings.create(model=name, input="hi").data[0].embedding))
+        assert mc.row(name)["state"] == "ready"
+        assert mc.row(f"e{(turn + 1) % 2}")["state"] in ("idle", "stopping")  # evicted to make room
+    assert statuses == [8] * 18
+    assert sum(mc.record(f"e{i}").usage.evictions for i in range(2)) >= 4
+
+
+@pytest.mark.slow
+def test_a_server_with_a_request_in_flight_is_not_evicted_for_another(mc):
+    gateway_port = free_port()
+    servers = supervised_embedders(mc, 2, start="on-demand", memory="60MiB", idle_timeout="1m")
+    servers["e0"]["command"][3] = "fake:dims=8,delay=3"  # each of its batches takes 3 s
+    path = mc.profile(servers, gateway={"port": gateway_port}, budget={"memory": "160MiB"})
+    assert mc.cli("up", "-p", str(path)).returncode == 0
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="none", max_retries=0, timeout=120)
+    assert len(client.embeddings.create(model="e0", input="warm").data[0].embedding) == 8  # e0 is up
+    done: dict[str, float] = {}
+
+    def call(name: str) -> None:
+        assert len(client.embeddings.create(model=name, input="hi").data[0].embedding) == 8
+        done[name] = time.monotonic()
+
+    slow = threading.Thread(target=call, args=("e0",))
+    slow.start()
+    time.sleep(0.5)  # e0 serves its request...
+    other = threading.Thread(target=call, args=("e1",))
+    other.start()  # ...when e1, which needs e0's memory, is called
+    states = []
+    while slow.is_alive():
+        states.append(mc.row("e0")["state"])
+        time.sleep(0.1)
+    slow.join()
+    other.join()
+    assert set(done) == {"e0", "e1"} and done["e1"] > done["e0"]
+    assert set(states) == {"ready"}, states  # never stopped while its request was in flight
+    assert mc.record("e0").usage.evictions == 1

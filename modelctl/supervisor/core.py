@@ -178,6 +178,9 @@ AFTER_STOP = "stop"  # a deliberate stop (down whose owner died, a replaced spec
 AFTER_REST = "rest"  # an on-demand server stopped when idle, or evicted for another's memory: idle again
 
 
+EVICTION_LOOK = 0.5  # seconds: how fresh a look at a server's requests in flight must be to evict it
+
+
 @dataclass
 class Slot:
     """The supervisor's in-memory view of one server: its record as last read, what is in flight."""
@@ -221,6 +224,8 @@ class Slot:
     activity: Future[tuple[Scrape | None, int | None]] | None = None
     next_activity_at: float = 0.0
     last_requests: float | None = None
+    in_flight: int = 0  # requests the server was serving at its last look (or clients connected)
+    activity_at: float = 0.0  # when that look was taken
 
     def busy(self) -> bool:
         jobs = (self.probe, self.prepare, self.stop, *self.retiring)
@@ -695,12 +700,36 @@ class Supervisor:
             log.error("%s: %s", rec.label, decision.reason)
             return False
         if isinstance(decision, budget.Evict):
+            serving = self._serving_requests(decision.victims, now)
+            if serving:
+                rec.detail = f"waiting for memory: {decision.reason}; {serving} first"
+                slot.waiting_for_budget = True
+                slot.wake_at(now + 0.25)
+                return False
             for victim in decision.victims:
                 self._evict(victim, decision.reason, now)
         rec.detail = f"waiting for memory: {decision.reason}"
         slot.waiting_for_budget = True
         slot.wake_at(now + 0.25)
         return False
+
+    def _serving_requests(self, victims: tuple[ServerRef, ...], now: float) -> str:
+        """Which servers to evict are still serving requests (or were not looked at just now: a
+        fresh look is taken); empty when all of them may be stopped. A server is never evicted
+        with requests in flight: the start that needs its memory waits for them."""
+        waiting = []
+        for ref in victims:
+            vslot = self.slots.get(ref)
+            if vslot is None or vslot.rec is None or vslot.spec is None:
+                continue
+            if now - vslot.activity_at > EVICTION_LOOK:
+                if vslot.activity is None:
+                    url = self.health.url(Server(vslot.rec, vslot, vslot.spec))
+                    vslot.activity = self.submit(vslot, activity_of, url, vslot.rec.port)
+                waiting.append(f"looking at {ref}'s requests in flight")
+            elif vslot.in_flight > 0:
+                waiting.append(f"{ref} finishes its {vslot.in_flight} request(s) in flight")
+        return ", ".join(waiting)
 
     def _evict(self, ref: ServerRef, reason: str, now: float) -> None:
         """Stop an on-demand server to make room (it goes back to idle, its socket held)."""
@@ -724,6 +753,8 @@ class Supervisor:
         if slot.activity is not None and slot.activity.done():
             fut, slot.activity = slot.activity, None
             scraped, connections = fut.result() if fut.exception() is None else (None, None)
+            slot.in_flight = int(scraped.in_progress) if scraped is not None else (connections or 0)
+            slot.activity_at = now
             if scraped is not None:
                 moved = slot.last_requests is not None and scraped.requests != slot.last_requests
                 busy = moved or scraped.in_progress > 0

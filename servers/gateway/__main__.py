@@ -129,8 +129,19 @@ async def serve(settings: GatewaySettings, access_log: bool = False) -> None:
     await runner.cleanup()
 
 
+def raise_fd_limit() -> None:
+    """Every stream holds two connections (the client's, the server's): take the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     settings, args = parse_args(argv)
+    raise_fd_limit()
     with contextlib.suppress(ImportError):
         import uvloop
 

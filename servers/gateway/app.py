@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from modelctl.served_names import OLLAMA, TASKS, ollama_full_name
 from servers.gateway.admission import Admission, Full
@@ -79,6 +80,8 @@ class Gateway:
         self._refresher: asyncio.Task[None] | None = None
         self._last_refresh = 0.0
         self._key = settings.api_key.encode() if settings.api_key else None
+        self._urls: dict[tuple[str, str], URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     # ------------------------------------------------------------------ the app
     def app(self) -> web.Application:
@@ -105,7 +108,9 @@ class Gateway:
     async def _start(self, app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0, enable_cleanup_closed=True)
         # auto_decompress off: answers pass as the server wrote them, Content-Encoding included
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar()
+        )
         self.catalog.refresh()
         self._last_refresh = time.monotonic()
         self._refresher = asyncio.create_task(self._refresh_loop())
@@ -330,32 +335,43 @@ class Gateway:
         """The server's answer head; one resend when a kept-alive connection turned out closed."""
         assert self.session is not None
         s = self.settings
-        url = server.url + path + (f"?{request.query_string}" if request.query_string else "")
+        url = self._url(server.url, path, request.query_string)
         read = max(s.read_timeout, server.startup_timeout or 0.0) if server.state in WAKING else s.read_timeout
-        timeout = aiohttp.ClientTimeout(sock_connect=s.connect_timeout, sock_read=read)
+        timeout = self._timeouts.get(read) or self._timeouts.setdefault(
+            read, aiohttp.ClientTimeout(sock_connect=s.connect_timeout, sock_read=read)
+        )
         headers = self._upstream_headers(request, server)
         for attempt in (1, 2):
             try:
                 return await self.session.request(
                     request.method, url, data=body or None, headers=headers, timeout=timeout, allow_redirects=False
                 )
-            except aiohttp.ServerDisconnectedError:
-                # a pooled connection the server closed as the request went out (an idle timeout,
-                # an instance that stops): no answer was begun, so the request is sent again
-                if attempt == 2:
-                    raise GatewayError(
-                        502, f"{server.label} at {server.url} closed the connection without answering", "server_disconnected"
-                    ) from None
             except aiohttp.ClientConnectorError as e:
-                raise self._unreachable(server, e) from None
+                raise self._unreachable(server, f"refused the connection ({e.os_error or e})") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # a pooled connection the server closed as the request went out (an idle timeout,
+                # an instance that stops): no answer was begun, so the request is sent once more
+                if attempt == 2:
+                    raise self._unreachable(server, f"closed the connection without answering ({type(e).__name__})") from None
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 raise GatewayError(504, f"{server.label} at {server.url} did not answer within {read:g}s", "server_timeout") from None
             except aiohttp.ClientError as e:
                 raise GatewayError(502, f"{server.label} at {server.url}: {type(e).__name__}: {e}"[:300], "server_error") from None
         raise AssertionError("unreachable")
 
-    def _unreachable(self, server: Server, error: Exception) -> GatewayError:
-        """A refused connection: what the record says now decides the answer."""
+    def _url(self, base: str, path: str, query: str) -> URL:
+        """The server's own address with the path (parsed once per server and path)."""
+        if query:
+            return URL(f"{base}{path}?{query}", encoded=True)
+        url = self._urls.get((base, path))
+        if url is None:
+            url = self._urls[(base, path)] = URL(base + path, encoded=True)
+            if len(self._urls) > 10_000:  # paths of /servers/... are the client's: keep the cache bounded
+                self._urls.clear()
+        return url
+
+    def _unreachable(self, server: Server, what: str) -> GatewayError:
+        """A refused or dropped connection: what the record says now decides the answer."""
         self.refresh_now()
         now = next((s for s in self.catalog.servers if s.label == server.label), server)
         if now.state == "failed":
@@ -365,7 +381,7 @@ class Gateway:
             return GatewayError(503, f"{now.label} is stopped (modelctl up starts it)", "server_stopped")
         if now.state != "ready":
             return GatewayError(503, f"{now.label} is {now.state}; retry shortly", "server_unavailable", headers={"Retry-After": "2"})
-        return GatewayError(502, f"{now.label} at {now.url} refused the connection ({error})"[:300], "server_unreachable")
+        return GatewayError(502, f"{now.label} at {now.url} {what}"[:300], "server_unreachable")
 
     def _upstream_headers(self, request: web.Request, server: Server) -> CIMultiDict[str]:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
