@@ -9,8 +9,8 @@ all on held sockets. Then, rounds of direct and gateway calls alternating:
   2. one client, one sentence per request: p50 latency, and what the gateway adds;
   3. chat streams (one at a time): time to the first chunk, and how late each chunk arrives
      after the server wrote it (`sent_at` in each chunk; same clock), direct and through it;
-  4. --streams concurrent open streams through the gateway: how many completed, the gateway's
-     resident memory while they were open;
+  4. --streams concurrent open streams, direct and through the gateway: how many completed, how
+     late their chunks came, and the gateway's resident memory while they were open;
 and the gateway's CPU time per request in 1 (user + system, from /proc).
 """
 
@@ -253,11 +253,16 @@ def measure(a: argparse.Namespace, direct_embed: str, direct_chat: str, gateway:
     print(f"   gateway chunks within 2 ms of the direct p50 lateness: {share_within_2ms * 100:.1f}%")
 
     idle_rss = gw_proc.memory_info().rss
+    alone = asyncio.run(many_streams(direct_chat, a.streams, a.stream_tokens, gw_proc))
     result = asyncio.run(many_streams(gateway, a.streams, a.stream_tokens, gw_proc))
-    print(f"\n4. {a.streams} concurrent streams through the gateway, {a.stream_tokens} tokens each")
-    print(f"   completed {result['completed']}/{result['streams']} in {result['seconds']} s; errors: {result['errors'] or 'none'}")
+    print(f"\n4. {a.streams} concurrent streams, {a.stream_tokens} tokens each, direct then through the gateway")
+    print(f"   direct: completed {alone['completed']}/{alone['streams']} in {alone['seconds']} s; errors: {alone['errors'] or 'none'}")
+    print(f"   gateway: completed {result['completed']}/{result['streams']} in {result['seconds']} s; errors: {result['errors'] or 'none'}")
     print(f"   gateway RSS: {idle_rss / MiB:.1f} MiB before, {result['gateway_rss_mib']} MiB at most while they were open")
-    print(f"   chunk lateness under that load: p50 {result['chunk_late_p50_ms']} ms, p99 {result['chunk_late_p99_ms']} ms")
+    print(
+        f"   chunk lateness: direct p50 {alone['chunk_late_p50_ms']} / p99 {alone['chunk_late_p99_ms']} ms, "
+        f"gateway p50 {result['chunk_late_p50_ms']} / p99 {result['chunk_late_p99_ms']} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class GatewayBackend(Backend):
     def model_label(self, spec: ServerSpec) -> str:
         return "gateway (every profile)" if spec.options["scope"] == "all" else "gateway"
 
+    def not_in_cluster(self, spec: ServerSpec) -> str:
+        return "the gateway reads modelctl's records on its machine; on Kubernetes each server has its Service"
+
     def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer | None:
         """Not on Kubernetes: there each server has its Service, and a gateway of the cluster's own
         (an Ingress, vLLM's router) fronts them."""
