@@ -74,6 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "mute",
         "gateway",
         "keyed",
+        "anon",
         "broken",
         "other",
     ]
@@ -93,6 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     p.start("chat", chat_argv(port["chat"], "stand-in", "--tokens", str(CHAT_TOKENS), "--interval", str(CHAT_INTERVAL)))
     p.start("slow", chat_argv(port["slow"], "slow-head", "--tokens", "2", "--interval", "0.05", "--head-delay", "1.2"))
     p.start("limited", chat_argv(port["limited"], "limited", "--tokens", "1", "--interval", "1.0"))
+    p.start("anon", chat_argv(port["anon"], "reported-model", "--tokens", "1", "--interval", "0"))
     p.start(
         "ollama", [sys.executable, FAKE_OLLAMA, "serve"], env={"OLLAMA_HOST": f"127.0.0.1:{port['ollama']}", "OLLAMA_MODELS": str(models)}
     )
@@ -117,6 +119,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     write_record(st, "lab", "slow", "command", {"model_name": "slow-head", "start": "on-demand"}, port["slow"], state="idle")
     write_record(st, "lab", "limited", "command", {"model_name": "limited", "max_concurrency": 1, "max_queue": 1}, port["limited"])
     write_record(st, "lab", "ollama", "ollama", {"model": "tiny"}, port["ollama"])
+    write_record(st, "lab", "anon", "command", {}, port["anon"], instance={"token": "t1", "fingerprint": "f", "started_at": 0})
     write_record(st, "lab", "dead", "command", {"model_name": "dead"}, port["dead"])
     write_record(st, "lab", "mute", "command", {"model_name": "mute"}, port["mute"])
     write_record(
@@ -140,7 +143,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     p.start("keyed", gateway_argv(st, port["keyed"], "--home", "lab"), env={"MODELCTL_API_KEY": "gateway-key"})
     s.gateway, s.keyed_gateway = s.url("gateway"), s.url("keyed")
     try:
-        for name in ("emb_a", "emb_b", "rerank", "secure", "chat", "slow", "limited", "gateway", "keyed"):
+        for name in ("emb_a", "emb_b", "rerank", "secure", "chat", "slow", "limited", "anon", "gateway", "keyed"):
             p.wait_healthy(name, s.url(name), timeout=120)
         wait_for(lambda: http_get(s.url("ollama") + "/api/version")[0] == 200, 30, what="the Ollama stand-in")
         yield s
@@ -207,6 +210,15 @@ def test_a_server_is_reached_by_alias_and_by_profile_and_server_name(stack):
     # an engine that checks the name gets its own served name in place of the alias
     status, body, _ = http_post(stack.gateway + "/v1/chat/completions", {"model": "gpt-4o-mini", "max_tokens": 1})
     assert (status, body["model"]) == (200, "stand-in")
+
+
+def test_a_server_without_a_model_name_is_reached_by_the_ids_it_reports(stack):
+    def reported() -> list:
+        return next(m for m in http_get(stack.gateway + "/v1/models")[1]["data"] if m["server"] == "lab/anon")["reported"]
+
+    assert wait_for(reported, 10, what="the model ids lab/anon reports") == ["reported-model"]
+    status, body, _ = http_post(stack.gateway + "/v1/chat/completions", {"model": "reported-model", "max_tokens": 1})
+    assert (status, body["model"]) == (200, "reported-model")
 
 
 def test_one_name_is_embedding_on_one_server_and_rerank_on_another(stack):

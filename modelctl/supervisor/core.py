@@ -179,6 +179,7 @@ AFTER_REST = "rest"  # an on-demand server stopped when idle, or evicted for ano
 
 
 EVICTION_LOOK = 0.5  # seconds: how fresh a look at a server's requests in flight must be to evict it
+EVICTION_PATIENCE = 120.0  # seconds a start waits for them before it evicts anyway (a connection held open forever)
 
 
 @dataclass
@@ -225,6 +226,7 @@ class Slot:
     next_activity_at: float = 0.0
     last_requests: float | None = None
     in_flight: int = 0  # requests the server was serving at its last look (or clients connected)
+    waiting_for_requests_since: float | None = None  # a start waits for another's requests in flight
     activity_at: float = 0.0  # when that look was taken
 
     def busy(self) -> bool:
@@ -692,6 +694,7 @@ class Supervisor:
         decision = budget.admit(rec, spec, records)
         if isinstance(decision, budget.Admit):
             slot.waiting_for_budget = False
+            slot.waiting_for_requests_since = None
             return True
         if isinstance(decision, budget.Refuse):
             slot.waiting_for_budget = False
@@ -701,11 +704,15 @@ class Supervisor:
             return False
         if isinstance(decision, budget.Evict):
             serving = self._serving_requests(decision.victims, now)
-            if serving:
+            since = slot.waiting_for_requests_since = slot.waiting_for_requests_since or now
+            if serving and now - since < EVICTION_PATIENCE:
                 rec.detail = f"waiting for memory: {decision.reason}; {serving} first"
                 slot.waiting_for_budget = True
                 slot.wake_at(now + 0.25)
                 return False
+            if serving:  # a client that holds a connection open forever must not keep this one waiting forever
+                log.warning("%s: evicting after %.0fs although %s", rec.label, now - since, serving)
+            slot.waiting_for_requests_since = None
             for victim in decision.victims:
                 self._evict(victim, decision.reason, now)
         rec.detail = f"waiting for memory: {decision.reason}"

@@ -64,6 +64,7 @@ HOP_BY_HOP = frozenset(
 ANSWER_DROPPED = HOP_BY_HOP | {"date", "server"}  # aiohttp writes its own
 SMALL_ANSWER = 256 * 1024  # an answer of known length up to this size is sent in one write
 MAX_NAME = 256
+MAX_REPORTED = 32  # model ids taken from one server's /v1/models
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,6 +82,8 @@ class Gateway:
         self._last_refresh = 0.0
         self._key = settings.api_key.encode() if settings.api_key else None
         self._urls: dict[tuple[str, str], URL] = {}
+        self._asked: set[tuple[str, str]] = set()
+        self._asking: set[asyncio.Task[None]] = set()
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     # ------------------------------------------------------------------ the app
@@ -127,8 +130,36 @@ class Gateway:
             try:
                 self.catalog.refresh()
                 self._last_refresh = time.monotonic()
+                self._ask_what_they_serve()
             except Exception:  # a bad moment in the state directory must not end the routing
                 log.exception("reading the records failed")
+
+    def _ask_what_they_serve(self) -> None:
+        """A ready server whose profile names no model (a command server without model_name) is
+        asked once per instance for the model ids it reports (/v1/models), which then reach it."""
+        for server in self.catalog.servers:
+            key = (server.label, server.instance)
+            if server.named_by_profile or server.state != "ready" or key in self._asked:
+                continue
+            self._asked.add(key)
+            task = asyncio.create_task(self._ask(server))
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
+
+    async def _ask(self, server: Server) -> None:
+        assert self.session is not None
+        headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with self.session.get(server.url + "/v1/models", headers=headers, timeout=timeout) as resp:
+                data = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            data = None
+        items = data.get("data") if isinstance(data, dict) else None
+        ids = [m["id"] for m in items or [] if isinstance(m, dict) and isinstance(m.get("id"), str) and 0 < len(m["id"]) <= MAX_NAME]
+        if ids:
+            log.info("%s reports %s", server.label, ", ".join(ids[:MAX_REPORTED]))
+            self.catalog.report(server, ids[:MAX_REPORTED])
 
     def refresh_now(self) -> bool:
         """Look at the records again unless that was just done; True when anything changed."""
@@ -187,7 +218,7 @@ class Gateway:
                 name = model_of(data, ollama) if model_in_body else self.default_name(family, path)
                 server = self.resolve(name, family, path)
                 stream = not ollama and data.get("stream") is True  # Ollama streams NDJSON: no SSE comments there
-                body = with_served_name(body, data, name, server)
+                body = with_served_name(body, data, name, server, self.catalog.reported_names(server))
                 return await self.forward(request, server, path, body, endpoint=path, stream=stream)
             except GatewayError as e:
                 return self._refuse(e, ollama)
@@ -202,7 +233,8 @@ class Gateway:
             data = parse_object(body)
             name = model_of(data) if "model" in data or "texts" not in data else self.default_name("rerank", "/rerank")
             server = self.resolve(name, "rerank", "/rerank")
-            return await self.forward(request, server, "/rerank", with_served_name(body, data, name, server), endpoint="/rerank")
+            body = with_served_name(body, data, name, server, self.catalog.reported_names(server))
+            return await self.forward(request, server, "/rerank", body, endpoint="/rerank")
         except GatewayError as e:
             return self._refuse(e)
 
@@ -465,6 +497,7 @@ class Gateway:
             "memory": s.memory,
             "start": s.start,
             "aliases": list(s.aliases),
+            "reported": list(self.catalog.reported_names(s)),
             "endpoint": ENDPOINT_OF_TASK[s.task] if s.task in TASKS else None,
             "last_error": s.last_error if s.state == "failed" else None,
         }
@@ -531,14 +564,16 @@ def model_of(data: dict[str, Any], ollama: bool = False) -> str:
     return name
 
 
-def with_served_name(body: bytes, data: dict[str, Any], name: str, server: Server) -> bytes:
+def with_served_name(body: bytes, data: dict[str, Any], name: str, server: Server, reported: tuple[str, ...] = ()) -> bytes:
     """The body unchanged, except that a name the engine itself does not know (an alias,
-    PROFILE/SERVER) becomes its served name: engines other than the bundled one check it."""
-    if server.kind == "sentence" or data.get("model") in (None, server.served):
+    PROFILE/SERVER) becomes its served name (or the first id it reported): engines other than the
+    bundled one check it."""
+    own = reported or (server.served,)
+    if server.kind == "sentence" or data.get("model") is None or data.get("model") in own:
         return body
     if server.kind == "ollama" and ollama_full_name(name) == ollama_full_name(server.served):
         return body
-    return json.dumps({**data, "model": server.served}).encode()
+    return json.dumps({**data, "model": own[0]}).encode()
 
 
 def shorten(value: Any, limit: int = 80) -> str:

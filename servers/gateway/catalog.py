@@ -51,6 +51,8 @@ class Server:
     startup_timeout: float | None = None
     model: str = ""  # what the profile says it runs (a hub name, a path, an Ollama model)
     info: Mapping[str, Any] = field(default_factory=dict)
+    instance: str = ""  # the running instance's token: what a server reports holds for it alone
+    named_by_profile: bool = True  # False: a command server without model_name, asked what it serves
 
     @property
     def label(self) -> str:
@@ -101,6 +103,8 @@ def server_from_record(data: Mapping[str, Any]) -> Server | None:
         startup_timeout=_seconds(spec.get("startup_timeout")),
         model=str(spec.get("model") or ""),
         info=_mapping(data.get("info")),
+        instance=str(_mapping(data.get("instance")).get("token") or ""),
+        named_by_profile=kind != "command" or isinstance(spec.get("model_name"), str),
     )
 
 
@@ -116,6 +120,8 @@ class Catalog:
         self.unreadable: dict[str, str] = {}
         self.servers: list[Server] = []
         self._by_name: dict[str, list[Server]] = {}
+        # what servers without a name in the profile said they serve (their /v1/models), per instance
+        self.reported: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     def refresh(self) -> bool:
         """Read the records that changed; True when anything did."""
@@ -139,12 +145,26 @@ class Catalog:
             changed = True
         if changed:
             self.servers = sorted((s for _, s in self._files.values() if s is not None), key=lambda s: (s.profile, s.name))
-            by_name: dict[str, list[Server]] = {}
-            for server in self.servers:
-                for name in server.names:
-                    by_name.setdefault(name, []).append(server)
-            self._by_name = by_name
+            self._index()
         return changed
+
+    def report(self, server: Server, names: Iterable[str]) -> None:
+        """The model ids a server said it serves, for its current instance."""
+        self.reported[server.label] = (server.instance, tuple(names))
+        self._index()
+
+    def reported_names(self, server: Server) -> tuple[str, ...]:
+        instance, names = self.reported.get(server.label, ("", ()))
+        return names if instance == server.instance else ()
+
+    def _index(self) -> None:
+        by_name: dict[str, list[Server]] = {}
+        for server in self.servers:
+            for name in (*server.names, *self.reported_names(server)):
+                found = by_name.setdefault(name, [])
+                if not any(s is server for s in found):
+                    found.append(server)
+        self._by_name = by_name
 
     def _record_paths(self) -> list[Path]:
         try:
@@ -204,7 +224,7 @@ class Catalog:
         out: list[str] = []
         for s in self.servers:
             if family is None or s.serves(family):
-                for name in (s.served, *s.aliases):
+                for name in (s.served, *s.aliases, *self.reported_names(s)):
                     if name not in out:
                         out.append(name)
         return out
