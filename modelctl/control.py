@@ -21,16 +21,17 @@ from modelctl.errors import ModelctlError, UnknownServerError
 from modelctl.host import logfiles
 from modelctl.host.gpus import allocate_gpus, discover_gpus
 from modelctl.host.identity import is_alive
+from modelctl.host.sockets import holds_listener
 from modelctl.names import ServerRef, is_valid_name, unit_name
 from modelctl.observe.rows import StatusRow, status_rows
 from modelctl.profile import Profile, record_spec
 from modelctl.spec import Budget, ServerSpec
 from modelctl.state import lifecycle as lc
 from modelctl.state.leases import PortAllocation, PortLeases, PortRequest, allocate_ports
-from modelctl.state.record import ServerRecord
+from modelctl.state.record import HELD, NO_SOCKET, NotHeld, ServerRecord
 from modelctl.state.store import AnyRecord, BrokenRecord, Stamp, StateStore
 from modelctl.supervisor.budget import budget_json
-from modelctl.supervisor.client import ensure_supervisor, supervisor_info, wake_supervisor
+from modelctl.supervisor.client import SupervisorInfo, ensure_supervisor, supervisor_info, wake_supervisor
 from modelctl.supervisor.stopping import Stopped, stop_owner_alive, stop_servers
 from modelctl.yamlfile import peek_profile_name
 
@@ -130,12 +131,19 @@ def _refuse_conflicts(rec: AnyRecord | None, managed_by: lc.ManagedBy) -> None:
         )
 
 
+def holds_own_socket(rec: ServerRecord, supervisor: SupervisorInfo | None) -> bool:
+    """Does this state directory's supervisor hold the server's listening socket on its port now?"""
+    if supervisor is None or supervisor.pid is None or rec.port is None or rec.socket_mode != HELD:
+        return False
+    return holds_listener(supervisor.pid, rec.port)
+
+
 def _write_spec(
     rec: ServerRecord, spec: ServerSpec, managed_by: lc.ManagedBy, port: int | None, gpus: list[int], budget: Budget | None
 ) -> None:
     """What the profile now says, into a record; the supervisor takes it from there."""
-    if rec.fingerprint != spec.fingerprint and rec.socket.startswith("not held"):
-        rec.socket = ""  # a new spec (another vLLM, say): try the held socket again
+    if rec.fingerprint != spec.fingerprint and isinstance(rec.socket_mode, NotHeld):
+        rec.set_socket(NO_SOCKET)  # a new spec (another vLLM, say): try the held socket again
     rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
     rec.host, rec.port, rec.gpus, rec.url = spec.host, port, gpus, get_backend(spec.kind).base_url(spec, port)
     rec.budget = budget_json(budget)
@@ -201,11 +209,14 @@ class Controller:
         starting = {s.ref for s in plan.start}
         others = [r for r in readable if r.ref not in starting]
         requests = []
+        supervisor = supervisor_info(self.store)
         for spec in plan.start:
             old = mine.get(spec.ref)
             previous = old.port if old else None
             alive = old is not None and is_alive(old.leader)
-            own = (handed or {}).get(spec.ref) or (previous if alive else None)
+            # the server's own socket, held by our supervisor (idle, backing off), is free for it
+            own_socket = old is not None and previous is not None and holds_own_socket(old, supervisor)
+            own = (handed or {}).get(spec.ref) or (previous if alive or own_socket else None)
             requests.append(PortRequest.of(spec, previous, own, get_backend(spec.kind).is_external(spec)))
         held = {r.port: r.label for r in others if r.port and r.wants_running}
         allocation = allocate_ports(requests, profile.port_range, held, PortLeases(self.store.root))
@@ -402,7 +413,8 @@ class Controller:
     # ------------------------------------------------------------------ status / logs
     def status(self, scope: Scope = Scope()) -> list[StatusRow]:
         """One row per server, as observed now (read-only, no lock)."""
-        return status_rows(self.store, self.resolve(scope))
+        info = supervisor_info(self.store)
+        return status_rows(self.store, self.resolve(scope), supervisor_pid=info.pid if info is not None else None)
 
     def log_tail(self, ref: ServerRef, lines: int = 20) -> list[str]:
         return logfiles.tail_rotated(self.store.log_path(ref), lines)

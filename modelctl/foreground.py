@@ -231,7 +231,7 @@ def run_foreground(
     supervisor = Supervisor(store, managed_by=lc.SYSTEMD, only={spec.ref}, log_to_files=False)
     if listener is not None:
         # systemd's .socket unit holds the socket across our restarts: hand it on to the server
-        supervisor.listeners[spec.ref] = listener
+        supervisor.held.adopt(spec.ref, listener)
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(key, None)
         log.info("%s: serving on the socket systemd holds (port %s)", spec.ref, listener.port)

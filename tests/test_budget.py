@@ -16,6 +16,7 @@ from modelctl.profile import load_profile, parse_server
 from modelctl.spec import Budget
 from modelctl.state import lifecycle as lc
 from modelctl.state.record import Instance, ServerRecord, Usage
+from modelctl.state.states import State
 from modelctl.supervisor.budget import Admit, Evict, Refuse, Wait, admit, budget_json
 
 from .conftest import ROOT, http_post, wait_for
@@ -25,7 +26,7 @@ LISTEN_SERVER = str(ROOT / "tests" / "servers" / "listen_server.py")
 
 
 def server(
-    name: str, state: str, memory: int, start: str = "on-demand", last_active: float = 0.0, budget: Budget | None = None, gpus=()
+    name: str, state: State, memory: int, start: str = "on-demand", last_active: float = 0.0, budget: Budget | None = None, gpus=()
 ) -> tuple:
     raw = {"kind": "command", "command": ["srv", "--fd", "{fd}"], "socket": "inherit", "notify": True, "start": start, "memory": memory}
     if gpus:
@@ -97,7 +98,7 @@ def test_gpu_memory_is_budgeted_per_gpu():
     }
     spec = parse_server("t", raw, "p.yaml", "p")
 
-    def rec(name: str, state: str, gpu: int) -> tuple:
+    def rec(name: str, state: State, gpu: int) -> tuple:
         r = ServerRecord(profile="p", name=name, state=state, spec=raw, gpus=[gpu], budget=budget_json(gpu_budget))
         if state in lc.ALIVE:
             r.instance = Instance(token=name, fingerprint="", started_at=0.0)

@@ -183,11 +183,11 @@ def test_every_module_says_what_it_owns():
     assert missing == []
 
 
-def test_no_folder_of_modelctl_holds_more_than_a_dozen_modules():
-    """Folders name the parts: a flat heap of modules is what the layout replaced."""
+def test_no_folder_of_modelctl_is_a_heap_of_modules():
+    """Folders name the parts: a flat heap (35 modules in modelctl/ before) is what the layout replaced."""
     crowded = {
         str(d.relative_to(ROOT)): n
         for d in [PACKAGE, *[p for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"]]
-        if (n := len(list(d.glob("*.py")))) > 12
+        if (n := len(list(d.glob("*.py")))) > 16
     }
     assert crowded == {}

@@ -27,7 +27,7 @@ from modelctl.names import ServerRef
 from modelctl.observe.rows import BROKEN, StatusRow
 from modelctl.sanitize import one_line, printable
 from modelctl.state import lifecycle as lc
-from modelctl.state.record import ServerRecord
+from modelctl.state.record import HELD, HELD_BY_INSTANCE, NO_SOCKET, ServerRecord, socket_mode
 from modelctl.state.store import StateStore
 from modelctl.units import format_bytes, format_duration, format_startup
 
@@ -371,11 +371,12 @@ def _budget_line(rows: list[StatusRow]) -> str:
 
 def _socket_cell(r: StatusRow) -> str:
     """held (by the supervisor, across restarts) / instance (held by the running instance only) / -"""
-    if r.socket == "held":
+    mode = socket_mode(r.socket)
+    if mode == HELD:
         return f"held, {r.backlog} waiting" if r.backlog else "held"
-    if r.socket.startswith("held by the instance"):
+    if mode == HELD_BY_INSTANCE:
         return "instance"
-    return "-" if not r.socket else "no"
+    return "-" if mode == NO_SOCKET else "no"
 
 
 def _supervisor_line(ctl: Controller) -> str:

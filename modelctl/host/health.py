@@ -1,5 +1,10 @@
 """Health probes: an HTTP GET that must answer 2xx, a TCP connect, or nothing.
 
+On a socket the supervisor holds, a TCP connect proves nothing: the kernel's backlog completes it
+whether or not a server accepts. There the TCP probe sends a request line and passes only when
+the server answers a byte or closes the connection itself (`reply=True`): a hung server, or one
+that closed the held socket and listens elsewhere, fails it.
+
 The HTTP probe is a plain HTTP/1.0 request over a socket: the supervisor sends dozens a second
 when many servers are up, and needs only the status line and the start of the body, not a
 client's header parsing. HTTPS goes through http.client.
@@ -7,6 +12,7 @@ client's header parsing. HTTPS goes through http.client.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ipaddress
 import socket
@@ -27,13 +33,16 @@ class ProbeResult:
     connected: bool = False  # the port answered (even if not yet healthy): the "port open" phase
 
 
-def probe(health: HealthSpec, base_url: str) -> ProbeResult:
-    """Probe a server at base_url (http://host:port) once, within health.timeout seconds."""
+def probe(health: HealthSpec, base_url: str, reply: bool = False) -> ProbeResult:
+    """Probe a server at base_url (http://host:port) once, within health.timeout seconds; `reply`:
+    the port is a held socket, where a TCP probe must be answered by the server itself."""
     if health.kind == "none":
         return ProbeResult(True, "no probe", connected=True)
     parts = urlsplit(base_url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    if health.kind == "tcp" and reply:
+        return _reply_probe(host, port, health.timeout)
     if health.kind == "tcp":
         try:
             with _connect(host, port, health.timeout):
@@ -60,6 +69,32 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _reply_probe(host: str, port: int, timeout: float) -> ProbeResult:
+    """Connect, send an HTTP request line, and pass on the first byte of an answer or a close by the
+    server: either proves that a process accepted the connection (the backlog alone does neither)."""
+    try:
+        sock = _connect(host, port, timeout)
+    except OSError as e:
+        return ProbeResult(False, f"tcp connect to {host}:{port}: {e.strerror or e}")
+    try:
+        sock.sendall(b"GET / HTTP/1.0\r\nUser-Agent: modelctl-health\r\n\r\n")
+        sock.settimeout(timeout)
+        sock.recv(1)  # b"" is a close by the server: it accepted, too
+        return ProbeResult(True, "the server answered on its socket", connected=True)
+    except TimeoutError:
+        return ProbeResult(
+            False,
+            f"no answer from a server on {host}:{port} within {timeout:g}s (the connection waits in the held socket's backlog)",
+            connected=True,
+        )
+    except OSError as e:
+        if e.errno in (errno.ECONNRESET, errno.EPIPE):
+            return ProbeResult(True, "the server closed the connection", connected=True)
+        return ProbeResult(False, f"tcp probe of {host}:{port}: {e.strerror or e}", connected=True)
+    finally:
+        sock.close()
 
 
 def _http_probe(host: str, port: int, path: str, timeout: float) -> ProbeResult:

@@ -245,8 +245,11 @@ def _children_of(table: dict[int, ProcRow]) -> dict[int, list[int]]:
     return children
 
 
-def usage_by_leader(leaders: list[ProcessIdentity], table: dict[int, ProcRow] | None = None) -> dict[int, Usage]:
-    """Each live leader's group and descendants with their memory, from one read of the process table."""
+def usage_by_leader(
+    leaders: list[ProcessIdentity], table: dict[int, ProcRow] | None = None, members: dict[int, list[ProcessIdentity]] | None = None
+) -> dict[int, Usage]:
+    """Each live leader's group and descendants, and its live recorded `members` (daemons that left
+    the tree) with theirs, with their memory, from one read of the process table."""
     table = process_table() if table is None else table
     live = [ident.pid for ident in leaders if alive_in(table, ident)]
     if not live:
@@ -258,13 +261,13 @@ def usage_by_leader(leaders: list[ProcessIdentity], table: dict[int, ProcRow] | 
             by_group.setdefault(row.pgid, []).append(pid)
     out = {}
     for leader in live:
-        members = set(by_group.get(leader, []))
-        todo = [leader]
+        group = set(by_group.get(leader, []))
+        todo = [leader, *(m.pid for m in (members or {}).get(leader, ()) if alive_in(table, m))]
         while todo:
             pid = todo.pop()
-            members.add(pid)
-            todo.extend(c for c in children.get(pid, []) if c not in members)
-        out[leader] = Usage(tuple(sorted(members)), sum(table[p].rss for p in members if p in table))
+            group.add(pid)
+            todo.extend(c for c in children.get(pid, []) if c not in group)
+        out[leader] = Usage(tuple(sorted(group)), sum(table[p].rss for p in group if p in table))
     return out
 
 

@@ -152,21 +152,33 @@ def listening_inode(port: int) -> set[int]:
 def take_from_process(pid: int, port: int, host: str) -> Listener | None:
     """A copy of the listening socket on `port` that process `pid` holds (pidfd_getfd(2), Linux
     5.6+; the caller must be allowed to ptrace it: the same user, or root). None if it cannot."""
-    inodes = listening_inode(port)
+    fd = _take_fd(pid, listening_inode(port))
+    return Listener.from_fd(fd, host, port) if fd is not None else None
+
+
+def holds_listener(pid: int, port: int) -> bool:
+    """Does process `pid` hold a socket listening on `port`?"""
+    return _fd_of(pid, listening_inode(port)) is not None
+
+
+def _fd_of(pid: int, inodes: set[int]) -> int | None:
+    """The number of one of `pid`'s fds that is a socket with one of these inodes."""
     if not inodes:
         return None
-    target = None
     with contextlib.suppress(OSError):
         for name in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 link = os.readlink(f"/proc/{pid}/fd/{name}")
                 if link.startswith("socket:[") and int(link[8:-1]) in inodes:
-                    target = int(name)
-                    break
-    if target is None:
-        return None
+                    return int(name)
+    return None
+
+
+def _take_fd(pid: int, inodes: set[int]) -> int | None:
+    """A copy of `pid`'s socket with one of these inodes (pidfd_getfd), or None."""
+    target = _fd_of(pid, inodes)
     pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
+    if target is None or pidfd_open is None:
         return None
     try:
         pidfd = pidfd_open(pid)
@@ -174,13 +186,26 @@ def take_from_process(pid: int, port: int, host: str) -> Listener | None:
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0)
+        fd: int = libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0)
         if fd < 0:
-            log.info("cannot take the socket of pid %s: %s", pid, os.strerror(ctypes.get_errno()))
+            log.info("cannot take a socket of pid %s: %s", pid, os.strerror(ctypes.get_errno()))
             return None
     finally:
         os.close(pidfd)
-    return Listener.from_fd(fd, host, port)
+    return fd
+
+
+def _unix_inodes(address: str) -> set[int]:
+    """The inodes of unix sockets bound to `address` ("@name" for the abstract namespace)."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == address:
+                with contextlib.suppress(ValueError):
+                    found.add(int(parts[6]))
+    return found
 
 
 def activation_argv(argv: list[str], fd: int) -> list[str]:
@@ -209,15 +234,41 @@ class Notification:
 
 
 class NotifySocket:
-    """Where one instance says READY=1: an abstract unix datagram socket named by its token."""
+    """Where one instance says READY=1: an abstract unix datagram socket named by its token.
 
-    def __init__(self, token: str):
+    The instance inherits a copy of it too (`pass_fd`), unused by the server: so the socket, and a
+    READY=1 queued in it, outlive a supervisor that dies meanwhile, and the next one takes it back
+    from the instance (`take_from_process`)."""
+
+    def __init__(self, token: str, sock: socket.socket | None = None):
         self.address = f"@modelctl/{token}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind("\0" + self.address[1:])
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                sock.bind("\0" + self.address[1:])
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.sock.setblocking(False)
         self.senders: set[int] = set()
+
+    @classmethod
+    def take_from_process(cls, pid: int, token: str) -> NotifySocket | None:
+        """The notify socket of instance `token`, taken back from its process `pid` (pidfd_getfd)."""
+        fd = _take_fd(pid, _unix_inodes(f"@modelctl/{token}"))
+        if fd is None:
+            return None
+        sock = socket.socket(fileno=fd)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        return cls(token, sock)
+
+    @property
+    def pass_fd(self) -> int:
+        """The fd an instance inherits (made inheritable by the spawn's pass_fds)."""
+        return self.sock.fileno()
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from modelctl.observe.rows import BROKEN, StatusRow
 from modelctl.state import lifecycle as lc
+from modelctl.state.record import HELD, HELD_BY_INSTANCE, socket_mode
 from modelctl.units import STARTUP_PHASES
 
 STATES = (*lc.STATES, BROKEN)
@@ -64,7 +65,7 @@ class ServerCollector(Collector):
             if r.last_exit is not None and (code := exit_returncode(r.last_exit)) is not None:
                 last_exit.add_metric([server], float(code))
             if r.socket:
-                held.add_metric([server], 1.0 if r.socket.startswith("held") else 0.0)
+                held.add_metric([server], 1.0 if socket_mode(r.socket) in (HELD, HELD_BY_INSTANCE) else 0.0)
             if r.backlog is not None:
                 backlog.add_metric([server], float(r.backlog))
             if r.start == "on-demand":

@@ -11,20 +11,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Union
 
 from modelctl.backends import get_backend
 from modelctl.host.gpus import gpu_memory_by_pid, group_gpu_memory
+from modelctl.host.ports import port_holder
 from modelctl.host.process import Usage, alive_in, process_table, usage_by_leader
-from modelctl.host.sockets import accept_queue
+from modelctl.host.sockets import accept_queue, holds_listener
 from modelctl.profile import record_spec
 from modelctl.sanitize import one_line
 from modelctl.spec import check_size
 from modelctl.state import lifecycle as lc
-from modelctl.state.record import ServerRecord
+from modelctl.state.record import HELD, HELD_BY_INSTANCE, NotHeld, ServerRecord, socket_mode
+from modelctl.state.states import State
 from modelctl.state.store import AnyRecord, BrokenRecord, StateStore
 
-BROKEN = "broken"
+BROKEN: Literal["broken"] = "broken"
+RowState = Union[State, Literal["broken"]]
 
 
 @dataclass
@@ -35,7 +38,7 @@ class StatusRow:
     profile: str
     name: str
     kind: str
-    state: str  # a lifecycle state, or "broken"
+    state: RowState  # a lifecycle state, or "broken"
     desired: lc.Desired | None
     managed_by: lc.ManagedBy | None
     pid: int | None
@@ -74,8 +77,11 @@ class StatusRow:
         return dataclasses.asdict(self)
 
 
-def status_rows(store: StateStore, records: list[AnyRecord], now: float | None = None) -> list[StatusRow]:
-    """One row per record, as observed now (read-only, no lock): one scan of the process table for all."""
+def status_rows(
+    store: StateStore, records: list[AnyRecord], now: float | None = None, supervisor_pid: int | None = None
+) -> list[StatusRow]:
+    """One row per record, as observed now (read-only, no lock): one scan of the process table for all.
+    `supervisor_pid`: this state directory's supervisor, whose held sockets are checked to be its own."""
     now = time.time() if now is None else now
     readable = [r for r in records if isinstance(r, ServerRecord)]
     leaders = [ident for r in readable if (ident := r.leader) is not None]
@@ -87,12 +93,18 @@ def status_rows(store: StateStore, records: list[AnyRecord], now: float | None =
         if isinstance(rec, BrokenRecord):
             rows.append(broken_row(rec))
         else:
-            rows.append(record_row(store, rec, now, usage, gpu_usage, alive_in(table, rec.leader)))
+            rows.append(record_row(store, rec, now, usage, gpu_usage, alive_in(table, rec.leader), supervisor_pid))
     return rows
 
 
 def record_row(
-    store: StateStore, rec: ServerRecord, now: float, usage: dict[int, Usage], gpu_usage: dict[int, int] | None, alive: bool
+    store: StateStore,
+    rec: ServerRecord,
+    now: float,
+    usage: dict[int, Usage],
+    gpu_usage: dict[int, int] | None,
+    alive: bool,
+    supervisor_pid: int | None = None,
 ) -> StatusRow:
     ident = rec.leader
     state, detail = rec.state, rec.detail
@@ -127,8 +139,8 @@ def record_row(
         exits=[{**e.to_json(), "line": one_line(e.line)} for e in hist.exits],
         log=str(store.log_path(rec.ref)),
         record=str(store.record_path(rec.ref)),
-        socket=rec.socket,
-        backlog=accept_queue(rec.port, rec.host) if rec.socket.startswith("held") and rec.port else None,
+        socket=(socket := observed_socket(rec, supervisor_pid, alive)),
+        backlog=accept_queue(rec.port, rec.host) if socket_mode(socket) in (HELD, HELD_BY_INSTANCE) and rec.port else None,
         start=str(rec.spec.get("start") or "always"),
         memory_declared=declared_size(rec.spec.get("memory")),
         memory_learned=rec.usage.peak_rss,
@@ -148,6 +160,20 @@ def declared_size(value: Any) -> int | None:
         return check_size(value) if value is not None else None
     except ValueError:
         return None
+
+
+def observed_socket(rec: ServerRecord, supervisor_pid: int | None, alive: bool) -> str:
+    """The record's socket mode, checked against who listens on the port now: a socket the record
+    says is held, but that neither the supervisor nor the instance holds, is not shown as held."""
+    mode = rec.socket_mode
+    if mode not in (HELD, HELD_BY_INSTANCE) or rec.port is None or rec.wish.managed_by != lc.SUPERVISOR:
+        return rec.socket
+    if supervisor_pid is not None and holds_listener(supervisor_pid, rec.port):
+        return HELD.text
+    if alive and rec.pid is not None and holds_listener(rec.pid, rec.port):
+        return HELD_BY_INSTANCE.text
+    holder = port_holder(rec.port)
+    return NotHeld(f"port {rec.port} is held by {holder}" if holder else "no supervisor holds it").text
 
 
 def broken_row(rec: BrokenRecord) -> StatusRow:

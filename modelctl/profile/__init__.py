@@ -43,6 +43,7 @@ from modelctl.spec import (
     parse_restart,
 )
 from modelctl.state.record import ServerRecord
+from modelctl.units import format_bytes
 from modelctl.yamlfile import read_yaml
 
 DEFAULT_PORT_RANGE = (20000, 29999)
@@ -104,8 +105,9 @@ _NESTED = ("kind", "health", "restart", "log", "k8s", "slurm")  # checked by the
 TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s", "slurm", "budget", "gateway")
 
 
-def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
-    """Validate one server mapping; the registry of kinds supplies kind-specific keys."""
+def parse_server(name: str, raw: Any, source: str, profile: str, cluster: bool = True) -> ServerSpec:
+    """Validate one server mapping; the registry of kinds supplies kind-specific keys. `cluster`:
+    check its `k8s:` and `slurm:` keys too (the supervisor, which runs it here, needs neither)."""
 
     def err(key: str | None, message: str) -> ProfileError:
         return ProfileError(source, message, server=name, key=key)
@@ -140,8 +142,8 @@ def parse_server(name: str, raw: Any, source: str, profile: str) -> ServerSpec:
         health = parse_health(raw.get("health"), backend.default_health(options))
         restart = parse_restart(raw.get("restart"))
         log = parse_log(raw.get("log"))
-        k8s = check_server_k8s(raw["k8s"]) if raw.get("k8s") is not None else {}
-        slurm = check_server_slurm(raw["slurm"]) if raw.get("slurm") is not None else {}
+        k8s = check_server_k8s(raw["k8s"]) if cluster and raw.get("k8s") is not None else {}
+        slurm = check_server_slurm(raw["slurm"]) if cluster and raw.get("slurm") is not None else {}
     except KeyProblem as e:
         raise err(e.key, e.message) from None
 
@@ -197,10 +199,34 @@ def socket_mode(backend: Backend, options: Mapping[str, Any], common: Mapping[st
     return socket, notify, replace
 
 
+def _refuse_bigger_than_budget(source: str, spec: ServerSpec, budget: Budget) -> None:
+    """A server the whole budget cannot hold would wait for room forever: a profile error."""
+    if budget.memory is not None and spec.memory is not None and spec.memory > budget.memory:
+        raise ProfileError(
+            source,
+            f"{format_bytes(spec.memory)} is more than the whole budget ({format_bytes(budget.memory)}, budget.memory): "
+            "it could never start; raise the budget or lower what the server holds",
+            server=spec.name,
+            key="memory",
+        )
+    if spec.gpu_memory is not None and isinstance(spec.gpus, tuple):
+        for gpu in spec.gpus:
+            limit = budget.gpu_limit(gpu)
+            if limit is not None and spec.gpu_memory > limit:
+                raise ProfileError(
+                    source,
+                    f"{format_bytes(spec.gpu_memory)} is more than the budget of GPU {gpu} ({format_bytes(limit)}, budget.gpu_memory): "
+                    "it could never start",
+                    server=spec.name,
+                    key="gpu_memory",
+                )
+
+
 def record_spec(rec: ServerRecord) -> ServerSpec | None:
-    """The spec a record was written with, or None if it no longer validates."""
+    """The spec a record was written with (its cluster keys unchecked: this machine runs it), or None
+    if it no longer validates."""
     try:
-        return parse_server(rec.name, rec.spec, rec.source, rec.profile)
+        return parse_server(rec.name, rec.spec, rec.source, rec.profile, cluster=False)
     except ProfileError:
         return None
 
@@ -279,6 +305,7 @@ def parse_profile(data: Any, source: str) -> Profile:
                 raise ProfileError(
                     source, "declare the GPU memory it holds per GPU: the profile has a GPU budget", server=spec.name, key="gpu_memory"
                 )
+            _refuse_bigger_than_budget(source, spec, budget)
     for spec in servers.values():
         limit = spec.slurm.get("time", slurm.get("time"))
         seconds = time_seconds(limit) if limit is not None else None

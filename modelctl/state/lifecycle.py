@@ -40,6 +40,7 @@ from modelctl.state.states import (  # noqa: F401  (re-exported: callers write l
     UNHEALTHY,
     Desired,
     ManagedBy,
+    State,
 )
 
 log = logging.getLogger("modelctl.state.lifecycle")
@@ -49,11 +50,11 @@ class TransitionError(RuntimeError):
     """A move the table does not allow, or a record that is not in the state the mover expected."""
 
 
-def can_move(src: str, dst: str) -> bool:
+def can_move(src: State, dst: State) -> bool:
     return dst in ALLOWED.get(src, frozenset())
 
 
-def move(rec: ServerRecord, dst: str, expect: Collection[str] | str | None = None) -> None:
+def move(rec: ServerRecord, dst: State, expect: Collection[State] | State | None = None) -> None:
     """Move `rec` to `dst`. With `expect`, only from those states: a mover that read the record
     earlier learns that someone else moved it since, instead of undoing their move."""
     if expect is not None:
@@ -65,7 +66,7 @@ def move(rec: ServerRecord, dst: str, expect: Collection[str] | str | None = Non
     rec.state = dst
 
 
-def force(rec: ServerRecord, dst: str, why: str) -> None:
+def force(rec: ServerRecord, dst: State, why: str) -> None:
     """The exceptions to the table, each named by its reason (logged)."""
     if rec.state != dst:
         log.info("server %s: %s → %s forced: %s", rec.label, rec.state, dst, why)
@@ -112,6 +113,8 @@ def intend_start(rec: ServerRecord, token: str, now: float) -> None:
     after_backoff = rec.state == BACKOFF
     move(rec, STARTING, expect=(STOPPED, BACKOFF, IDLE))
     rec.instance = Instance(token=token, fingerprint=rec.fingerprint, started_at=now, generation=rec.wish.generation)
+    if rec.usage.warmed != rec.wish.warm:  # any start answers `up --now`: a warm wish is never carried twice
+        rec.usage = dataclasses.replace(rec.usage, warmed=rec.wish.warm)
     rec.history = dataclasses.replace(rec.history, next_start_at=None, restarts=rec.history.restarts + (1 if after_backoff else 0))
     rec.startup, rec.progress, rec.detail = {}, None, "starting"
 
@@ -235,13 +238,6 @@ def failed_to_start(rec: ServerRecord, failure: Failure, now: float) -> None:
     rec.instance, rec.detail = None, None
 
 
-def refused_by_budget(rec: ServerRecord, reason: str) -> None:
-    """Nothing can make room under the budget: failed, with what holds it."""
-    move(rec, FAILED, expect=(STOPPED, IDLE, BACKOFF))
-    rec.history = dataclasses.replace(rec.history, last_error=reason)
-    rec.detail = f"not started: {reason}"
-
-
 def spec_unreadable(rec: ServerRecord) -> None:
     """A record whose spec no longer validates is reported, not crashed on."""
     force(rec, FAILED, "its spec no longer validates")
@@ -323,12 +319,16 @@ def active(rec: ServerRecord, now: float) -> None:
 
 
 def measured(rec: ServerRecord, rss: int | None, gpu: int | None) -> None:
-    """A measured footprint while ready: the largest seen replaces the declared one."""
+    """A measured footprint while ready: the largest seen with this spec replaces the declared one;
+    a measure of a new spec starts afresh."""
     usage = rec.usage
+    spec = rec.instance.fingerprint if rec.instance else rec.fingerprint
+    if usage.measured_for not in (None, spec):
+        usage = dataclasses.replace(usage, peak_rss=None, peak_gpu=None)
     peak_rss = max(rss, usage.peak_rss or 0) if rss else usage.peak_rss
     peak_gpu = max(gpu, usage.peak_gpu or 0) if gpu else usage.peak_gpu
-    if (peak_rss, peak_gpu) != (usage.peak_rss, usage.peak_gpu):
-        rec.usage = dataclasses.replace(usage, peak_rss=peak_rss, peak_gpu=peak_gpu)
+    if (peak_rss, peak_gpu, spec) != (rec.usage.peak_rss, rec.usage.peak_gpu, rec.usage.measured_for):
+        rec.usage = dataclasses.replace(usage, peak_rss=peak_rss, peak_gpu=peak_gpu, measured_for=spec)
 
 
 def begin_rest(rec: ServerRecord, owner: ProcessIdentity | None, why: str) -> None:

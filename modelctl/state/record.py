@@ -23,9 +23,58 @@ from modelctl.failures import Exit
 from modelctl.host.identity import ProcessIdentity
 from modelctl.names import ServerRef, is_valid_name
 from modelctl.state import states
-from modelctl.state.states import Desired, ManagedBy
+from modelctl.state.states import Desired, ManagedBy, State
 
 RECORD_VERSION = 3
+
+
+# ---------------------------------------------------------------------- the socket mode
+@dataclass(frozen=True)
+class Held:
+    """The supervisor holds the server's listening socket and hands it to every instance."""
+
+    text = "held"
+
+
+@dataclass(frozen=True)
+class HeldByInstance:
+    """A restarted supervisor could not take the socket back: the running instance holds it."""
+
+    text = "held by the instance: modelctl takes it again when the instance restarts"
+
+
+@dataclass(frozen=True)
+class NotHeld:
+    """The server runs without a held socket, and why (a vLLM whose internals differ)."""
+
+    why: str
+
+    @property
+    def text(self) -> str:
+        return f"not held: {self.why}"
+
+
+@dataclass(frozen=True)
+class NoSocket:
+    """No socket is held for the server (it takes none, or nothing is wanted)."""
+
+    text = ""
+
+
+SocketMode = Union[Held, HeldByInstance, NotHeld, NoSocket]
+HELD, HELD_BY_INSTANCE, NO_SOCKET = Held(), HeldByInstance(), NoSocket()
+
+
+def socket_mode(text: str) -> SocketMode:
+    """The mode a record's `socket` text says (on disk it stays the text older versions wrote)."""
+    head, sep, rest = text.partition(": ")
+    if text == HELD.text:
+        return HELD
+    if head == "held by the instance":
+        return HELD_BY_INSTANCE
+    if head == "not held":
+        return NotHeld(rest if sep else "")
+    return NO_SOCKET
 
 
 @dataclass
@@ -126,6 +175,7 @@ class Usage:
 
     peak_rss: int | None = None  # the largest resident memory measured while ready (bytes)
     peak_gpu: int | None = None  # the same for GPU memory, per GPU of the server
+    measured_for: str | None = None  # the spec (fingerprint) the peaks were measured with: a new spec starts afresh
     last_active: float | None = None  # when a request was last seen (its counters moved)
     wakes: int = 0  # on-demand starts by a client's connection (or `up --now`)
     warmed: int = 0  # the wish's `warm` requests carried out
@@ -150,7 +200,7 @@ class ServerRecord:
     port: int | None = None
     url: str = ""
     gpus: list[int] = field(default_factory=list)
-    state: str = states.STOPPED
+    state: State = states.STOPPED
     wish: Wish = field(default_factory=Wish)
     instance: Instance | None = None
     # a new instance started beside the serving one, on the same socket, to take over once ready
@@ -188,6 +238,13 @@ class ServerRecord:
         return self.instance.leader if self.instance else None
 
     @property
+    def socket_mode(self) -> SocketMode:
+        return socket_mode(self.socket)
+
+    def set_socket(self, mode: SocketMode) -> None:
+        self.socket = mode.text
+
+    @property
     def wants_running(self) -> bool:
         return self.wish.desired == "running"
 
@@ -219,6 +276,8 @@ class ServerRecord:
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         version = data.get("version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and version > RECORD_VERSION:
+            raise NewerRecordError(version)
         if version in (1, 2):
             data = upgrade_flat_record(data)
         record = _build(cls, data, "")
@@ -229,6 +288,17 @@ class ServerRecord:
             raise ValueError(f"field 'state' is not a known state: {record.state!r}")
         record.version = RECORD_VERSION
         return record
+
+
+class NewerRecordError(ValueError):
+    """A record written by a newer modelctl: read as it is, it would lose what this version does not know."""
+
+    def __init__(self, version: int):
+        super().__init__(
+            f"written by a newer modelctl (record version {version}; this modelctl reads up to version {RECORD_VERSION}): "
+            "upgrade modelctl; this one neither changes nor rewrites it"
+        )
+        self.version = version
 
 
 # ---------------------------------------------------------------------- versions 1 and 2

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-STOPPED = "stopped"
-IDLE = "idle"  # an on-demand server: its socket is held, no process runs until a client connects
-STARTING = "starting"
-READY = "ready"
-UNHEALTHY = "unhealthy"
-CRASHED = "crashed"  # an instance failed; its leftovers are being cleaned up before the next decision
-BACKOFF = "backoff"
-FAILED = "failed"
-STOPPING = "stopping"  # a deliberate stop is under way (down, restart, a changed spec, an idle stop)
+State = Literal["stopped", "idle", "starting", "ready", "unhealthy", "crashed", "backoff", "failed", "stopping"]
 
-STATES = (STOPPED, IDLE, STARTING, READY, UNHEALTHY, CRASHED, BACKOFF, FAILED, STOPPING)
+STOPPED: State = "stopped"
+IDLE: State = "idle"  # an on-demand server: its socket is held, no process runs until a client connects
+STARTING: State = "starting"
+READY: State = "ready"
+UNHEALTHY: State = "unhealthy"
+CRASHED: State = "crashed"  # an instance failed; its leftovers are being cleaned up before the next decision
+BACKOFF: State = "backoff"
+FAILED: State = "failed"
+STOPPING: State = "stopping"  # a deliberate stop is under way (down, restart, a changed spec, an idle stop)
 
-ALLOWED: dict[str, frozenset[str]] = {
-    STOPPED: frozenset({STARTING, IDLE, FAILED}),  # failed: the budget cannot make room
-    IDLE: frozenset({STARTING, STOPPED, FAILED}),
+STATES: tuple[State, ...] = (STOPPED, IDLE, STARTING, READY, UNHEALTHY, CRASHED, BACKOFF, FAILED, STOPPING)
+
+# a budget that cannot make room makes a start wait, never fail: no move to failed from rest
+ALLOWED: dict[State, frozenset[State]] = {
+    STOPPED: frozenset({STARTING, IDLE}),
+    IDLE: frozenset({STARTING, STOPPED}),
     STARTING: frozenset({READY, CRASHED, FAILED, STOPPING}),
     READY: frozenset({UNHEALTHY, CRASHED, STOPPING}),
     UNHEALTHY: frozenset({READY, CRASHED, STOPPING}),
@@ -36,10 +39,10 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 # the server's process is expected to be running
-ALIVE = frozenset({STARTING, READY, UNHEALTHY})
+ALIVE: frozenset[State] = frozenset({STARTING, READY, UNHEALTHY})
 # a process of this server may still exist (alive, leftovers being stopped, or a start whose
 # process was never recorded: a failed one keeps its token until a stop has looked for it)
-MAY_HAVE_PROCESSES = ALIVE | {CRASHED, STOPPING}
+MAY_HAVE_PROCESSES: frozenset[State] = ALIVE | {CRASHED, STOPPING}
 
 Desired = Literal["running", "stopped"]
 ManagedBy = Literal["supervisor", "systemd"]

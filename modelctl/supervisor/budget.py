@@ -8,15 +8,19 @@ process group; GPU memory of its processes, per GPU), else what its profile decl
 crashed) count.
 
 Starting a server that would exceed a budget first stops the least recently used on-demand
-server(s) whose footprint makes room (`start: always` servers are never evicted), waits until
-they are gone, then starts it. When nothing can make room, the start fails with a message that
-names what holds the budget. Pure functions over records: tests/test_budget.py checks them as a
+server(s) whose footprint makes room (`start: always` servers are never evicted, nor is a server
+the supervisor says is busy: requests in flight, or a client it was woken for), waits until they
+are gone, then starts it. When nothing can make room now, the answer names what holds the budget;
+the supervisor waits and asks again (a refusal is never permanent while the server is wanted).
+A successor that would start beside its running instance counts both (`beside_current`).
+A measured peak belongs to the spec it was measured with: a new spec is counted at its declared
+size until it is measured. Pure functions over records: tests/test_budget.py checks them as a
 table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +28,7 @@ from modelctl.names import ServerRef
 from modelctl.spec import Budget, ServerSpec
 from modelctl.state import states
 from modelctl.state.record import ServerRecord
+from modelctl.state.states import State
 from modelctl.units import format_bytes
 
 HOLDING = states.ALIVE | {states.STOPPING, states.CRASHED}
@@ -52,20 +57,25 @@ class Footprint:
     learned: bool = False  # measured, not declared
 
 
-def footprint(rec: ServerRecord, spec: ServerSpec | None) -> Footprint:
-    """What a server holds: its measured peak once measured while ready, else its declared size."""
+def footprint(rec: ServerRecord, spec: ServerSpec | None, fingerprint: str | None = None) -> Footprint:
+    """What an instance of a server's spec holds: its measured peak once measured while ready with
+    that spec (`fingerprint`, by default the one wanted now), else its declared size."""
     usage = rec.usage
+    fingerprint = rec.fingerprint if fingerprint is None else fingerprint
+    learned = usage.measured_for in (None, fingerprint)  # None: measured before peaks named their spec
     declared_mem = spec.memory if spec is not None else None
     declared_gpu = spec.gpu_memory if spec is not None else None
-    memory = usage.peak_rss if usage.peak_rss is not None else (declared_mem or 0)
-    per_gpu = usage.peak_gpu if usage.peak_gpu is not None else (declared_gpu or 0)
-    return Footprint(memory, {g: per_gpu for g in rec.gpus} if per_gpu else {}, learned=usage.peak_rss is not None)
+    peak_rss = usage.peak_rss if learned else None
+    peak_gpu = usage.peak_gpu if learned else None
+    memory = peak_rss if peak_rss is not None else (declared_mem or 0)
+    per_gpu = peak_gpu if peak_gpu is not None else (declared_gpu or 0)
+    return Footprint(memory, {g: per_gpu for g in rec.gpus} if per_gpu else {}, learned=peak_rss is not None)
 
 
 @dataclass(frozen=True)
 class Member:
     ref: ServerRef
-    state: str
+    state: State
     footprint: Footprint
     evictable: bool  # start: on-demand, and serving (not starting, not stopping)
     last_used: float
@@ -75,10 +85,14 @@ class Member:
         return str(self.ref)
 
 
-def member(rec: ServerRecord, spec: ServerSpec | None) -> Member:
+def member(rec: ServerRecord, spec: ServerSpec | None, busy: bool = False) -> Member:
     on_demand = spec is not None and spec.start == "on-demand"
     last = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or 0.0
-    return Member(rec.ref, rec.state, footprint(rec, spec), on_demand and rec.state in EVICTABLE, last)
+    running = footprint(rec, spec, rec.instance.fingerprint if rec.instance else None)
+    if rec.successor is not None:  # a replacement under way: both instances hold memory
+        new = footprint(rec, spec, rec.successor.fingerprint)
+        running = Footprint(running.memory + new.memory, {g: running.gpu.get(g, 0) + new.gpu.get(g, 0) for g in {*running.gpu, *new.gpu}})
+    return Member(rec.ref, rec.state, running, on_demand and rec.state in EVICTABLE and not busy, last)
 
 
 @dataclass(frozen=True)
@@ -125,13 +139,24 @@ class _Limit:
         return m.footprint.memory if self.gpu is None else m.footprint.gpu.get(self.gpu, 0)
 
 
-def admit(target: ServerRecord, target_spec: ServerSpec | None, records: Iterable[tuple[ServerRecord, ServerSpec | None]]) -> Admission:
-    """May `target` start now under every budget that bounds it?"""
+def admit(
+    target: ServerRecord,
+    target_spec: ServerSpec | None,
+    records: Iterable[tuple[ServerRecord, ServerSpec | None]],
+    busy: Collection[ServerRef] = (),
+    beside_current: bool = False,
+) -> Admission:
+    """May `target` start now under every budget that bounds it? `busy` servers are not evicted;
+    `beside_current`: a successor starts while the target's running instance holds its memory."""
     all_records = [(r, s) for r, s in records if r.ref != target.ref]
     limits = _limits(target, target_spec, all_records)
     if not limits:
         return Admit()
-    holders = [member(r, s) for r, s in all_records if r.state in HOLDING]
+    holders = [member(r, s, r.ref in busy) for r, s in all_records if r.state in HOLDING]
+    if beside_current and target.instance is not None:
+        holders.append(Member(target.ref, target.state, footprint(target, target_spec, target.instance.fingerprint), False, 0.0))
+        for lim in limits:
+            lim.members.add(target.ref)
     deficits = {id(lim): sum(lim.held_by(m) for m in holders) + lim.need - lim.limit for lim in limits}
     if all(d <= 0 for d in deficits.values()):
         return Admit()
@@ -148,7 +173,7 @@ def admit(target: ServerRecord, target_spec: ServerSpec | None, records: Iterabl
                 after_stops[id(lim)] -= lim.held_by(m)
     short = [lim for lim in limits if after_stops[id(lim)] > 0]
     if short:
-        return Refuse(_refusal(target, short[0], holders))
+        return Refuse(_refusal(target, short[0], holders, busy))
     if victims:
         names = ", ".join(f"{m.label} ({format_bytes(m.footprint.memory)})" for m in victims)
         return Evict(tuple(m.ref for m in victims), f"{target.label} needs the memory; least recently used: {names}")
@@ -183,10 +208,20 @@ def _limits(target: ServerRecord, spec: ServerSpec | None, others: list[tuple[Se
     return limits
 
 
-def _refusal(target: ServerRecord, lim: _Limit, holders: list[Member]) -> str:
+def _refusal(target: ServerRecord, lim: _Limit, holders: list[Member], busy: Collection[ServerRef]) -> str:
     held = sorted((m for m in holders if lim.held_by(m) > 0), key=lambda m: -lim.held_by(m))
-    who = ", ".join(f"{m.label} ({format_bytes(lim.held_by(m))}{', always' if not m.evictable else ''})" for m in held) or "nothing"
+
+    def why_kept(m: Member) -> str:
+        if m.evictable:
+            return ""
+        if m.ref in busy:
+            return ", busy"
+        if m.state not in EVICTABLE:
+            return f", {m.state}"
+        return ", always"
+
+    who = ", ".join(f"{m.label} ({format_bytes(lim.held_by(m))}{why_kept(m)})" for m in held) or "nothing"
     return (
         f"{target.label} needs {format_bytes(lim.need)} of {lim.name} and the budget is {format_bytes(lim.limit)}, held by {who}; "
-        "no on-demand server can make room (start: always servers are never evicted)"
+        "nothing can make room now (start: always servers are never evicted, nor busy or starting ones)"
     )

@@ -58,12 +58,7 @@ class Chores:
 
     def reap_orphans(self) -> None:
         """Reap exited orphans; attribute live ones to their server by the token they carry."""
-        ours = {
-            h.ident.pid
-            for slot in self.sup.slots.values()
-            for h in (slot.handle, slot.successor_handle)
-            if h is not None and h.popen is not None
-        }
+        ours = {inst.pid for slot in self.sup.slots.values() for inst in slot.instances() if inst.is_child}
         for pid in own_children():
             if pid in ours:
                 continue  # our own spawned servers are reaped through their Popen

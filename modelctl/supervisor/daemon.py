@@ -129,7 +129,7 @@ class DaemonPolicy:
             rec = cached.get(ref) or self.store.load(ref)
             if rec is not None:
                 records.append(rec)
-        return status_rows(self.store, records)
+        return status_rows(self.store, records, supervisor_pid=os.getpid())
 
     def reopen_log(self) -> None:
         if self.log_file is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from modelctl.backends import get_backend
 from modelctl.failures import Failure
@@ -20,16 +20,12 @@ from modelctl.host.health import ProbeResult
 from modelctl.sanitize import one_line
 from modelctl.spec import ServerSpec
 from modelctl.state import lifecycle as lc
+from modelctl.supervisor.slot import Server
+from modelctl.supervisor.verbs import Core
 
 STARTUP_PROBE_SECONDS = 0.1
 UNHEALTHY_PROBE_SECONDS = 1.0
 PROBE_GRID_SECONDS = 0.25
-
-
-class _Server(Protocol):
-    rec: Any
-    slot: Any
-    spec: ServerSpec
 
 
 def on_grid(when: float) -> float:
@@ -41,13 +37,14 @@ def on_grid(when: float) -> float:
 class HealthWatch:
     startup_probe_seconds = STARTUP_PROBE_SECONDS
 
-    def __init__(self, sup: Any):
+    def __init__(self, sup: Core):
         self.sup = sup  # the supervisor: its procs, log, submit() and crash()
 
-    def check(self, srv: _Server, now: float) -> None:
+    def check(self, srv: Server, now: float) -> None:
         if self.collect_preparation(srv, now):
             return
-        if srv.rec.state == lc.STARTING and srv.slot.notify is not None:
+        current = srv.slot.current
+        if srv.rec.state == lc.STARTING and current is not None and current.notify is not None:
             self.await_ready(srv, now)
             return
         self.collect_probe(srv, now)
@@ -58,18 +55,18 @@ class HealthWatch:
         self.schedule_probe(srv, now)
 
     # ------------------------------------------------------------------ preparation
-    def collect_preparation(self, srv: _Server, now: float) -> bool:
+    def collect_preparation(self, srv: Server, now: float) -> bool:
         """True while a preparation (pull, import, preload) runs or just ended."""
-        rec, slot = srv.rec, srv.slot
-        if slot.prepare is None:
+        rec, slot, health = srv.rec, srv.slot, srv.slot.health
+        if health.prepare is None:
             return False
-        if slot.progress is not None:
-            rec.progress = dict(slot.progress)
-        if not slot.prepare.done():
+        if health.progress is not None:
+            rec.progress = dict(health.progress)
+        if not health.prepare.done():
             self.enforce_timeouts(srv, now)
             slot.wake_at(now + 1.0)  # progress to show
             return True
-        fut, slot.prepare = slot.prepare, None
+        fut, health.prepare = health.prepare, None
         rec.progress = None
         try:
             rec.info = fut.result() or {}
@@ -78,55 +75,54 @@ class HealthWatch:
             # what a preparation says (no such model, unsupported file) does not heal by retrying
             self.sup.crash(srv, now, None, Failure("prepare", one_line(str(e)), False))
             return True
-        slot.prepared = True
-        rec.startup["prepare"] = round(now - (slot.prepare_started or now), 3)
+        health.prepared = True
+        rec.startup["prepare"] = round(now - (health.prepare_started or now), 3)
         self.mark_ready(srv, now)
         return True
 
     # ------------------------------------------------------------------ READY=1
-    def await_ready(self, srv: _Server, now: float) -> None:
+    def await_ready(self, srv: Server, now: float) -> None:
         """A server on a held socket is ready when it says so: a probe through the socket could be
         answered by nobody yet (it waits in the backlog) or by another instance."""
-        rec, slot = srv.rec, srv.slot
-        if slot.notified:
-            rec.startup["port_open"] = 0.0  # held all along
+        if srv.slot.current is not None and srv.slot.current.ready_said:
+            srv.rec.startup["port_open"] = 0.0  # held all along
             self.apply_startup_probe(srv, ProbeResult(True, "READY=1", connected=True), now)
             return
-        rec.detail = "starting: the socket is held; waiting for the server's READY=1"
+        srv.rec.detail = "starting: the socket is held; waiting for the server's READY=1"
         self.enforce_timeouts(srv, now)
 
     # ------------------------------------------------------------------ probes
-    def collect_probe(self, srv: _Server, now: float) -> None:
-        rec, slot, spec = srv.rec, srv.slot, srv.spec
-        if slot.probe is None or not slot.probe.done():
+    def collect_probe(self, srv: Server, now: float) -> None:
+        rec, spec, health = srv.rec, srv.spec, srv.slot.health
+        if health.probe is None or not health.probe.done():
             return
-        fut, slot.probe = slot.probe, None
+        fut, health.probe = health.probe, None
         try:
             result, ran_at = fut.result()
         except Exception as e:
-            result, ran_at = ProbeResult(False, f"probe error: {e}"), slot.probe_submitted
+            result, ran_at = ProbeResult(False, f"probe error: {e}"), health.probe_submitted
         if rec.state == lc.STARTING:
-            slot.starved += max(0.0, ran_at - slot.probe_submitted)
+            health.starved += max(0.0, ran_at - health.probe_submitted)
         if rec.state == lc.STARTING:
-            slot.next_probe_at = now + STARTUP_PROBE_SECONDS
+            health.next_probe_at = now + STARTUP_PROBE_SECONDS
         else:
             interval = min(spec.health.interval, UNHEALTHY_PROBE_SECONDS) if rec.state == lc.UNHEALTHY else spec.health.interval
-            slot.next_probe_at = on_grid(now + interval)
+            health.next_probe_at = on_grid(now + interval)
         if rec.state == lc.STARTING:
             self.apply_startup_probe(srv, result, now)
         elif result.ok:
             if rec.state == lc.UNHEALTHY:
                 self.sup.log.info("%s: healthy again", rec.label)
             lc.became_healthy(rec)
-            slot.unhealthy_since = None
+            health.unhealthy_since = None
         else:
             if rec.state == lc.READY:
                 self.sup.log.warning("%s: unhealthy: %s", rec.label, result.detail)
-                slot.unhealthy_since = now
+                health.unhealthy_since = now
             lc.became_unhealthy(rec, result.detail)
 
-    def apply_startup_probe(self, srv: _Server, result: ProbeResult, now: float) -> None:
-        rec, slot, spec = srv.rec, srv.slot, srv.spec
+    def apply_startup_probe(self, srv: Server, result: ProbeResult, now: float) -> None:
+        rec, slot, spec, health = srv.rec, srv.slot, srv.spec, srv.slot.health
         started = rec.instance.started_at if rec.instance else now
         if result.connected and "port_open" not in rec.startup:
             rec.startup["port_open"] = round(now - started, 3)
@@ -135,18 +131,18 @@ class HealthWatch:
             return
         rec.startup.setdefault("port_open", round(now - started, 3))
         backend = get_backend(spec.kind)
-        if not slot.prepared and backend.has_prepare:
+        if not health.prepared and backend.has_prepare:
             rec.detail = "preparing"
-            slot.prepare_started = now
+            health.prepare_started = now
 
             def report(progress: dict[str, Any]) -> None:
-                slot.progress = progress
+                health.progress = progress
 
-            slot.prepare = self.sup.submit(slot, backend.prepare, spec, self.url(srv), report)
+            health.prepare = self.sup.submit(slot, backend.prepare, spec, self.url(srv), report)
             return
         self.mark_ready(srv, now)
 
-    def mark_ready(self, srv: _Server, now: float) -> None:
+    def mark_ready(self, srv: Server, now: float) -> None:
         rec, slot, spec = srv.rec, srv.slot, srv.spec
         started = rec.instance.started_at if rec.instance else now
         # the phases add up to the total: spawn → port open → healthy → prepared
@@ -156,16 +152,16 @@ class HealthWatch:
         lc.became_ready(
             rec, now, {"port_open": port_open, "healthy": round(total - port_open - prepare, 3), "prepare": prepare, "total": total}
         )
-        slot.next_probe_at = on_grid(now + spec.health.interval)
-        slot.wake_at(slot.next_probe_at)
+        slot.health.next_probe_at = on_grid(now + spec.health.interval)
+        slot.wake_at(slot.health.next_probe_at)
         self.sup.log.info("%s: ready after %.1fs", rec.label, now - started)
 
-    def enforce_timeouts(self, srv: _Server, now: float) -> bool:
+    def enforce_timeouts(self, srv: Server, now: float) -> bool:
         """Startup past startup_timeout, or unhealthy past the grace period: a failure."""
         rec, slot, spec = srv.rec, srv.slot, srv.spec
         started = rec.instance.started_at if rec.instance else None
         if rec.state == lc.STARTING and started is not None:
-            deadline = started + spec.startup_timeout + slot.starved
+            deadline = started + spec.startup_timeout + slot.health.starved
             if now > deadline:
                 reason = f"not ready after {spec.startup_timeout:g}s (startup_timeout): {rec.detail or ''}".rstrip(": ")
                 if slot.external:  # nothing of ours to restart: say so and stop trying
@@ -174,7 +170,7 @@ class HealthWatch:
                     self.sup.crash(srv, now, None, Failure("startup-timeout", reason, True))
                 return True
             slot.wake_at(deadline)
-        since = slot.unhealthy_since
+        since = slot.health.unhealthy_since
         if rec.state == lc.UNHEALTHY and since is not None and not slot.external:
             if now - since > spec.health.grace:
                 reason = f"unhealthy for {now - since:.0f}s ({rec.detail}); restarting"
@@ -183,16 +179,16 @@ class HealthWatch:
             slot.wake_at(since + spec.health.grace + 0.001)
         return False
 
-    def schedule_probe(self, srv: _Server, now: float) -> None:
-        rec, slot, spec = srv.rec, srv.slot, srv.spec
-        if slot.probe is not None or slot.prepare is not None:
+    def schedule_probe(self, srv: Server, now: float) -> None:
+        rec, slot, spec, health = srv.rec, srv.slot, srv.spec, srv.slot.health
+        if health.probe is not None or health.prepare is not None:
             return
-        if now < slot.next_probe_at:
-            slot.wake_at(slot.next_probe_at)
+        if now < health.next_probe_at:
+            slot.wake_at(health.next_probe_at)
             return
-        slot.probe_submitted = time.monotonic()
+        health.probe_submitted = time.monotonic()
         ready = rec.state == lc.READY
-        slot.probe = self.sup.submit(
+        health.probe = self.sup.submit(
             slot, self.probe_job, spec, self.url(srv), rec.state != lc.STARTING, quiet=lambda outcome: ready and outcome[0].ok
         )
 
@@ -206,5 +202,5 @@ class HealthWatch:
                 result = ProbeResult(False, why, connected=True)
         return ProbeResult(result.ok, one_line(result.detail), result.connected), ran_at
 
-    def url(self, srv: _Server) -> str:
+    def url(self, srv: Server) -> str:
         return srv.rec.url or get_backend(srv.spec.kind).base_url(srv.spec, srv.rec.port)

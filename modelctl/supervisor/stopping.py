@@ -25,6 +25,7 @@ from modelctl.host.identity import ProcessIdentity, identity_of, is_alive
 from modelctl.host.process import StopResult, StopTarget, stop_processes
 from modelctl.names import ServerRef
 from modelctl.profile import record_spec
+from modelctl.spec import ServerSpec
 from modelctl.state import lifecycle as lc
 from modelctl.state.record import ServerRecord
 from modelctl.state.store import BrokenRecord, StateStore
@@ -34,7 +35,7 @@ DEFAULT_STOP_TIMEOUT = 10.0
 NOTHING_LEFT = frozenset({lc.STOPPED, lc.IDLE})
 
 
-def target_of(rec: ServerRecord) -> StopTarget:
+def target_of(rec: ServerRecord, spec: ServerSpec | None = None) -> StopTarget:
     """What proves which processes are this record's instance.
 
     The port is checked after the stop wherever something of ours may have held it: an instance
@@ -43,11 +44,12 @@ def target_of(rec: ServerRecord) -> StopTarget:
     inst = rec.instance
     members = inst.member_identities if inst else ()
     port = rec.port if inst is not None or rec.state not in NOTHING_LEFT else None
-    return StopTarget(rec.label, rec.leader, rec.token, members, port, rec.host, leader_first=_leader_first(rec))
+    return StopTarget(rec.label, rec.leader, rec.token, members, port, rec.host, leader_first=_leader_first(rec, spec))
 
 
-def _leader_first(rec: ServerRecord) -> bool:
-    spec = record_spec(rec)
+def _leader_first(rec: ServerRecord, spec: ServerSpec | None) -> bool:
+    """`spec`: the record's, where the caller has it parsed already (the supervisor's path)."""
+    spec = spec if spec is not None else record_spec(rec)
     return spec is not None and get_backend(spec.kind).stops_leader_first(spec)
 
 
