@@ -191,3 +191,23 @@ def test_no_folder_of_modelctl_is_a_heap_of_modules():
         if (n := len(list(d.glob("*.py")))) > 16
     }
     assert crowded == {}
+
+
+HEAVY = {"torch", "sentence_transformers", "fastapi", "transformers"}
+
+
+def test_modelctl_itself_never_imports_torch_sentence_transformers_or_fastapi():
+    """Only server processes load them; the CLI and the supervisor stay light (a static check of
+    every import statement; tests/test_cli.py checks what a real `modelctl` process loads)."""
+    heavy = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            heavy += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in HEAVY]
+    assert heavy == []

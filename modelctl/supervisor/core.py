@@ -277,7 +277,7 @@ class Supervisor:
                 return
             self._record_members(srv, now)
             self.health.check(srv, now)
-            if on_demand and rec.state in (lc.READY, lc.UNHEALTHY) and rec.successor is None:
+            if on_demand and rec.state in (lc.READY, lc.UNHEALTHY):
                 self.demand.watch_idleness(srv, now)
         elif rec.state == lc.STOPPED:
             if on_demand and rec.wish.warm <= rec.usage.warmed:

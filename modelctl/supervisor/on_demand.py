@@ -117,7 +117,9 @@ class OnDemand:
             woken_for_a_client = slot.demand.woke_for_client and not slot.demand.served
             if slot.demand.in_flight or (listener is not None and listener.pending()) or woken_for_a_client:
                 out.add(ref)
-                slot.wake_at(self.sup.clock())  # look at its traffic soon: it may become evictable
+                # look at its traffic soon: it may become evictable
+                slot.demand.next_activity_at = min(slot.demand.next_activity_at, self.sup.clock())
+                slot.wake_at(self.sup.clock())
         return out
 
     def evict(self, ref: ServerRef, reason: str, now: float) -> None:
@@ -136,8 +138,22 @@ class OnDemand:
 
     # ------------------------------------------------------------------ idleness
     def watch_idleness(self, srv: Server, now: float) -> None:
-        """A ready on-demand server is stopped after idle_timeout without a request. Requests are
-        seen in its own counters (the bundled server, vLLM), else in its established connections."""
+        """A ready on-demand server is stopped after idle_timeout without a request (never while a
+        replacement is under way, nor with requests in flight)."""
+        rec, slot, spec = srv.rec, srv.slot, srv.spec
+        self.look_at_traffic(srv, now)
+        if rec.successor is not None:
+            return
+        since = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or now
+        if now - since >= spec.idle_timeout and not slot.demand.in_flight:
+            log.info("%s: idle for %.0fs; stopping it until the next client", rec.label, now - since)
+            self.rest(srv, now, f"idle for {now - since:.0f}s (idle_timeout)")
+            return
+        slot.wake_at(min(slot.demand.next_activity_at, since + spec.idle_timeout))
+
+    def look_at_traffic(self, srv: Server, now: float) -> None:
+        """Requests are seen in the server's own counters (the bundled server, vLLM), else in its
+        established connections; more often while another server waits for the budget."""
         rec, slot, spec = srv.rec, srv.slot, srv.spec
         demand = slot.demand
         if demand.activity is not None and demand.activity.done():
@@ -160,9 +176,4 @@ class OnDemand:
             every = max(0.5, min(spec.idle_timeout / 4, 5.0))
             demand.next_activity_at = now + (min(every, BUSY_LOOK_SECONDS) if someone_waits else every)
             demand.activity = self.sup.submit(slot, activity_of, self.sup.url_of(srv), rec.port, quiet=lambda _: not someone_waits)
-        since = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or now
-        if now - since >= spec.idle_timeout and not demand.in_flight:
-            log.info("%s: idle for %.0fs; stopping it until the next client", rec.label, now - since)
-            self.rest(srv, now, f"idle for {now - since:.0f}s (idle_timeout)")
-            return
-        slot.wake_at(min(demand.next_activity_at, since + spec.idle_timeout))
+        slot.wake_at(demand.next_activity_at)

@@ -3,6 +3,8 @@
 GET /health   200, or 503 while --unhealthy-file exists; hangs while --hang-file exists
 GET /info     {"pid", "port", "env": {CUDA_VISIBLE_DEVICES, MODELCTL_PORT, ...}, "children": [...]}
 
+--hold MiB: the serving process (the daemon, with --daemonize-after) holds this much resident memory.
+
 --daemonize-after S: after S seconds, double-fork a daemon in a session of its own that serves
 the port (the "server" keeps running as a bystander leader); with --scrub-env the daemon also
 clears its environment. Its pid goes to --pid-file.
@@ -69,6 +71,7 @@ def daemonize(a: argparse.Namespace) -> None:
     if os.fork() > 0:
         os._exit(0)
     argv = [sys.executable, __file__, "--port", str(a.port), "--host", a.host, "--serve-only", "--pid-file", a.pid_file]
+    argv += ["--hold", str(a.hold)]
     os.execve(sys.executable, argv, {} if a.scrub_env else dict(os.environ))
 
 
@@ -96,6 +99,7 @@ def main() -> None:
     p.add_argument("--scrub-env", action="store_true")
     p.add_argument("--pid-file", default=None)
     p.add_argument("--serve-only", action="store_true")
+    p.add_argument("--hold", type=int, default=0, help="MiB of memory the serving process holds (touched, so resident)")
     p.add_argument("--spam", type=int, default=0, help="write this many bytes of output per second")
     p.add_argument("--say", default=None, help="print this line first (escapes like \\x1b are decoded)")
     p.add_argument("--health-body", default=None, help="answer /health 503 with this status text")
@@ -106,6 +110,9 @@ def main() -> None:
     if a.port is None:
         a.port = int(os.environ["PORT"])  # a server that reads its port from the environment
 
+    held = bytearray(a.hold << 20) if a.serve_only or a.daemonize_after is None else bytearray()
+    for i in range(0, len(held), 4096):
+        held[i] = 1
     if a.serve_only:
         if a.pid_file:
             with open(a.pid_file, "w") as f:
