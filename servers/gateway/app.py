@@ -113,6 +113,7 @@ class Gateway:
                 self.catalog.refresh()
                 self._last_refresh = time.monotonic()
                 self._ask_what_they_serve()
+                self.proxy.pool.sweep()
             except Exception:  # a bad moment in the state directory must not end the routing
                 log.exception("reading the records failed")
 
@@ -276,7 +277,7 @@ class Gateway:
             )
         body = await self._read_body(request)
         path = "/" + request.match_info["tail"]
-        return await self.proxy.forward(request, found[0], path, body, endpoint="/servers")
+        return await self.proxy.forward(request, found[0], path, body, endpoint="/servers", lean=False)
 
     # ------------------------------------------------------------------ the gateway's own routes
     def model_entry(self, s: Server) -> dict[str, Any]:

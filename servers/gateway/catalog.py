@@ -58,6 +58,14 @@ class Server:
     def label(self) -> str:
         return f"{self.profile}/{self.name}"
 
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of a plain http:// URL, for the gateway's lean client; None for https."""
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or parts.hostname is None:
+            return None
+        return parts.hostname, parts.port or 80
+
     def serves(self, family: str) -> bool:
         """Whether requests of an endpoint family (a task, or Ollama's API) may reach it."""
         return self.kind == "ollama" if family == OLLAMA else self.task == family

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Union
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from servers.gateway import upstream
 from servers.gateway.admission import Admission, Full
 from servers.gateway.catalog import Catalog, Server
 from servers.gateway.errors import GatewayError
@@ -38,6 +39,31 @@ ANSWER_DROPPED = HOP_BY_HOP | {"date", "server"}  # aiohttp writes its own
 SMALL_ANSWER = 256 * 1024  # an answer of known length up to this size is sent in one write
 
 
+BROKEN = (aiohttp.ClientError, asyncio.TimeoutError, upstream.Dropped, upstream.Silent)  # an answer that broke off
+
+
+class AiohttpAnswer:
+    """aiohttp's answer, shaped as upstream.Answer (the relay reads either)."""
+
+    def __init__(self, response: aiohttp.ClientResponse):
+        self.response = response
+        self.status = response.status
+        self.headers = list(response.headers.items())
+        self.content_length = response.content_length
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self.response.content.iter_any()
+
+    async def read(self, limit: int | None = None) -> bytes:
+        return await (self.response.content.read(limit) if limit is not None else self.response.read())
+
+    def close(self) -> None:
+        self.response.close()
+
+
+Upstream = Union[upstream.Answer, AiohttpAnswer]
+
+
 class Proxy:
     """The client session to the servers, and what one request through it does."""
 
@@ -54,6 +80,7 @@ class Proxy:
         self._key = settings.api_key is not None
         self._urls: dict[tuple[str, str], URL] = {}
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self.pool = upstream.Pool()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0, enable_cleanup_closed=True)
@@ -63,13 +90,15 @@ class Proxy:
         )
 
     async def close(self) -> None:
+        self.pool.close()
         if self.session is not None:
             await self.session.close()
 
     async def forward(
-        self, request: web.Request, server: Server, path: str, body: bytes, endpoint: str, stream: bool = False
+        self, request: web.Request, server: Server, path: str, body: bytes, endpoint: str, stream: bool = False, lean: bool = True
     ) -> web.StreamResponse:
-        """Send the request to the server's own address and stream its answer back."""
+        """Send the request to the server's own address and stream its answer back (`lean`: `path`
+        is the gateway's own, written as it is)."""
         if server.state == "failed":
             why = f": {server.last_error}" if server.last_error else ""
             raise GatewayError(
@@ -92,14 +121,14 @@ class Proxy:
         in_flight = self.metrics.in_flight.labels(server.label)
         in_flight.inc()
         try:
-            return await self._exchange(request, server, path, body, endpoint, stream, arrived)
+            return await self._exchange(request, server, path, body, endpoint, stream, arrived, lean)
         finally:
             in_flight.dec()
             if gate is not None:
                 gate.leave()
 
     async def _exchange(
-        self, request: web.Request, server: Server, path: str, body: bytes, endpoint: str, stream: bool, arrived: float
+        self, request: web.Request, server: Server, path: str, body: bytes, endpoint: str, stream: bool, arrived: float, lean: bool
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         waking = server.state in WAKING
@@ -107,12 +136,12 @@ class Proxy:
             self.metrics.wakes.labels(server.label).inc()
         committed: web.StreamResponse | None = None
         if not (stream and self.settings.keepalive_after > 0):
-            upstream = await self._send(request, server, path, body)
+            answer = await self._send(request, server, path, body, lean)
         else:
-            head = asyncio.ensure_future(self._send(request, server, path, body))
+            head = asyncio.ensure_future(self._send(request, server, path, body, lean))
             try:
                 committed = await self._keep_alive_until(request, server, head)
-                upstream = await head
+                answer = await head
             except GatewayError as e:
                 if committed is None:
                     raise
@@ -123,21 +152,54 @@ class Proxy:
                 if not head.done():
                     head.cancel()  # the client left: so does the request to the server
         took = loop.time() - arrived
-        self.metrics.requests.labels(server.served, server.label, endpoint, str(upstream.status)).inc()
+        self.metrics.requests.labels(server.served, server.label, endpoint, str(answer.status)).inc()
         self.metrics.latency.labels(server.served, server.label).observe(took)
         if waking:
             self.metrics.wake_wait.labels(server.label).observe(took)
         try:
-            return await self._relay(request, server, upstream, committed)
+            return await self._relay(request, server, answer, committed)
         finally:
-            upstream.close()  # a no-op once read to the end and released; else the server's connection is dropped
+            answer.close()  # a no-op once read to the end and released; else the server's connection is dropped
 
-    async def _send(self, request: web.Request, server: Server, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """The server's answer head; one resend when a kept-alive connection turned out closed."""
+    async def _send(self, request: web.Request, server: Server, path: str, body: bytes, lean: bool) -> Upstream:
+        """The server's answer head: by the lean client where it can (plain http, a POST to one of
+        the gateway's own routes), else by aiohttp's."""
+        s = self.settings
+        read = max(s.read_timeout, server.startup_timeout or 0.0) if server.state in WAKING else s.read_timeout
+        address = server.address
+        if lean and address is not None and request.method == "POST":
+            return await self._send_lean(request, server, address, path, body, read)
+        return AiohttpAnswer(await self._send_aiohttp(request, server, path, body, read))
+
+    async def _send_lean(
+        self, request: web.Request, server: Server, address: tuple[str, int], path: str, body: bytes, read: float
+    ) -> upstream.Answer:
+        host, port = address
+        target = path + (f"?{request.query_string}" if request.query_string else "")
+        lines = [f"POST {target} HTTP/1.1", f"Host: {host}:{port}"]
+        lines += [f"{k}: {v}" for k, v in self._upstream_headers(request, server).items()]
+        lines.append(f"Content-Length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+        for attempt in (1, 2):
+            try:
+                answer, _ = await self.pool.send(host, port, head, body, self.settings.connect_timeout, read)
+                return answer
+            except upstream.Refused as e:
+                raise self._unreachable(server, f"refused the connection ({e})") from None
+            except upstream.Dropped as e:
+                # a kept-alive connection the server closed as the request went out (an idle timeout,
+                # an instance that stops): no answer was begun, so the request is sent once more
+                if attempt == 2 or not e.before_head:
+                    raise self._unreachable(server, str(e)) from None
+            except upstream.Silent:
+                raise GatewayError(504, f"{server.label} at {server.url} did not answer within {read:g}s", "server_timeout") from None
+        raise AssertionError("unreachable")
+
+    async def _send_aiohttp(self, request: web.Request, server: Server, path: str, body: bytes, read: float) -> aiohttp.ClientResponse:
+        """The same with aiohttp's client; one resend when a kept-alive connection turned out closed."""
         assert self.session is not None
         s = self.settings
         url = self._url(server.url, path, request.query_string)
-        read = max(s.read_timeout, server.startup_timeout or 0.0) if server.state in WAKING else s.read_timeout
         timeout = self._timeouts.get(read) or self._timeouts.setdefault(
             read, aiohttp.ClientTimeout(sock_connect=s.connect_timeout, sock_read=read)
         )
@@ -210,43 +272,40 @@ class Proxy:
                 return committed
 
     async def _relay(
-        self, request: web.Request, server: Server, upstream: aiohttp.ClientResponse, committed: web.StreamResponse | None
+        self, request: web.Request, server: Server, answer: Upstream, committed: web.StreamResponse | None
     ) -> web.StreamResponse:
         if committed is not None:
-            if upstream.status >= 400:
-                text = (await upstream.content.read(4096)).decode(errors="replace")
-                await committed.write(GatewayError(upstream.status, f"{server.label}: {text}", "server_error").sse_event())
+            if answer.status >= 400:
+                text = (await answer.read(4096)).decode(errors="replace")
+                await committed.write(GatewayError(answer.status, f"{server.label}: {text}", "server_error").sse_event())
             else:
-                await self._copy(request, upstream, committed)
+                await self._copy(request, answer, committed)
             await committed.write_eof()
             return committed
-        headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in ANSWER_DROPPED)
-        length = upstream.content_length
+        headers = CIMultiDict((k, v) for k, v in answer.headers if k.lower() not in ANSWER_DROPPED)
+        length = answer.content_length
         if length is not None and length <= SMALL_ANSWER:
-            data = await self._read_all(request, upstream)
-            return web.Response(status=upstream.status, reason=upstream.reason, body=data, headers=headers)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            try:
+                data = await answer.read()
+            except BROKEN as e:
+                raise GatewayError(502, f"{server.label}'s answer broke off: {type(e).__name__}", "server_disconnected") from None
+            return web.Response(status=answer.status, body=data, headers=headers)
+        response = web.StreamResponse(status=answer.status, headers=headers)
         if length is not None:
             response.content_length = length
         await response.prepare(request)
-        await self._copy(request, upstream, response)
+        await self._copy(request, answer, response)
         await response.write_eof()
         return response
 
-    async def _read_all(self, request: web.Request, upstream: aiohttp.ClientResponse) -> bytes:
-        try:
-            return await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise GatewayError(502, f"the server's answer broke off: {type(e).__name__}", "server_disconnected") from None
-
-    async def _copy(self, request: web.Request, upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+    async def _copy(self, request: web.Request, answer: Upstream, response: web.StreamResponse) -> None:
         """Each piece of the answer as it arrives (an SSE chunk is never held back)."""
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in answer.chunks():
                 await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except BROKEN as e:
             # the server broke off mid-answer: the client's connection is closed too, so that it
             # sees a cut answer rather than a short one that looks whole
-            log.warning("an answer broke off: %s", e)
+            log.warning("an answer broke off: %s", type(e).__name__)
             if request.transport is not None:
                 request.transport.close()
