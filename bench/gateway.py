@@ -1,6 +1,6 @@
 """What the gateway adds, measured beside calling the servers directly, in one run:
 
-    .venv/bin/python bench/gateway.py [--rounds 5] [--sentences 1024] [--streams 1000]
+    .venv/bin/python bench/gateway.py [--rounds 5] [--sentences 1024] [--streams 1000] [--phases 1,2,3,4]
 
 modelctl runs a profile of the bundled MiniLM server, a streaming chat stand-in (a `command`
 server that sends N tokens at a fixed rate, tests/servers/chat_stream_server.py) and a gateway,
@@ -76,17 +76,20 @@ async def throughput(url: str, model: str, sentences: int, clients: int) -> floa
         return sentences / (time.perf_counter() - t0)
 
 
-async def latencies(url: str, model: str, n: int) -> list[float]:
+async def paired_latencies(direct: str, gateway: str, model: str, n: int) -> tuple[list[float], list[float]]:
+    """n requests each way, direct and through the gateway in turn (pairs seconds apart at most
+    see the same load on a shared machine)."""
     import aiohttp
 
-    out = []
+    out: tuple[list[float], list[float]] = ([], [])
     async with aiohttp.ClientSession() as session:
-        for _ in range(n):
+        for i in range(2 * n):
+            which = i % 2
             t0 = time.perf_counter()
-            async with session.post(url + "/v1/embeddings", json={"model": model, "input": SENTENCE}) as resp:
+            async with session.post((direct, gateway)[which] + "/v1/embeddings", json={"model": model, "input": SENTENCE}) as resp:
                 await resp.read()
                 assert resp.status == 200
-            out.append(time.perf_counter() - t0)
+            out[which].append(time.perf_counter() - t0)
     return out
 
 
@@ -171,6 +174,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=0.02, help="seconds between the stand-in's tokens")
     p.add_argument("--streams", type=int, default=1000, help="concurrent open streams through the gateway")
     p.add_argument("--stream-tokens", type=int, default=50, help="tokens of each of those streams")
+    p.add_argument("--phases", default="1,2,3,4", help="which of the measurements to run (1,2,3,4)")
     a = p.parse_args()
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,65 +208,72 @@ def main() -> None:
 
 
 def measure(a: argparse.Namespace, direct_embed: str, direct_chat: str, gateway: str, gw_proc: psutil.Process) -> None:
+    phases = set(a.phases.split(","))
     print(f"machine: {os.cpu_count()} cores; rounds of direct and gateway calls alternate", flush=True)
     asyncio.run(throughput(direct_embed, "minilm", 64, a.clients))  # warm both paths
     asyncio.run(throughput(gateway, "minilm", 64, a.clients))
 
-    direct_rates, gateway_rates, cpu_per_request = [], [], []
-    for _ in range(a.rounds):
-        direct_rates.append(asyncio.run(throughput(direct_embed, "minilm", a.sentences, a.clients)))
-        before = gw_proc.cpu_times()
-        gateway_rates.append(asyncio.run(throughput(gateway, "minilm", a.sentences, a.clients)))
-        after = gw_proc.cpu_times()
-        cpu_per_request.append(((after.user - before.user) + (after.system - before.system)) / a.sentences)
-    d, g = statistics.median(direct_rates), statistics.median(gateway_rates)
-    print(f"\n1. MiniLM, {a.clients} clients x 1 sentence ({a.rounds} rounds of {a.sentences}; medians)")
-    print(f"   direct  {d:7.1f} sentences/s   (rounds: {', '.join(f'{x:.0f}' for x in direct_rates)})")
-    print(f"   gateway {g:7.1f} sentences/s   (rounds: {', '.join(f'{x:.0f}' for x in gateway_rates)})")
-    print(f"   ratio   {g / d:.3f}x   (target >= 0.9x)")
-    print(f"   gateway CPU per request: {statistics.median(cpu_per_request) * 1e6:.0f} us (user + system)")
+    if "1" in phases:
+        direct_rates, gateway_rates, cpu_per_request = [], [], []
+        for _ in range(a.rounds):
+            direct_rates.append(asyncio.run(throughput(direct_embed, "minilm", a.sentences, a.clients)))
+            before = gw_proc.cpu_times()
+            gateway_rates.append(asyncio.run(throughput(gateway, "minilm", a.sentences, a.clients)))
+            after = gw_proc.cpu_times()
+            cpu_per_request.append(((after.user - before.user) + (after.system - before.system)) / a.sentences)
+        d, g = statistics.median(direct_rates), statistics.median(gateway_rates)
+        print(f"\n1. MiniLM, {a.clients} clients x 1 sentence ({a.rounds} rounds of {a.sentences}; medians)")
+        print(f"   direct  {d:7.1f} sentences/s   (rounds: {', '.join(f'{x:.0f}' for x in direct_rates)})")
+        print(f"   gateway {g:7.1f} sentences/s   (rounds: {', '.join(f'{x:.0f}' for x in gateway_rates)})")
+        print(f"   ratio   {g / d:.3f}x   (target >= 0.9x)")
+        print(f"   gateway CPU per request: {statistics.median(cpu_per_request) * 1e6:.0f} us (user + system)")
 
-    direct_lat, gateway_lat = [], []
-    for _ in range(a.rounds):
-        direct_lat += asyncio.run(latencies(direct_embed, "minilm", a.latency_requests))
-        gateway_lat += asyncio.run(latencies(gateway, "minilm", a.latency_requests))
-    dp50, gp50 = statistics.median(direct_lat), statistics.median(gateway_lat)
-    print(f"\n2. MiniLM, one client, one sentence ({a.rounds} x {a.latency_requests} requests each way)")
-    print(f"   p50 direct {ms(dp50)} ms, gateway {ms(gp50)} ms: added {ms(gp50 - dp50)} ms (target <= 1 ms)")
+    if "2" in phases:
+        direct_lat, gateway_lat = asyncio.run(paired_latencies(direct_embed, gateway, "minilm", a.rounds * a.latency_requests))
+        dp50, gp50 = statistics.median(direct_lat), statistics.median(gateway_lat)
+        added = statistics.median(g - d for d, g in zip(direct_lat, gateway_lat, strict=True))
+        print(f"\n2. MiniLM, one client, one sentence ({len(direct_lat)} requests each way, in turn)")
+        print(f"   p50 direct {ms(dp50)} ms, gateway {ms(gp50)} ms; median of the paired differences {ms(added)} ms (target <= 1 ms)")
 
-    d_ttfb, g_ttfb, d_late, g_late = [], [], [], []
-    for _ in range(a.rounds):
-        t, late = asyncio.run(streams_alone(direct_chat, a.stream_requests, a.tokens))
-        d_ttfb += t
-        d_late += late
-        t, late = asyncio.run(streams_alone(gateway, a.stream_requests, a.tokens))
-        g_ttfb += t
-        g_late += late
-    print(f"\n3. chat stand-in, {a.tokens} tokens every {a.interval * 1000:g} ms, one stream at a time ({len(d_ttfb)} streams each way)")
-    print(
-        f"   first chunk p50: direct {ms(statistics.median(d_ttfb))} ms, gateway {ms(statistics.median(g_ttfb))} ms: "
-        f"added {ms(statistics.median(g_ttfb) - statistics.median(d_ttfb))} ms (target <= 2 ms)"
-    )
-    q = statistics.quantiles
-    print(
-        f"   chunk lateness after the server wrote it: direct p50 {ms(statistics.median(d_late))} / p99 {ms(q(d_late, n=100)[98])} ms, "
-        f"gateway p50 {ms(statistics.median(g_late))} / p99 {ms(q(g_late, n=100)[98])} ms "
-        f"(added p50 {ms(statistics.median(g_late) - statistics.median(d_late))} ms; target: every chunk within 2 ms)"
-    )
-    share_within_2ms = sum(x <= statistics.median(d_late) + 0.002 for x in g_late) / len(g_late)
-    print(f"   gateway chunks within 2 ms of the direct p50 lateness: {share_within_2ms * 100:.1f}%")
+    if "3" in phases:
+        d_ttfb, g_ttfb, d_late, g_late = [], [], [], []
+        for _ in range(a.rounds):
+            t, late = asyncio.run(streams_alone(direct_chat, a.stream_requests, a.tokens))
+            d_ttfb += t
+            d_late += late
+            t, late = asyncio.run(streams_alone(gateway, a.stream_requests, a.tokens))
+            g_ttfb += t
+            g_late += late
+        print(
+            f"\n3. chat stand-in, {a.tokens} tokens every {a.interval * 1000:g} ms, one stream at a time ({len(d_ttfb)} streams each way)"
+        )
+        print(
+            f"   first chunk p50: direct {ms(statistics.median(d_ttfb))} ms, gateway {ms(statistics.median(g_ttfb))} ms: "
+            f"added {ms(statistics.median(g_ttfb) - statistics.median(d_ttfb))} ms (target <= 2 ms)"
+        )
+        q = statistics.quantiles
+        print(
+            f"   chunk lateness after the server wrote it: direct p50 {ms(statistics.median(d_late))} / p99 {ms(q(d_late, n=100)[98])} ms, "
+            f"gateway p50 {ms(statistics.median(g_late))} / p99 {ms(q(g_late, n=100)[98])} ms "
+            f"(added p50 {ms(statistics.median(g_late) - statistics.median(d_late))} ms; target: every chunk within 2 ms)"
+        )
+        share_within_2ms = sum(x <= statistics.median(d_late) + 0.002 for x in g_late) / len(g_late)
+        print(f"   gateway chunks within 2 ms of the direct p50 lateness: {share_within_2ms * 100:.1f}%")
 
-    idle_rss = gw_proc.memory_info().rss
-    alone = asyncio.run(many_streams(direct_chat, a.streams, a.stream_tokens, gw_proc))
-    result = asyncio.run(many_streams(gateway, a.streams, a.stream_tokens, gw_proc))
-    print(f"\n4. {a.streams} concurrent streams, {a.stream_tokens} tokens each, direct then through the gateway")
-    print(f"   direct: completed {alone['completed']}/{alone['streams']} in {alone['seconds']} s; errors: {alone['errors'] or 'none'}")
-    print(f"   gateway: completed {result['completed']}/{result['streams']} in {result['seconds']} s; errors: {result['errors'] or 'none'}")
-    print(f"   gateway RSS: {idle_rss / MiB:.1f} MiB before, {result['gateway_rss_mib']} MiB at most while they were open")
-    print(
-        f"   chunk lateness: direct p50 {alone['chunk_late_p50_ms']} / p99 {alone['chunk_late_p99_ms']} ms, "
-        f"gateway p50 {result['chunk_late_p50_ms']} / p99 {result['chunk_late_p99_ms']} ms"
-    )
+    if "4" in phases:
+        idle_rss = gw_proc.memory_info().rss
+        alone = asyncio.run(many_streams(direct_chat, a.streams, a.stream_tokens, gw_proc))
+        result = asyncio.run(many_streams(gateway, a.streams, a.stream_tokens, gw_proc))
+        print(f"\n4. {a.streams} concurrent streams, {a.stream_tokens} tokens each, direct then through the gateway")
+        print(f"   direct: completed {alone['completed']}/{alone['streams']} in {alone['seconds']} s; errors: {alone['errors'] or 'none'}")
+        print(
+            f"   gateway: completed {result['completed']}/{result['streams']} in {result['seconds']} s; errors: {result['errors'] or 'none'}"
+        )
+        print(f"   gateway RSS: {idle_rss / MiB:.1f} MiB before, {result['gateway_rss_mib']} MiB at most while they were open")
+        print(
+            f"   chunk lateness: direct p50 {alone['chunk_late_p50_ms']} / p99 {alone['chunk_late_p99_ms']} ms, "
+            f"gateway p50 {result['chunk_late_p50_ms']} / p99 {result['chunk_late_p99_ms']} ms"
+        )
 
 
 if __name__ == "__main__":
