@@ -158,7 +158,7 @@ def generate(profile: Profile, options: ClusterOptions = ClusterOptions()) -> Ge
         except KeyProblem as e:
             raise ProfileError(profile.path, e.message, server=spec.name, key=e.key) from None
         if container is None:
-            skipped.append(f"{spec.ref}: lives outside the cluster (host: {spec.host})")
+            skipped.append(f"{spec.ref}: {get_backend(spec.kind).not_in_cluster(spec)}")
             continue
         name = dns_name(profile.name, spec.name)
         if name in names:
