@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelctl import __version__
+from modelctl.cli import ui as ui_command
 from modelctl.cli.format import styled_state
 from modelctl.control import Controller, Scope, profile_name_of, systemd_unit_of
 from modelctl.errors import ModelctlError
@@ -75,6 +76,9 @@ def _global(
 
 def controller() -> Controller:
     return Controller(ctx_state.store)
+
+
+ui_command.register(app, lambda: ctx_state.store)
 
 
 ProfileFile = typer.Option(
