@@ -27,6 +27,7 @@ def register(app: typer.Typer, store: Callable[[], StateStore]) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --public."),
         profile: Optional[list[str]] = typer.Option(None, "--profile", "-p", help="Only this profile's servers (repeat for more)."),
         public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (plain HTTP: the token crosses the network)."),
+        interval: float = typer.Option(2.0, "--interval", help="Seconds between the page's updates.", min=0.2),
     ) -> None:
         """Serve the dashboard in the foreground and print its URL with a token (Ctrl-C stops it).
 
@@ -52,6 +53,6 @@ def register(app: typer.Typer, store: Callable[[], StateStore]) -> None:
             print("open it in a browser on this machine; Ctrl-C stops it", file=sys.stderr, flush=True)
 
         try:
-            asyncio.run(serve(store(), host, port, token, profiles, ready))
+            asyncio.run(serve(store(), host, port, token, profiles, ready, interval))
         except OSError as e:
             raise ModelctlError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -153,14 +153,21 @@ def make_app(store: StateStore, auth: TokenAuth, profiles: Collection[str] | Non
     return Dashboard(store, auth, profiles, interval).app()
 
 
-def mount(app: web.Application, store: StateStore, auth: TokenAuth, profiles: Collection[str] | None = None, at: str = "/ui") -> None:
+def mount(
+    app: web.Application,
+    store: StateStore,
+    auth: TokenAuth,
+    profiles: Collection[str] | None = None,
+    at: str = "/ui",
+    interval: float = 2.0,
+) -> None:
     """Mount the dashboard on `app` at `at` (the gateway's /ui), with `at` itself sent on to `at/`."""
-    app.add_subapp(at, make_app(store, auth, profiles))
 
     async def to_page(request: web.Request) -> web.Response:
         raise web.HTTPFound(at + "/")
 
-    app.router.add_get(at, to_page)
+    app.router.add_get(at, to_page)  # before the sub-application, which would take `at` itself too
+    app.add_subapp(at, make_app(store, auth, profiles, interval))
 
 
 __all__ = ["Dashboard", "make_app", "mount"]

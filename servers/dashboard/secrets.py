@@ -27,14 +27,16 @@ def secrets_in(spec: Any, name: str = "") -> set[str]:
         for key, value in spec.items():
             found |= secrets_in(value, str(key))
     elif isinstance(spec, (list, tuple)):
-        after_flag = False
+        after_flag = False  # the item before was a flag that names a secret (`--api-key KEY`)
         for item in spec:
-            if isinstance(item, str) and after_flag:
+            flag = item.split("=", 1)[0] if isinstance(item, str) and item.startswith("-") else None
+            if isinstance(item, str) and after_flag and flag is None:
                 found.add(item)
             found |= secrets_in(item, name)
-            after_flag = isinstance(item, str) and item.startswith("-") and SECRET_NAME.search(item) is not None
-            if isinstance(item, str) and item.startswith("-") and "=" in item and SECRET_NAME.search(item.split("=", 1)[0]):
-                found.add(item.split("=", 1)[1])
+            named = flag is not None and SECRET_NAME.search(flag) is not None
+            if named and "=" in item:
+                found.add(item.split("=", 1)[1])  # `--api-key=KEY`
+            after_flag = named and "=" not in item
     elif isinstance(spec, str) and ((name and SECRET_NAME.search(name)) or looks_like_key(spec)):
         found.add(spec)
     return {s for s in found if len(s) >= MIN_LENGTH}

@@ -34,14 +34,14 @@ def page_url(host: str, port: int, token: str) -> str:
     return f"http://{shown}:{port}/ui/#token={token}"
 
 
-def build(store: StateStore, auth: TokenAuth, profiles: Collection[str] | None = None) -> web.Application:
+def build(store: StateStore, auth: TokenAuth, profiles: Collection[str] | None = None, interval: float = 2.0) -> web.Application:
     app = web.Application()
 
     async def home(request: web.Request) -> web.Response:
         raise web.HTTPFound("/ui/")
 
     app.router.add_get("/", home)
-    mount(app, store, auth, profiles)
+    mount(app, store, auth, profiles, interval=interval)
     return app
 
 
@@ -52,6 +52,7 @@ async def serve(
     token: str,
     profiles: Collection[str] | None = None,
     on_ready: Callable[[str], None] = print,
+    interval: float = 2.0,
 ) -> None:
     """Serve until SIGINT or SIGTERM; `on_ready` gets the page's URL (with the token) once listening."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -59,7 +60,7 @@ async def serve(
     sock.bind((host, port))
     port = sock.getsockname()[1]
     auth = TokenAuth(token, reads_need_token=True, allowed_hosts=host_headers(host, port))
-    runner = web.AppRunner(build(store, auth, profiles), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build(store, auth, profiles, interval), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()

@@ -180,7 +180,7 @@ function serverRow(s) {
   logs.addEventListener("click", () => openLog(s.id));
   actions.append(logs);
 
-  return el("tr", { "data-server": s.id, "data-state": s.state },
+  return el("tr", { "data-server": s.id, "data-state": s.state, "data-pid": s.pid },
     cell("server", "", el("div", { class: "name", text: s.name }), el("div", { class: "muted model", title: s.model, text: s.model || s.kind })),
     cell("state", "", ...state),
     cell("URL", "", link(s.url), el("div", { class: "muted", text: "socket " + s.socket + (s.start === "on-demand" ? " · on demand" : "") })),
