@@ -81,7 +81,11 @@ function clock(t) {
 }
 
 function ms(v) {
-  return v === null || v === undefined ? "-" : (v < 10 ? v.toFixed(1) : Math.round(v)) + " ms";
+  return v === null || v === undefined ? "-" : num(v) + " ms";
+}
+
+function num(v) {
+  return v === null || v === undefined ? "-" : String(v < 10 ? v.toFixed(1) : Math.round(v));
 }
 
 function notice(text, bad) {
@@ -133,7 +137,7 @@ function spark(values, width, height, cls, top) {
 
 function trafficCell(t) {
   if (!t) return el("span", { class: "muted", text: "no metrics" });
-  const w = 120;
+  const w = 96;
   const h = 26;
   const rate = svg("svg", { class: "chart", width: w, height: h, viewBox: `0 0 ${w} ${h}`, role: "img" });
   rate.append(spark(t.req_s, w, h, "line-rate", peak(t.req_s)));
@@ -144,7 +148,7 @@ function trafficCell(t) {
   lat.setAttribute("aria-label", "latency p50 and p90");
   return el("div", { class: "traffic" },
     el("div", {}, rate, el("span", { class: "figure", text: t.now.req_s.toFixed(1) + " req/s" })),
-    el("div", {}, lat, el("span", { class: "figure", text: "p50 " + ms(t.now.p50_ms) + " · p90 " + ms(t.now.p90_ms) })));
+    el("div", {}, lat, el("span", { class: "figure", text: "p50 " + num(t.now.p50_ms) + " · p90 " + ms(t.now.p90_ms) })));
 }
 
 // ------------------------------------------------------------------ the servers
@@ -161,7 +165,7 @@ function serverRow(s) {
   if (s.detail) state.push(el("div", { class: "phase", title: s.detail, text: s.detail }));
   if (s.start === "on-demand") {
     const wake = s.last_wake_seconds === null ? "" : ` (last ${s.last_wake_seconds.toFixed(1)}s)`;
-    state.push(el("div", { class: "muted small", text: `${s.wakes} wakes${wake} · ${s.idle_stops} idle stops · ${s.evictions} evictions` }));
+    state.push(el("div", { class: "muted small", text: `wakes ${s.wakes}${wake} · idle stops ${s.idle_stops} · evictions ${s.evictions}` }));
   }
 
   const mem = [el("div", { class: "rss", text: bytes(s.rss) })];
@@ -259,6 +263,7 @@ function renderProfiles(profiles) {
     p.servers.forEach((s) => tbody.append(tbody.querySelector(":scope > [data-key=\"" + CSS.escape("server:" + s.id) + "\"]")));
   }
   for (const sec of [...root.children]) if (!keys.has(sec.getAttribute("data-key"))) sec.remove();
+  profiles.forEach((p) => root.append(root.querySelector(":scope > [data-key=\"" + CSS.escape("profile:" + p.name) + "\"]")));
   if (!profiles.length && !root.querySelector(".empty")) root.append(el("p", { class: "muted empty", text: "No servers: start some with modelctl up." }));
   else if (profiles.length) root.querySelector(".empty")?.remove();
 }
@@ -268,7 +273,7 @@ function renderEvents(events) {
   const sig = JSON.stringify(events.slice(0, 50));
   if (rendered.get("events") === sig) return;
   rendered.set("events", sig);
-  ol.replaceChildren(...events.slice(0, 50).map((e) => el("li", { class: "event " + e.kind.replace(/[^a-z]/g, "-") },
+  ol.replaceChildren(...events.slice(0, 50).map((e) => el("li", { class: "event ev-" + e.kind.replace(/[^a-z]/g, "-") },
     el("time", { text: clock(e.at) }), " ", el("span", { class: "ev-server", text: e.server }), " ",
     el("span", { class: "ev-kind", text: e.kind }), " ", el("span", { class: "ev-text", text: e.text }))));
   if (!events.length) ol.append(el("li", { class: "muted", text: "nothing yet" }));
