@@ -18,14 +18,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from modelctl.host.engine_metrics import Scrape
+from modelctl.observe.rows import StatusRow
 from modelctl.state.store import StateStore
 from servers.dashboard.auth import TokenAuth
 from servers.dashboard.logtail import read_log
+from servers.dashboard.observer import Observer, budgets_of
 from servers.dashboard.secrets import MASK, Secrets, secrets_in
 from servers.dashboard.standalone import build, host_headers
 from servers.dashboard.traffic import histogram_quantile
 
 TOKEN = "t0ken-for-tests-only"
+MiB, GiB = 2**20, 2**30
 
 
 def with_client(app: web.Application, body: Callable[[TestClient], Awaitable[Any]]) -> Any:
@@ -182,3 +186,96 @@ def test_static_files_ship_in_the_package():
     assert '"servers.dashboard" = ["static/*"]' in pyproject
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"}
     assert "innerHTML" not in (static / "app.js").read_text()  # the page builds its DOM from text only
+
+
+# ---------------------------------------------------------------------- budgets, events, traffic
+def status_row(name: str, profile: str = "lab", **keys: Any) -> StatusRow:
+    base: dict[str, Any] = dict(
+        id=f"{profile}/{name}",
+        profile=profile,
+        name=name,
+        kind="command",
+        state="ready",
+        desired="running",
+        managed_by="supervisor",
+        pid=1,
+        host="127.0.0.1",
+        port=1,
+        url="http://127.0.0.1:1",
+        gpus=[],
+        model="",
+        uptime=1.0,
+        restarts=0,
+        rss=None,
+        gpu_memory=None,
+        last_exit=None,
+        last_error=None,
+        detail=None,
+        progress=None,
+        startup=None,
+    )
+    return StatusRow(**{**base, **keys})
+
+
+def test_a_budget_counts_the_footprints_of_servers_that_may_hold_memory_as_status_does():
+    budget = {"memory": 400 * MiB, "gpu_memory": {"0": 8 * GiB}, "shared": False}
+    rows = [
+        status_row("a", memory_learned=50 * MiB, memory_declared=100 * MiB, budget=budget, gpus=[0], gpu_memory_learned=2 * GiB),
+        status_row("b", state="idle", memory_declared=150 * MiB, budget=budget),  # idle: holds nothing
+        status_row("c", state="starting", memory_declared=100 * MiB, budget=budget, gpus=[0], gpu_memory_declared=3 * GiB),
+        status_row("d", profile="other", memory_declared=999 * MiB),  # another profile, no budget
+    ]
+    budgets = budgets_of(rows)
+    assert set(budgets) == {"lab"}
+    assert budgets["lab"]["memory"]["used"] == 150 * MiB and budgets["lab"]["memory"]["limit"] == 400 * MiB
+    assert budgets["lab"]["gpus"]["0"] == {
+        "limit": 8 * GiB,
+        "used": 5 * GiB,
+        "servers": [{"id": "lab/a", "bytes": 2 * GiB}, {"id": "lab/c", "bytes": 3 * GiB}],
+    }
+
+
+class ScriptedObserver(Observer):
+    """An observer whose rows come from the test, one list per snapshot."""
+
+    def __init__(self, tmp_path: Path, script: list[list[StatusRow]], scrapes: list[Scrape | None]):
+        self.script, self.scrapes, self.now = script, scrapes, 1000.0
+        super().__init__(StateStore(tmp_path / "state"), interval=1.0, scraper=lambda url: self.scrapes.pop(0), clock=lambda: self.now)
+
+    def rows(self) -> list[StatusRow]:
+        self.now += 2.0
+        return self.script.pop(0)
+
+
+def test_events_are_the_changes_between_snapshots_and_the_recorded_exits(tmp_path):
+    exit_entry = {"at": 990.0, "exit": {"description": "killed by SIGKILL"}, "class": "crash", "line": "boom \\x1b[0m", "retry": True}
+    script = [
+        [status_row("s", state="idle", start="on-demand")],
+        [status_row("s", state="ready", start="on-demand", wakes=1, last_wake_seconds=1.5)],
+        [status_row("s", state="idle", start="on-demand", wakes=1, evictions=1, last_eviction="12:00:00: lab/big needs 1 GiB")],
+        [status_row("s", state="crashed", start="on-demand", wakes=1, evictions=1, exits=[exit_entry])],
+    ]
+    observer = ScriptedObserver(tmp_path, script, [None])
+    for _ in range(4):
+        snapshot = observer.snapshot()
+    texts = [f"{e['kind']}: {e['text']}" for e in reversed(snapshot["events"])]
+    assert texts == [
+        "exit: killed by SIGKILL (crash): boom \\x1b[0m",
+        "wake: started from idle (a client, or a start asked for); the first client waited 1.5s",
+        "state: idle → ready",
+        "eviction: evicted 12:00:00: lab/big needs 1 GiB",
+        "state: ready → idle",
+        "state: idle → crashed",
+    ]
+    observer.close()
+
+
+def test_traffic_is_the_rate_and_quantiles_between_two_scrapes(tmp_path):
+    buckets1 = {0.01: 0.0, 0.1: 0.0, math.inf: 0.0}
+    buckets2 = {0.01: 10.0, 0.1: 20.0, math.inf: 20.0}
+    scrapes: list[Scrape | None] = [Scrape(1002.0, 100.0, 0.0, 0.0, buckets1), Scrape(1004.0, 120.0, 1.0, 20.0, buckets2)]
+    observer = ScriptedObserver(tmp_path, [[status_row("s")], [status_row("s")]], scrapes)
+    assert observer.snapshot()["profiles"][0]["servers"][0]["traffic"] is None  # one scrape: no rate yet
+    traffic = observer.snapshot()["profiles"][0]["servers"][0]["traffic"]
+    assert traffic["now"] == {"req_s": 10.0, "p50_ms": 10.0, "p90_ms": 82.0}
+    observer.close()

@@ -139,7 +139,8 @@ class Observer:
         self.series: dict[str, Series] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS)
         self._seen: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one snapshot at a time
+        self._events_lock = threading.Lock()  # actions note events from the event loop while a snapshot reads them
         self._last: dict[str, Any] | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
 
@@ -181,7 +182,7 @@ class Observer:
             "interval": self.interval,
             "supervisor": None if info is None else {"pid": info.pid, "responding": info.responding},
             "profiles": [{"name": name, "budget": budgets.get(name), "servers": servers} for name, servers in groups.items()],
-            "events": sorted(self.events, key=lambda e: e["at"], reverse=True),  # the newest first
+            "events": self.recent_events(),
         }
         return self.secrets.mask_all(snapshot)
 
@@ -205,7 +206,13 @@ class Observer:
 
     # ------------------------------------------------------------------ events
     def note(self, at: float, server: str, kind: str, text: str) -> None:
-        self.events.append({"at": at, "server": server, "kind": kind, "text": one_line(text)})
+        with self._events_lock:
+            self.events.append({"at": at, "server": server, "kind": kind, "text": one_line(text)})
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        """The events kept, the newest first."""
+        with self._events_lock:
+            return sorted(self.events, key=lambda e: e["at"], reverse=True)
 
     def _note_events(self, rows: list[StatusRow], now: float) -> None:
         """Wakes, idle stops, evictions and state changes since the last snapshot; exits as recorded."""
@@ -217,19 +224,20 @@ class Observer:
                 for e in exits:
                     self._note_exit(r.id, e)
             else:
+                # noted first, so that among events of one moment it shows above its cause (the newest first)
+                if r.state != seen["state"]:
+                    why = f": {r.detail}" if r.detail else ""
+                    self.note(now, r.id, "state", f"{seen['state']} → {r.state}{why}")
                 for e in exits:
                     if e["at"] > seen["last_exit_at"]:
                         self._note_exit(r.id, e)
                 if r.wakes > seen["wakes"]:
-                    waited = f"; its first client waited {r.last_wake_seconds:.1f}s" if r.last_wake_seconds is not None else ""
-                    self.note(now, r.id, "wake", f"woken by a client{waited}")
+                    waited = f"; the first client waited {r.last_wake_seconds:.1f}s" if r.last_wake_seconds is not None else ""
+                    self.note(now, r.id, "wake", f"started from idle (a client, or a start asked for){waited}")
                 if r.idle_stops > seen["idle_stops"]:
                     self.note(now, r.id, "idle stop", "stopped after its idle_timeout")
                 if r.evictions > seen["evictions"]:
                     self.note(now, r.id, "eviction", f"evicted {r.last_eviction or ''}".strip())
-                if r.state != seen["state"]:
-                    why = f": {r.detail}" if r.detail else ""
-                    self.note(now, r.id, "state", f"{seen['state']} → {r.state}{why}")
             self._seen[r.id] = {
                 "state": r.state,
                 "wakes": r.wakes,
