@@ -2,7 +2,8 @@
 
 `app.py` holds the typer app and the options every command shares; each group of commands
 registers itself on it when imported here: `servers.py` (up, down, forget, restart, status, logs,
-supervise, run), `observe.py` (metrics, top) and `cluster.py` (systemd, k8s, slurm). `main` is the
+supervise, run), `observe.py` (metrics, top), `cluster.py` (systemd, k8s, slurm) and `ui.py` (the
+dashboard). `main` is the
 entry point: it turns a ModelctlError into one line on stderr and its exit code.
 
 Kept light: nothing here imports torch, sentence-transformers or FastAPI.
@@ -15,12 +16,15 @@ import sys
 from rich.text import Text
 
 from modelctl.cli import cluster, observe, servers
+from modelctl.cli import ui as ui_command
 from modelctl.cli.app import app, ctx_state, err_console
 from modelctl.control import Controller
 from modelctl.errors import ModelctlError
 from modelctl.host.files import DiskError, is_disk_error
 
 __all__ = ["app", "cluster", "main", "observe", "servers"]
+
+ui_command.register(app, lambda: ctx_state.store)  # `modelctl ui`: the dashboard in the foreground
 
 GLOBAL_OPTIONS = ("--state-dir",)
 
