@@ -629,3 +629,16 @@ def test_a_server_with_a_request_in_flight_is_not_evicted_for_another(mc):
     assert set(done) == {"e0", "e1"} and done["e1"] > done["e0"]
     assert set(states) == {"ready"}, states  # never stopped while its request was in flight
     assert mc.record("e0").usage.evictions == 1
+
+
+def test_the_dashboard_is_served_at_ui_behind_the_gateways_key(stack):
+    """The dashboard (servers/dashboard) on the gateway: its page, and its data only with the key;
+    without a key on the gateway it is read-only (actions off)."""
+    status, page = http_get(stack.keyed_gateway + "/ui/")
+    assert status == 200 and "<html" in str(page).lower()
+    assert http_get(stack.keyed_gateway + "/ui/api/state")[0] == 403
+    status, state = http_get(stack.keyed_gateway + "/ui/api/state", headers={"Authorization": "Bearer gateway-key"})
+    assert status == 200 and "lab/emb-a" in [s["id"] for p in state["profiles"] for s in p["servers"]]
+    assert http_get(stack.gateway + "/ui/api/state")[0] == 200
+    status, _, _ = http_post(stack.gateway + "/ui/api/action", {"action": "stop", "server": "lab/emb-a"})
+    assert status == 403

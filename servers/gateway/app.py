@@ -91,9 +91,19 @@ class Gateway:
                 web.route("*", r"/servers/{profile}/{server}/{tail:.*}", self._guarded(self.addressed)),
             ]
         )
+        self._mount_dashboard(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
+
+    def _mount_dashboard(self, app: web.Application) -> None:
+        """The dashboard at /ui (servers/dashboard): its data and actions behind the gateway's key;
+        a gateway without a key shows it read-only (actions off)."""
+        from modelctl.state.store import StateStore
+        from servers.dashboard import TokenAuth, mount
+
+        key = self.settings.api_key
+        mount(app, StateStore(self.settings.state_dir), TokenAuth(key, reads_need_token=key is not None), self.settings.profiles)
 
     async def _start(self, app: web.Application) -> None:
         await self.proxy.start()
