@@ -36,6 +36,36 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
+# pip install with one line a package it collects, so a long install is never silent; all of
+# pip's output is shown if it fails
+pip_install() {
+    local log
+    log="$(mktemp)"
+    if ! "${pip[@]}" install "$@" 2>&1 | tee "$log" | {
+        ticker=""
+        while IFS= read -r line; do
+            case "$line" in
+                Collecting*) printf '    %s\n' "${line:0:100}" ;;
+                Processing*) printf '    Processing %s\n' "${line##*/}" ;;
+                Obtaining* | *"build dependencies"* | *"editable metadata"*) printf '    %s\n' "${line#"${line%%[! ]*}"}" ;;
+                "Installing collected packages"*)
+                    echo "    installing the collected packages (the largest take a minute)"
+                    # pip says nothing while it unpacks: a line every 5 s says it still works
+                    (s=0; while sleep 5; do s=$((s + 5)); echo "    still installing (${s}s)"; done) &
+                    ticker=$!
+                    ;;
+            esac
+        done
+        if [ -n "$ticker" ]; then kill "$ticker" 2>/dev/null || true; fi
+    }; then
+        echo "install.sh: pip install $* failed:" >&2
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
+}
+
 if "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "==> keeping torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 else
@@ -43,7 +73,7 @@ else
     echo "==> installing $torch_req"
     # word splitting is wanted: the requirement may carry pip options (--index-url ...)
     # shellcheck disable=SC2086
-    "${pip[@]}" install -q $torch_req
+    pip_install $torch_req
 fi
 
 case ",$extras," in
@@ -59,9 +89,14 @@ case ",$extras," in
         elif [ "${#missing[@]}" -gt 0 ]; then
             echo "==> not installed (needs root and apt-get): ${missing[*]}; the tests that run them are skipped, and say why"
         fi
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
+            echo "==> installing chromium (Debian package) for the dashboard's browser tests"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+        fi
         ;;
 esac
 
 echo "==> installing modelctl[$extras]"
-"${pip[@]}" install -q -e "$here[$extras]"
+pip_install -e "$here[$extras]"
 echo "==> done: $venv/bin/modelctl"
