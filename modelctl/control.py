@@ -390,6 +390,25 @@ class Controller:
                     self.store.delete(r.ref)
         return results
 
+    def forget(self, scope: Scope = Scope()) -> tuple[list[str], list[tuple[str, str]]]:
+        """Remove the records of the scope's servers that are stopped or failed and run nothing
+        (their logs stay); the others are kept, each with why. Returns (forgotten, kept)."""
+        forgotten: list[str] = []
+        kept: list[tuple[str, str]] = []
+        leases = PortLeases(self.store.root)
+        with self.store.locked():
+            for r in self.resolve(scope):
+                if isinstance(r, BrokenRecord):
+                    kept.append((r.label, f"its record {r.path} cannot be read; `modelctl down {r.label}` first"))
+                elif r.state not in (lc.STOPPED, lc.FAILED) or (r.wants_running and r.state != lc.FAILED) or is_alive(r.leader):
+                    kept.append((r.label, f"it is {r.state}; `modelctl down --forget {r.label}` stops and forgets it"))
+                else:
+                    self.store.delete(r.ref)
+                    if r.port:
+                        leases.release(r.port, r.ref)
+                    forgotten.append(r.label)
+        return forgotten, kept
+
     def restart(self, scope: Scope) -> list[ServerRef]:
         """A new instance of each server from its recorded spec; clears a failed state. The
         supervisor replaces the running instance: where it holds the socket and the server says

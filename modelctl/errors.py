@@ -36,3 +36,9 @@ class UnknownServerError(ModelctlError):
     """A server name that is neither in the profile nor in the state directory."""
 
     exit_code = 2
+
+
+class UnknownProfileError(ModelctlError):
+    """A `-p` that names no profile file and no profile of the state directory."""
+
+    exit_code = 2

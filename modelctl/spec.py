@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -209,6 +209,17 @@ def required(check: Callable[[Any], Any], doc: str = "") -> Key:
     return Key(check, _REQUIRED, doc)
 
 
+def unknown_key(key: object, known: Iterable[str]) -> str:
+    """What to say of a key that is not known: the likely one it was meant to be, else them all."""
+    import difflib
+
+    known = list(known)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean '{close[0]}'?"
+    return f"unknown key; known: {', '.join(known)}"
+
+
 def check_section(value: Any, keys: Mapping[str, Key], parent: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Check a nested mapping (health:, restart:, log:, k8s:); problems name `parent.key`.
 
@@ -222,7 +233,7 @@ def check_section(value: Any, keys: Mapping[str, Key], parent: str, extra: tuple
         if k in extra:
             continue
         if k not in keys:
-            raise KeyProblem(f"{parent}.{k}", f"unknown key; known: {', '.join((*extra, *keys))}")
+            raise KeyProblem(f"{parent}.{k}", unknown_key(k, (*extra, *keys)))
         try:
             clean[k] = keys[k].check(v)
         except KeyProblem as e:

@@ -1,10 +1,16 @@
 """Shared fixtures. Every process a test starts carries a tag in its environment, and the test's
 finalizer ends every process with that tag — servers, grandchildren, supervisors — even when the
-test fails."""
+test fails.
+
+The suite runs in parallel (pytest-xdist, `-n` in pyproject.toml): the workers share one
+directory of port leases, so two servers of two workers never take the same `auto` port, and a
+test marked `alone` (one that measures time, or loads the machine to its limit) runs while no
+other test does."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -32,19 +38,66 @@ TAG_VAR = "MODELCTL_TEST_TAG"
 _SESSION_TAGS: set[str] = set()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the programs the test extra installs into the environment (kubectl) come before the machine's
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="also run the slow integration tests (real models, many processes)")
 
 
+# tests of other files that measure time or wait on short deadlines: they run alone (the `alone`
+# marker, without editing those files)
+ALONE = frozenset(
+    {
+        "tests/test_sockets.py::test_status_counts_the_connections_waiting_in_the_backlog",
+        "tests/test_sentence_server.py::test_a_query_after_eight_abandoned_bulk_requests_is_answered_at_once",
+    }
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid in ALONE:
+            item.add_marker(pytest.mark.alone)
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow integration test: run with --slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory that every xdist worker of this run shares (the run's base temp directory);
+    without xdist, the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(autouse=True)
+def _alone_or_beside_others(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Across xdist workers, a test marked `alone` runs while no other test runs: the others hold
+    a shared lock, it an exclusive one. A turnstile that an `alone` test holds while it waits keeps
+    new tests from starting meanwhile, so that it is not starved."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    root = _session_root(tmp_path_factory)
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(root / "tests.turnstile", "a+") as turnstile, open(root / "tests.running", "a+") as running:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(running, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(running, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -244,7 +297,8 @@ def _port_leases_of_this_session(tmp_path_factory: pytest.TempPathFactory) -> It
     directories), and a record that still wants its server keeps that port leased: in the machine's
     directory, a few hundred such leases would hold the default port range against real servers
     and later test runs."""
-    leases = tmp_path_factory.mktemp("port-leases")
+    leases = _session_root(tmp_path_factory) / "port-leases"  # one for every xdist worker
+    leases.mkdir(exist_ok=True)
     os.chmod(leases, 0o1777)
     patch = pytest.MonkeyPatch()
     patch.setenv("MODELCTL_PORT_LEASES", str(leases))

@@ -2,7 +2,7 @@
 
 Words are tokens (framed by [CLS]=101 and [SEP]=102, like MiniLM's tokenizer); an embedding is
 a sum of per-token pseudo-random vectors; a pair's score is the overlap of its two sides' words.
-Options come in the model path: `fake:dims=16,max_length=32,cross=1,delay=0.2,load=1.5,log=PATH,tlog=PATH`.
+Options come in the model path: `fake:dims=16,max_length=32,cross=1,delay=0.2,load=1.5,log=PATH,tlog=PATH,lanes=PATH`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from servers.sentence.encoder import InputTooLong, Row
+from servers.sentence.encoder import LANE, InputTooLong, Row
 
 CLS, SEP, VOCAB = 101, 102, 30522
 
@@ -37,6 +37,7 @@ class FakeEncoder:
         self.delay = float(o.get("delay", "0"))
         self.log = o.get("log")
         self.tlog = o.get("tlog")  # the length of every text tokenized, one per line
+        self.lanes = o.get("lanes")  # each row run, with the lane of the call: {"ids", "express"} per line
 
     @staticmethod
     def cross_encoder_for(model_path: str, task: str) -> bool:
@@ -86,6 +87,10 @@ class FakeEncoder:
             with open(self.log, "a") as f:
                 for row in rows:
                     f.write(json.dumps(list(row.ids)) + "\n")
+        if self.lanes:
+            with open(self.lanes, "a") as f:
+                for row in rows:
+                    f.write(json.dumps({"ids": list(row.ids), "express": LANE.express}) + "\n")
         time.sleep(self.delay)
         if self.cross_encoder:
             out = []

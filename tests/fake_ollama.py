@@ -7,7 +7,8 @@ Endpoints as Ollama has them: GET / and /api/version; GET /api/tags; POST /api/s
 progress, with errors as an {"error"} line inside a 200 stream, resumable; HEAD and POST
 /api/blobs/:digest (the digest is checked, chunked uploads accepted, 201 Created); POST
 /api/create with `files` (GGUF magic and Safetensors architecture checked); POST /api/generate
-with no prompt loads a model; GET /api/ps; DELETE /api/delete.
+with no prompt loads a model; POST /api/chat (NDJSON, a line per word) and /api/embed; GET
+/api/ps; DELETE /api/delete.
 
 State (models, blobs, partial pulls) lives in OLLAMA_MODELS and survives restarts, as Ollama's
 does. Test knobs: FAKE_OLLAMA_REGISTRY (a JSON file: name → {"size": bytes}),
@@ -280,6 +281,45 @@ def make_app() -> web.Application:
             )
         return web.json_response({"model": name, "response": "fake answer", "done": True, "done_reason": "stop"})
 
+    async def chat(request):
+        """Ollama's chat: NDJSON, one line per word, unless `stream` is false."""
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        name = normalize(body.get("model") or "")
+        record(request, model=name)
+        if name not in store.models():
+            return error(404, f"model '{name}' not found")
+        loaded[name] = time.time()
+        words = ["fake", "answer"]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if body.get("stream") is False:
+            message = {"role": "assistant", "content": " ".join(words)}
+            return web.json_response({"model": name, "created_at": now, "message": message, "done": True, "done_reason": "stop"})
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for word in words:
+            line = {"model": name, "created_at": now, "message": {"role": "assistant", "content": word + " "}, "done": False}
+            await response.write(json.dumps(line).encode() + b"\n")
+        await response.write(
+            json.dumps({"model": name, "created_at": now, "message": {"role": "assistant", "content": ""}, "done": True}).encode() + b"\n"
+        )
+        await response.write_eof()
+        return response
+
+    async def embed(request):
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        name = normalize(body.get("model") or "")
+        record(request, model=name)
+        if name not in store.models():
+            return error(404, f"model '{name}' not found")
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs or []
+        vectors = [[float(len(text)), 1.0, 0.0] for text in inputs]
+        return web.json_response({"model": name, "embeddings": vectors})
+
     async def ps(request):
         record(request)
         models = store.models()
@@ -306,7 +346,7 @@ def make_app() -> web.Application:
         web.get("/", root), web.get("/api/version", version), web.get("/api/tags", tags),
         web.post("/api/show", show), web.post("/api/pull", pull), web.head("/api/blobs/{digest}", blob_head),
         web.post("/api/blobs/{digest}", blob_post), web.post("/api/create", create), web.post("/api/generate", generate),
-        web.get("/api/ps", ps), web.delete("/api/delete", delete),
+        web.get("/api/ps", ps), web.delete("/api/delete", delete), web.post("/api/chat", chat), web.post("/api/embed", embed),
     ])  # fmt: skip
     return app
 

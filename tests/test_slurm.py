@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from modelctl.cluster.slurm import commands, scripts
 from modelctl.errors import ProfileError
@@ -26,14 +28,17 @@ from modelctl.profile.slurm_keys import time_seconds
 from .conftest import ROOT, TOY_SERVER, http_get, wait_for
 from .slurm_cluster import Cluster, slurm  # noqa: F401 - the fixture
 
-PROFILES = [ROOT / "profiles" / "default.yaml", *sorted((ROOT / "profiles" / "examples").glob("*.yaml"))]
+ALL_PROFILES = [ROOT / "profiles" / "default.yaml", *sorted((ROOT / "profiles" / "examples").glob("*.yaml"))]
+# a profile with an on-demand server cannot run as Slurm jobs (test below)
+PROFILES = [p for p in ALL_PROFILES if not any(s.start == "on-demand" for s in load_profile(p).servers.values())]
 GOLDEN = ROOT / "tests" / "golden" / "slurm"
 SHARED = Path("/shared/modelctl")  # a state directory on the cluster's shared filesystem, for the golden files
+VENV_MODELCTL = "/opt/venv/bin/python -m modelctl"  # the generating modelctl, fixed for the golden files
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_golden_scripts(path):
-    rendered = {s.name: s.text for s in scripts.generate(load_profile(path), SHARED)}
+    rendered = {s.name: s.text for s in scripts.generate(load_profile(path), SHARED, modelctl=VENV_MODELCTL)}
     golden = GOLDEN / path.stem
     if os.environ.get("MODELCTL_UPDATE_GOLDEN"):
         golden.mkdir(parents=True, exist_ok=True)
@@ -100,7 +105,7 @@ servers:
         "    env: {HF_HOME: /scratch/hf}",  # the profile passes through as written
     ):
         assert line in llm.splitlines(), line
-    assert re.search(r"run llm --profile \"\$job/lab.yaml\" --host 0.0.0.0 --gpus inherit --restart-in-place --report ", llm)
+    assert re.search(r"run llm --profile \"\$job\"/lab.yaml --host 0.0.0.0 --gpus inherit --restart-in-place --report ", llm)
     embed = by_name["embed"]
     assert "--gres" not in embed and "#SBATCH --partition=gpu" in embed and "--qos" not in embed  # per-server keys stay there
     assert scripts.generate(prof, tmp_path / "state") == scripts.generate(load_profile(path), tmp_path / "state")  # deterministic
@@ -135,6 +140,74 @@ def test_a_time_limit_shorter_than_startup_and_stop_is_refused():
         parse_profile({"slurm": {"time": "5"}, "servers": {"llm": {"kind": "vllm", "model": "/m"}}}, "lab.yaml")
     assert "llm" in str(err.value) and "slurm.time" in str(err.value) and "startup_timeout (900s)" in str(err.value)
     parse_profile({"slurm": {"time": "30"}, "servers": {"llm": {"kind": "vllm", "model": "/m"}}}, "lab.yaml")
+
+
+def test_the_jobs_run_the_modelctl_that_wrote_them_by_its_absolute_path(tmp_path):
+    """A job's shell has no activated venv: a bare `modelctl` is another one, or none (the systemd
+    units call the venv's interpreter too)."""
+    path = tmp_path / "lab.yaml"
+    path.write_text("servers:\n  web: {kind: command, command: [x, '{port}']}\n")
+    (job,) = scripts.generate(load_profile(path), tmp_path / "state")
+    command = next(line for line in job.text.splitlines() if " run web " in line)
+    assert command.startswith(f"{shlex.quote(sys.executable)} -m modelctl --state-dir "), command
+
+
+def run_script(text: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A generated script run by bash as a job would, with `true` for modelctl: what the shell does
+    with the words is what is looked at."""
+    return subprocess.run(
+        ["bash", "-c", text], cwd=cwd, env={**os.environ, "SLURM_JOB_ID": "7", "TMPDIR": str(cwd)}, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "slurm_keys",
+    [
+        {"host": '"$job"; touch pwned; #'},
+        {"host": "$(touch pwned)"},
+        {"host": "a b; touch pwned"},
+        {"modelctl": "true; touch pwned"},
+    ],
+)
+def test_every_word_from_the_profile_is_quoted_in_the_script(tmp_path, slurm_keys):
+    path = tmp_path / "lab.yaml"
+    keys = {"modelctl": "true", **slurm_keys}
+    path.write_text(yaml.safe_dump({"servers": {"web": {"kind": "command", "command": ["x", "{port}"], "slurm": keys}}}))
+    (job,) = scripts.generate(load_profile(path), tmp_path / "state")
+    run_script(job.text, tmp_path)
+    assert not (tmp_path / "pwned").exists(), job.text
+
+
+@pytest.mark.parametrize(
+    ("slurm_keys", "key"),
+    [
+        ({"constraint": "a100 --exclusive"}, "slurm.constraint"),
+        ({"constraint": "a100\t--gres=gpu:8"}, "slurm.constraint"),
+        ({"sbatch": ["--mail-type=END --gres=gpu:8"]}, "slurm.sbatch"),
+        ({"sbatch": ['--comment="a --exclusive"']}, "slurm.sbatch"),
+    ],
+)
+def test_a_value_with_spaces_cannot_put_a_second_option_on_an_sbatch_line(slurm_keys, key):
+    with pytest.raises(ProfileError) as err:
+        parse_profile({"servers": {"web": {"kind": "command", "command": ["x", "{port}"], "slurm": slurm_keys}}}, "lab.yaml")
+    assert key in str(err.value) and "web" in str(err.value) and "lab.yaml" in str(err.value)
+    parse_profile(
+        {"servers": {"web": {"kind": "command", "command": ["x", "{port}"], "slurm": {"constraint": "[a100*2&nvlink]|h100"}}}}, "l.yaml"
+    )
+
+
+def test_an_on_demand_server_is_refused_for_slurm_with_file_server_and_key(mc):
+    """Its job would exit once idle, and nothing would start it again: refused, not generated."""
+    path = ROOT / "profiles" / "examples" / "on-demand.yaml"
+    prof = load_profile(path)
+    server = next(s.name for s in prof.servers.values() if s.start == "on-demand")
+    with pytest.raises(ProfileError) as err:
+        scripts.generate(prof, mc.state_dir)
+    assert str(path) in str(err.value) and server in str(err.value) and "key 'start'" in str(err.value)
+    for args in (["generate", "-p", str(path)], ["submit", "-p", str(path)]):
+        res = mc.cli("slurm", *args)
+        assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "start: always" in res.stderr, res.stderr
 
 
 def test_inherited_gpus_are_the_jobs_as_they_are():

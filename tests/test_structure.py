@@ -126,6 +126,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "modelctl",
             "modelctl.errors",
             "modelctl.names",
+            "modelctl.served_names",
             "modelctl.sanitize",
             "modelctl.failures",
             "modelctl.spec",

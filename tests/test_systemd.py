@@ -260,3 +260,20 @@ def test_systemd_starts_an_on_demand_server_at_its_first_connection_and_it_exits
                 run.wait(30)
     finally:
         held.close()
+
+
+def test_generate_prints_units_on_stdout_and_how_to_install_them_on_stderr(mc):
+    """The units alone on stdout (to redirect into a file); as root the default is system units,
+    in /etc/systemd/system, never /root/.config/systemd/user."""
+    path = ROOT / "profiles" / "default.yaml"
+    res = mc.cli("systemd", "generate", "-p", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "To install" not in res.stdout and "systemctl" not in res.stdout and "To install" in res.stderr
+    for chunk in res.stdout.split("# modelctl-")[1:]:
+        name, _, text = chunk.partition("\n")
+        assert text.lstrip().startswith("[Unit]"), name
+    if os.geteuid() == 0:
+        assert "/etc/systemd/system" in res.stderr and ".config/systemd/user" not in res.stderr
+        assert "systemctl --user" not in res.stderr
+    else:
+        assert "systemctl --user" in res.stderr

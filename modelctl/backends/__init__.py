@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from modelctl.backends.base import Backend
 from modelctl.backends.command import CommandBackend
+from modelctl.backends.gateway import GatewayBackend
 from modelctl.backends.ollama import OllamaBackend
 from modelctl.backends.sentence import SentenceBackend
 from modelctl.backends.vllm import VllmBackend
 
-KINDS: dict[str, Backend] = {b.kind: b for b in (SentenceBackend(), OllamaBackend(), VllmBackend(), CommandBackend())}
+KINDS: dict[str, Backend] = {b.kind: b for b in (SentenceBackend(), OllamaBackend(), VllmBackend(), CommandBackend(), GatewayBackend())}
 
 
 def get_backend(kind: str) -> Backend:

@@ -105,6 +105,10 @@ class Backend:
     def model_label(self, spec: ServerSpec) -> str:
         return str(spec.options.get("model") or "")
 
+    def not_in_cluster(self, spec: ServerSpec) -> str:
+        """Why `cluster()` gave None: said when the server is left out of the manifests."""
+        return f"lives outside the cluster (host: {spec.host})"
+
     def cluster(self, spec: ServerSpec, port: int, default_image: str) -> ClusterContainer | None:
         """How the server runs on Kubernetes, listening on 0.0.0.0:port; None if it lives outside."""
         raise KeyProblem("k8s.image", f"kind '{self.kind}' cannot run on Kubernetes")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, ClusterContainer, Launch
-from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, check_str_list, required
+from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_choice, check_str, check_str_list, required
 
 PLACEHOLDERS = ("port", "host", "gpus", "model", "name", "fd")
 
@@ -52,6 +52,8 @@ class CommandBackend(Backend):
         "cwd": Key(check_str, None, "working directory"),
         "port_env": Key(check_str, None, "environment variable the server reads its port from (e.g. PORT), for argvs without {port}"),
         "notify": Key(check_bool, False, "the server says READY=1 on $NOTIFY_SOCKET once it serves (with socket: inherit)"),
+        "model_name": Key(check_str, None, "the model name the server answers to, for the gateway (default: the server name)"),
+        "task": Key(check_choice("chat", "embedding", "rerank"), "chat", "what the gateway routes to it: chat, embedding or rerank"),
     }
 
     def default_health(self, options: Mapping[str, Any]) -> HealthSpec:

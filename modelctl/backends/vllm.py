@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from modelctl import launchers
 from modelctl.backends.base import Backend, ClusterContainer, Launch
-from modelctl.spec import Key, KeyProblem, ServerSpec, check_count, check_str, check_str_list, required
+from modelctl.spec import Key, KeyProblem, ServerSpec, check_choice, check_count, check_str, check_str_list, required
 
 OFFICIAL_IMAGE = "vllm/vllm-openai:latest"  # pin a version with k8s: {image: vllm/vllm-openai:vX.Y.Z}
 # flags modelctl sets itself, from the profile's keys
@@ -27,6 +27,7 @@ class VllmBackend(Backend):
         "executable": Key(check_str, None, "a `vllm` executable to run as `vllm serve` instead of python -m"),
         "tensor_parallel_size": Key(check_count, None, "default: the number of GPUs"),
         "args": Key(check_str_list, None, "extra vLLM flags, passed through unchanged"),
+        "task": Key(check_choice("chat", "embedding", "rerank"), "chat", "what the gateway routes to it (give vLLM's own flags in args)"),
     }
 
     def validate(self, options: dict[str, Any], common: Mapping[str, Any]) -> None:

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console, RenderableType
-from rich.table import Table
+from rich.console import Console, Group, RenderableType
+from rich.text import Text
 
 from modelctl.cli.format import styled_state
+from modelctl.cli.tables import Column, render
 from modelctl.control import Controller, Scope
 from modelctl.host.engine_metrics import Scrape, scrape
 from modelctl.observe.rows import StatusRow
@@ -29,6 +30,19 @@ from modelctl.units import format_bytes, format_duration
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 120  # samples kept: 4 minutes at the default 2 s
+COLUMNS = (
+    Column("server", keep=True),
+    Column("state", keep=True),
+    Column("uptime", right=True, drop=5),
+    Column("restarts", right=True, drop=6),
+    Column("memory", right=True, drop=2),
+    Column("", drop=9),  # memory over time
+    Column("gpu mem", right=True, drop=3),
+    Column("req/s", right=True, drop=1),
+    Column("", drop=8),  # requests over time
+    Column("mean", right=True, drop=4),
+    Column("p95", right=True, drop=7),
+)
 
 
 def spark(values: list[float], width: int = 20) -> str:
@@ -90,38 +104,29 @@ class Top:
                 s.p95 = quantile({le: n - s.last.buckets.get(le, 0.0) for le, n in now.buckets.items()}, 0.95) if done > 0 else None
             s.last = now
 
-    def frame(self) -> RenderableType:
-        t = Table(box=None, pad_edge=False, title=f"modelctl top — {time.strftime('%H:%M:%S')} — q quits", title_justify="left")
-        for col, justify in (
-            ("server", "left"),
-            ("state", "left"),
-            ("uptime", "right"),
-            ("restarts", "right"),
-            ("memory", "right"),
-            ("", "left"),
-            ("gpu mem", "right"),
-            ("req/s", "right"),
-            ("", "left"),
-            ("mean", "right"),
-            ("p95", "right"),
-        ):
-            t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    def frame(self, width: int | None = None) -> RenderableType:
+        """One frame, fitted to `width` (None: every column): the server's name is never cut."""
+        lines = [Text(f"modelctl top — {time.strftime('%H:%M:%S')} — q quits")]
+        rows: list[list[str | Text]] = []
         for row in self.rows:
             s = self.series.get(row.id, Series())
-            t.add_row(
-                row.id,
-                styled_state(row.state),
-                format_duration(row.uptime),
-                str(row.restarts),
-                format_bytes(row.rss),
-                spark(list(s.rss)),
-                format_bytes(row.gpu_memory) if row.gpu_memory is not None else "-",
-                f"{s.req_s:.1f}" if s.req_s is not None else "-",
-                spark(list(s.rate)),
-                f"{s.latency * 1000:.0f}ms" if s.latency is not None else "-",
-                f"≤{s.p95 * 1000:.0f}ms" if s.p95 is not None and math.isfinite(s.p95) else "-",
+            rows.append(
+                [
+                    row.id,
+                    styled_state(row.state),
+                    format_duration(row.uptime),
+                    str(row.restarts),
+                    format_bytes(row.rss),
+                    spark(list(s.rss)),
+                    format_bytes(row.gpu_memory) if row.gpu_memory is not None else "-",
+                    f"{s.req_s:.1f}" if s.req_s is not None else "-",
+                    spark(list(s.rate)),
+                    f"{s.latency * 1000:.0f}ms" if s.latency is not None else "-",
+                    f"≤{s.p95 * 1000:.0f}ms" if s.p95 is not None and math.isfinite(s.p95) else "-",
+                ]
             )
-        return t
+        lines += render(COLUMNS, rows, width)
+        return Group(*lines)
 
 
 @contextlib.contextmanager
@@ -142,12 +147,22 @@ def _keys() -> Iterator[Any]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def run(ctl: Controller, scope: Scope, interval: float, console: Console) -> None:
+def run(ctl: Controller, scope: Scope, interval: float, console: Console, wide: bool = False) -> None:
+    """Frames until q (or Ctrl-C). A pipe or a file gets the first frame at once (no rates yet),
+    then one frame every interval, each whole and followed by a blank line."""
     from rich.live import Live
 
     top = Top(ctl, scope)
     top.sample()
-    with _keys() as fd, Live(top.frame(), console=console, auto_refresh=False, screen=False) as live:
+    if not console.is_terminal:
+        while True:
+            console.print(top.frame(None))
+            console.print()
+            sys.stdout.flush()
+            time.sleep(interval)
+            top.sample()
+    width = None if wide else console.width
+    with _keys() as fd, Live(top.frame(width), console=console, auto_refresh=False, screen=False) as live:
         while True:
             deadline = time.monotonic() + interval
             while (left := deadline - time.monotonic()) > 0:
@@ -155,13 +170,14 @@ def run(ctl: Controller, scope: Scope, interval: float, console: Console) -> Non
                 if ready and os.read(fd, 1) in (b"q", b"Q"):
                     return
             top.sample()
-            live.update(top.frame(), refresh=True)
+            width = None if wide else console.width
+            live.update(top.frame(width), refresh=True)
 
 
-def once(ctl: Controller, scope: Scope, interval: float) -> RenderableType:
+def once(ctl: Controller, scope: Scope, interval: float, width: int | None = None) -> RenderableType:
     """One frame, with rates measured over `interval` seconds."""
     top = Top(ctl, scope)
     top.sample()
     time.sleep(interval)
     top.sample()
-    return top.frame()
+    return top.frame(width)

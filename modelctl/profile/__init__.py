@@ -17,6 +17,7 @@ from modelctl.backends import KINDS
 from modelctl.backends.base import Backend
 from modelctl.errors import ProfileError
 from modelctl.names import NAME_RULE, is_valid_name
+from modelctl.profile import gateway_keys
 from modelctl.profile.k8s_keys import check_profile_k8s, check_server_k8s
 from modelctl.profile.slurm_keys import check_profile_slurm, check_server_slurm, time_seconds
 from modelctl.spec import (
@@ -40,6 +41,7 @@ from modelctl.spec import (
     parse_health,
     parse_log,
     parse_restart,
+    unknown_key,
 )
 from modelctl.state.record import ServerRecord
 from modelctl.units import format_bytes
@@ -98,9 +100,10 @@ COMMON_KEYS: dict[str, Key] = {
     "memory": Key(check_size, None, "resident memory the server holds (like 650MiB), for the budget, until one is measured"),
     "gpu_memory": Key(check_size, None, "GPU memory the server holds on each of its GPUs, for the budget, until measured"),
     "description": Key(check_str, None, "free text"),
+    **gateway_keys.SERVER_KEYS,
 }
 _NESTED = ("kind", "health", "restart", "log", "k8s", "slurm")  # checked by their own parsers below
-TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s", "slurm", "budget")
+TOP_LEVEL_KEYS = ("servers", "name", "port_range", "k8s", "slurm", "budget", "gateway")
 
 
 def parse_server(name: str, raw: Any, source: str, profile: str, cluster: bool = True) -> ServerSpec:
@@ -124,7 +127,7 @@ def parse_server(name: str, raw: Any, source: str, profile: str, cluster: bool =
     for key in raw:
         if key not in COMMON_KEYS and key not in backend.keys:
             known = sorted(set(COMMON_KEYS) | set(backend.keys))
-            raise err(str(key)[:60], f"unknown key for kind '{kind}'; known keys: {', '.join(known)}")
+            raise err(str(key)[:60], unknown_key(key, known).replace("unknown key", f"unknown key for kind '{kind}'"))
 
     try:
         common = _check_keys(raw, {k: v for k, v in COMMON_KEYS.items() if k not in _NESTED})
@@ -253,7 +256,7 @@ def parse_profile(data: Any, source: str) -> Profile:
         raise ProfileError(source, "must be a mapping with a top-level 'servers:' key")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise ProfileError(source, f"unknown top-level key; known: {', '.join(TOP_LEVEL_KEYS)}", key=str(key)[:60])
+            raise ProfileError(source, unknown_key(key, TOP_LEVEL_KEYS).replace("unknown key", "unknown top-level key"), key=str(key)[:60])
     servers_raw = data.get("servers")
     if not isinstance(servers_raw, Mapping) or not servers_raw:
         raise ProfileError(source, "must be a non-empty mapping of server name → spec", key="servers")
@@ -282,6 +285,14 @@ def parse_profile(data: Any, source: str) -> Profile:
         raise ProfileError(source, e.message, key=e.key) from None
 
     servers = {str(n): parse_server(str(n), raw, source, name) for n, raw in servers_raw.items()}
+    if data.get("gateway") is not None:
+        if gateway_keys.NAME in servers:
+            raise ProfileError(source, "the name is taken by the profile's gateway: key; rename the server", server=gateway_keys.NAME)
+        try:
+            servers[gateway_keys.NAME] = parse_server(gateway_keys.NAME, gateway_keys.gateway_server(data["gateway"], source), source, name)
+        except ProfileError as e:
+            raise gateway_keys.as_gateway_error(e) from None
+    gateway_keys.check_names(servers, source, name)
     if budget is not None:
         for spec in servers.values():
             if budget.memory is not None and spec.memory is None:

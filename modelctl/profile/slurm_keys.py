@@ -12,7 +12,10 @@ from modelctl.spec import Key, check_count, check_section, check_str, describe
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 _MEMORY = re.compile(r"[0-9]+[KMGT]?")
 _NAME = re.compile(r"[A-Za-z0-9_.,:+=@-]+")  # partitions, accounts, qos, GPU types
-_SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=.+)?")
+# one option a line: a value with spaces (or quotes) would put a second option on the #SBATCH line
+_SBATCH_OPTION = re.compile(r"--[a-z][a-z0-9-]*(=[^\s\"'\\]+)?")
+# Slurm's feature expressions: names joined by & | , and counts, brackets ([a*2&b*1]), no spaces
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.:+=@&|,*()\[\]!-]+")
 # options modelctl writes itself: given twice, sbatch would take the last one silently
 _OWN_OPTIONS = ("--job-name", "--output", "--error", "--signal", "--gres", "--nodes", "--ntasks", "--parsable")
 
@@ -64,11 +67,21 @@ def check_sbatch_options(value: Any) -> list[str]:
     for option in options:
         text = check_str(option)
         if not _SBATCH_OPTION.fullmatch(text):
-            raise ValueError(f"must be long sbatch options like --exclusive or --mail-type=END, got {describe(option)}")
+            raise ValueError(
+                f"must be long sbatch options like --exclusive or --mail-type=END, one an item, with no spaces or quotes, got {describe(option)}"
+            )
         if text.split("=", 1)[0] in _OWN_OPTIONS:
             raise ValueError(f"{text.split('=', 1)[0]} is written by modelctl (from the job's name, gpus: and stop_timeout)")
         out.append(text)
     return out
+
+
+def check_constraint(value: Any) -> str:
+    if not isinstance(value, str) or not _CONSTRAINT.fullmatch(value):
+        raise ValueError(
+            f"must be a Slurm feature expression (names joined by & | , with counts and brackets, no spaces), got {describe(value)}"
+        )
+    return value
 
 
 def check_lines(value: Any) -> list[str]:
@@ -81,14 +94,14 @@ COMMON: dict[str, Key] = {
     "account": Key(check_name, doc="the account jobs are charged to"),
     "qos": Key(check_name, doc="the quality of service"),
     "time": Key(check_time, doc="the job's time limit (minutes, HH:MM:SS, D-HH:MM:SS or UNLIMITED)"),
-    "constraint": Key(check_str, doc="node features the job needs (--constraint)"),
+    "constraint": Key(check_constraint, doc="node features the job needs (--constraint)"),
     "cpus_per_task": Key(check_count, doc="CPUs for the server"),
     "mem": Key(check_memory, doc="memory for the server (16G)"),
     "gpu_type": Key(check_name, doc="the GPU type in the GRES request (a100: --gres=gpu:a100:N)"),
     "modules": Key(check_lines, doc="environment modules loaded before the server starts"),
     "setup": Key(check_lines, doc="shell lines run before the server starts (activate a venv, ...)"),
     "sbatch": Key(check_sbatch_options, doc="more #SBATCH options, like --exclusive"),
-    "modelctl": Key(check_str, doc="the modelctl command on the nodes (default: modelctl)"),
+    "modelctl": Key(check_str, doc="the modelctl command on the nodes (default: the one that generates the scripts, by its absolute path)"),
     "host": Key(check_str, doc="the address servers bind on the node (default 0.0.0.0: reachable from other nodes)"),
 }
 

@@ -440,7 +440,7 @@ class Supervisor:
         rec, spec = srv.rec, srv.spec
         launch = get_backend(spec.kind).launch(spec, rec.port, rec.gpus, socket=listener is not None)
         assert launch is not None
-        env = server_environment(spec, launch, rec.port, rec.gpus, token, self.store.root / "cache")
+        env = server_environment(spec, launch, rec.port, rec.gpus, token, self.store.root / "cache", self.store.root)
         program = launch.argv[0]
         mark = f"starting {rec.label}: {one_line(shlex.join(launch.argv))}" + (
             " (on the held socket, as fd 3)" if listener is not None else ""

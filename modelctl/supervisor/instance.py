@@ -95,7 +95,13 @@ class InstanceRuntime:
 
 
 def server_environment(
-    spec: ServerSpec, launch: Launch, port: int | None, gpus: list[int], instance: str, cache_dir: Path | str = "."
+    spec: ServerSpec,
+    launch: Launch,
+    port: int | None,
+    gpus: list[int],
+    instance: str,
+    cache_dir: Path | str = ".",
+    state_dir: Path | None = None,
 ) -> dict[str, str]:
     """The environment a server starts with: ours, the kind's, the profile's, its GPUs and its token."""
     env = dict(os.environ)
@@ -107,6 +113,8 @@ def server_environment(
     env.setdefault("MODELCTL_CACHE_DIR", str(cache_dir))
     if port is not None:
         env["MODELCTL_PORT"] = str(port)
+    if state_dir is not None:
+        env["MODELCTL_STATE_DIR"] = str(Path(state_dir).resolve())  # where the gateway reads the records
     env.update(spec.env)  # the profile has the last word...
     env[INSTANCE_VAR] = instance  # ...but for the proof that a process is this instance's
     return env

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, get_args
 
-from servers.sentence.activation import inherited_socket, notify
+from servers.activation import inherited_socket, notify
 from servers.sentence.app import EXIT_CONFIG
 from servers.sentence.service import ModelFactory
 from servers.sentence.settings import Backend, ServerSettings, Task

@@ -231,7 +231,7 @@ def _error_handlers(app: FastAPI, settings: ServerSettings) -> None:
             if path in OTHER_TASK_ROUTES[settings.task]:
                 other = "rerank" if settings.task == "embedding" else "embedding"
                 message, code = (
-                    f"this server serves the {settings.task} task, not {other}: {path} is served by a {other} server",
+                    f"this server serves the {settings.task} task, not {other}: {path} is served by {'an' if other == 'embedding' else 'a'} {other} server",
                     "wrong_task",
                 )
             else:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from modelctl.backends.base import Backend, ClusterContainer, Launch, ProgressReport
 from modelctl.backends.ollama.models import ensure_model, model_present, normalize_model_name
-from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_str, describe, required
+from modelctl.spec import HealthSpec, Key, KeyProblem, ServerSpec, check_bool, check_choice, check_str, describe, required
 
 OFFICIAL_IMAGE = "ollama/ollama:latest"  # pin a version with k8s: {image: ollama/ollama:X.Y.Z}
 
@@ -37,6 +37,7 @@ class OllamaBackend(Backend):
         "models_dir": Key(check_str, None, "OLLAMA_MODELS of a managed server"),
         "keep_alive": Key(check_keep_alive, None, "how long the model stays loaded (5m, -1, 0)"),
         "preload": Key(check_bool, False, "load the model into memory once ready"),
+        "task": Key(check_choice("chat", "embedding"), "chat", "what the gateway routes to it on OpenAI's routes: chat or embedding"),
     }
 
     def default_health(self, options: Mapping[str, Any]) -> HealthSpec:

@@ -63,6 +63,20 @@ class Generated:
             for name, obj in self.files.items()
         }
 
+    def stream(self) -> str:
+        """The objects as one YAML stream for `kubectl apply -f -`: no Kustomization (kubectl -f
+        rejects it), so each object carries the namespace the Kustomization would have set."""
+        docs = []
+        for name, each in self.files.items():
+            if each.get("kind") == "Kustomization":
+                continue
+            obj = each
+            if self.namespace and obj.get("kind") != "Namespace":
+                obj = {**obj, "metadata": {**obj.get("metadata", {}), "namespace": self.namespace}}
+            text = yaml.dump(obj, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False, width=200)
+            docs.append(f"---\n# {name}\n{text}")
+        return "".join(docs)
+
     def write(self, out: Path) -> list[Path]:
         """The files; a Secret's is written 0600 (it holds an API key), the others 0644."""
         out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +158,7 @@ def generate(profile: Profile, options: ClusterOptions = ClusterOptions()) -> Ge
         except KeyProblem as e:
             raise ProfileError(profile.path, e.message, server=spec.name, key=e.key) from None
         if container is None:
-            skipped.append(f"{spec.ref}: lives outside the cluster (host: {spec.host})")
+            skipped.append(f"{spec.ref}: {get_backend(spec.kind).not_in_cluster(spec)}")
             continue
         name = dns_name(profile.name, spec.name)
         if name in names:

@@ -251,7 +251,8 @@ def status(profile: Profile, state_dir: Path, use_json: bool | None = None) -> l
         if report is not None and job is not None and str(report.get("job_id")) != job.job_id:
             report = None  # an earlier job's
         url = str(report.get("url") or "") if report else ""
-        alive = job is not None and job.state == "RUNNING"
+        # a server that reported failed or stopped serves nothing, though its job may run a moment more
+        alive = job is not None and job.state == "RUNNING" and (report or {}).get("state") not in ("failed", "stopped")
         health = probe(profile.servers[server], url) if alive and url else ""
         state, detail = _combined(job, report, health)
         rows.append(

@@ -11,6 +11,9 @@ The mapping (README, "Slurm"):
   `#SBATCH` lines; modules are loaded and setup lines run before modelctl;
 - the profile is embedded in the script as it was submitted, so env, model paths and the rest pass
   through unchanged, and editing the file later does not change a queued job;
+- every word of the job's command line that comes from the profile is quoted; the command is
+  this modelctl by its absolute path (slurm.modelctl overrides it), as the systemd units do;
+- an on-demand server is refused: its job would end when it is idle, and nothing restarts it;
 - inside the job, the supervisor's restart policy brings a crashed server back on the same node
   and port without a new job (`--restart-in-place`), and `--report` writes where it landed
   (node, port, URL, state) to STATE/slurm/PROFILE/SERVER.json on the shared filesystem.
@@ -23,11 +26,13 @@ from __future__ import annotations
 import hashlib
 import math
 import shlex
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelctl.errors import ProfileError
 from modelctl.profile import Profile
 from modelctl.spec import ServerSpec
 
@@ -94,20 +99,37 @@ def _delimiter(text: str) -> str:
     return tag
 
 
-def script(profile: Profile, spec: ServerSpec, state_dir: Path, profile_text: str) -> Script:
+def default_modelctl() -> str:
+    """The modelctl that generates the scripts, by its absolute path (a venv's, like the systemd
+    units'): a job's shell has no activated venv, and a bare `modelctl` may be another or none."""
+    return shlex.join([sys.executable, "-m", "modelctl"])
+
+
+class InJob(str):
+    """A path inside the job's own directory: written as "$job" followed by the quoted rest."""
+
+
+def shell_word(word: str) -> str:
+    """One word of the job's command line. Every word that comes from the profile is quoted."""
+    if isinstance(word, InJob):
+        return '"$job"' + shlex.quote(str(word))
+    return shlex.quote(word)
+
+
+def script(profile: Profile, spec: ServerSpec, state_dir: Path, profile_text: str, modelctl: str | None = None) -> Script:
     s = settings(profile, spec)
     q = shlex.quote
     report = report_path(state_dir, profile.name, spec.name)
-    modelctl = s.get("modelctl") or "modelctl"
+    command_words = shlex.split(s.get("modelctl") or modelctl or default_modelctl())
     host = s.get("host") or "0.0.0.0"
-    run = [
-        *shlex.split(modelctl),
+    run: list[str] = [
+        *command_words,
         "--state-dir",
-        '"$job/state"',
+        InJob("/state"),
         "run",
         spec.name,
         "--profile",
-        f'"$job/{profile.name}.yaml"',
+        InJob(f"/{profile.name}.yaml"),
         "--host",
         host,
         "--gpus",
@@ -116,7 +138,7 @@ def script(profile: Profile, spec: ServerSpec, state_dir: Path, profile_text: st
         "--report",
         str(report),
     ]
-    command = " ".join(a if a.startswith('"$job') else q(a) for a in run)
+    command = " ".join(shell_word(a) for a in run)
     delimiter = _delimiter(profile_text)
     body = [
         "#!/bin/bash",
@@ -131,7 +153,7 @@ def script(profile: Profile, spec: ServerSpec, state_dir: Path, profile_text: st
         'job="${TMPDIR:-/tmp}/modelctl-slurm-${SLURM_JOB_ID}"',
         'mkdir -p "$job"',
         "trap 'rm -rf \"$job\"' EXIT",
-        f"cat > \"$job/{profile.name}.yaml\" <<'{delimiter}'",
+        f"cat > {shell_word(InJob(f'/{profile.name}.yaml'))} <<'{delimiter}'",
         profile_text.rstrip("\n"),
         delimiter,
         "",
@@ -148,12 +170,29 @@ def script(profile: Profile, spec: ServerSpec, state_dir: Path, profile_text: st
     return Script(server=spec.name, name=f"{spec.name}.sbatch", text="\n".join(body))
 
 
-def generate(profile: Profile, state_dir: Path, servers: list[str] | None = None) -> list[Script]:
-    """The scripts for the profile's servers (all, or those named), in the profile's order."""
+def refuse_on_demand(profile: Profile, spec: ServerSpec) -> None:
+    """An on-demand server's `modelctl run` exits once it has been idle: under systemd its .socket
+    unit starts it again at the next client, but a Slurm job that ended is gone for good."""
+    if spec.start == "on-demand":
+        raise ProfileError(
+            profile.path,
+            "on-demand cannot run as a Slurm job: the job would end after idle_timeout and nothing would start it again "
+            "at the next client; set `start: always` for this server (a job holds its node for its whole time limit "
+            "anyway), or leave it out: modelctl slurm generate -p PROFILE SERVER...",
+            server=spec.name,
+            key="start",
+        )
+
+
+def generate(profile: Profile, state_dir: Path, servers: list[str] | None = None, modelctl: str | None = None) -> list[Script]:
+    """The scripts for the profile's servers (all, or those named), in the profile's order.
+    `modelctl`: the command the jobs run (default: this one, by its absolute path)."""
     text = Path(profile.path).read_text()
     specs: Mapping[str, ServerSpec] = profile.servers
     names = servers or list(specs)
-    return [script(profile, specs[name], state_dir, text) for name in names]
+    for name in names:
+        refuse_on_demand(profile, specs[name])
+    return [script(profile, specs[name], state_dir, text, modelctl) for name in names]
 
 
 def write(scripts: list[Script], out: Path) -> list[Path]:
