@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install modelctl into a virtual environment (.venv by default).
 #
-#   ./install.sh            install modelctl and the bundled sentence server (extra "server")
-#   ./install.sh --fast     also the bundled server's ONNX Runtime and OpenVINO backends (extra "fast")
+#   ./install.sh            install modelctl and the bundled sentence server (extra "server", with ONNX
+#                           Runtime), and export the bundled MiniLM to ONNX once, so that the first
+#                           `modelctl up` starts from that export (backend auto) without importing torch
+#   ./install.sh --fast     also the bundled server's OpenVINO backend (extra "fast")
 #   ./install.sh --test     also install what the test suite and its checks need (extra "test",
 #                           which brings pytest-xdist and kubectl), and, as root on Debian, the
 #                           Debian packages the tests run where they are missing: a real Slurm
@@ -25,7 +27,7 @@ for arg in "$@"; do
     case "$arg" in
         --test) extras="$extras,test" ;;
         --fast) extras="$extras,fast" ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -99,4 +101,10 @@ esac
 
 echo "==> installing modelctl[$extras]"
 pip_install -e "$here[$extras]"
+
+# into the environment's own cache (servers read it whatever their cache directory); an export
+# that is already there is kept. A failure is not fatal: the server then exports on first start.
+echo "==> exporting the bundled MiniLM to ONNX (once)"
+(cd "$here" && HF_HUB_OFFLINE=1 TQDM_DISABLE=1 "$venv/bin/python" -m servers.sentence.export) ||
+    echo "install.sh: the ONNX export failed; the server exports on its first start instead" >&2
 echo "==> done: $venv/bin/modelctl"

@@ -1,11 +1,13 @@
 """On-demand servers under a memory budget, with the bundled MiniLM server, in one run:
 
-    .venv/bin/python bench/on_demand.py [--servers 3]
+    .venv/bin/python bench/on_demand.py [--servers 3] [--backends torch,auto]
 
-- wake latency: an idle on-demand server's first request, answered once the model has loaded,
-  against the plain start time of the same server (`start: always`, up to ready);
-- refused and failed requests while servers wake and are evicted: N on-demand servers, each
-  declared at 650 MiB, under a budget for two, called in turn by 4 clients each;
+- for each backend (auto, the default: the ONNX export on ONNX Runtime; torch): `up` to ready of
+  a plain server (`start: always`), and an idle on-demand server's wake: its first request,
+  answered once the model has loaded;
+- refused and failed requests while servers wake and are evicted: N on-demand servers on the
+  default backend, each declared at 250 MiB, under a budget for two (550 MiB), called in turn by 4 clients
+  each;
 - memory: N idle on-demand servers (no process) against N running ones (resident memory of the
   servers' processes, and of the supervisor).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,22 +83,31 @@ def post(url: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--servers", type=int, default=3)
+    parser.add_argument("--backends", default="torch,auto", help="backends whose start and wake are measured")
+    parser.add_argument("--rounds", type=int, default=2, help="starts and wakes per backend, alternating backends")
     args = parser.parse_args()
     n = args.servers
     names = [f"s{i}" for i in range(n)]
-    od = {"kind": "sentence", "start": "on-demand", "idle_timeout": "10m", "memory": "650MiB"}
+    od = {"kind": "sentence", "start": "on-demand", "idle_timeout": "10m", "memory": "250MiB"}
+    backends = [b for b in args.backends.split(",") if b]
+    starts: dict[str, list[tuple[float, float, float, float]]] = {b: [] for b in backends}
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(tmp)
         try:
-            # plain start vs wake
-            run.write({"plain": {"kind": "sentence"}, "lazy": od})
-            t0 = time.perf_counter()
-            run.cli("up", "-p", str(run.profile), "plain")
-            plain_up = time.perf_counter() - t0
-            plain_start = run.rows()["plain"]["startup"]["total"]
-            run.cli("up", "-p", str(run.profile), "lazy")
-            wake = post(run.rows()["lazy"]["url"])
-            run.cli("down")
+            # per backend: a plain start (up to ready) and a wake (an idle server's first answer)
+            for _ in range(args.rounds):
+                for backend in backends:
+                    run.write({"plain": {"kind": "sentence", "backend": backend}, "lazy": {**od, "backend": backend}})
+                    t0 = time.perf_counter()
+                    run.cli("up", "-p", str(run.profile), "plain")
+                    plain_up = time.perf_counter() - t0
+                    plain_start = run.rows()["plain"]["startup"]["total"]
+                    run.cli("up", "-p", str(run.profile), "lazy")
+                    wake = post(run.rows()["lazy"]["url"])
+                    time.sleep(1)  # the peak after a few requests
+                    rss = run.server_rss() / 2  # two servers, one model each
+                    run.cli("down")
+                    starts[backend].append((plain_up, plain_start, wake, rss))
 
             # memory: N idle against N running
             run.write({name: od for name in names})
@@ -110,7 +122,7 @@ def main() -> None:
             run.cli("down")
 
             # wakes and evictions under a budget for two, clients calling in turn
-            run.write({name: od for name in names}, budget="1400MiB")
+            run.write({name: od for name in names}, budget="550MiB")
             run.cli("up", "-p", str(run.profile))
             rows = run.rows()
             before = {name: (rows[name]["wakes"], rows[name]["evictions"]) for name in names}
@@ -130,10 +142,12 @@ def main() -> None:
         finally:
             run.cli("down")
     print(f"\nMiniLM, {n} on-demand servers:")
-    print(
-        f"plain start to ready {plain_start:.1f}s (up returned after {plain_up:.1f}s); idle server's first request answered after {wake:.1f}s "
-        f"({wake / plain_start:.2f}x the plain start)"
-    )
+    for backend, got in starts.items():
+        up, start, wake, rss = (statistics.median([x[k] for x in got]) for k in range(4))
+        print(
+            f"{backend}: up to ready {up:.1f}s (the server's start to ready {start:.1f}s); an idle server's first request answered "
+            f"after {wake:.1f}s; resident memory per server {rss / MiB:.0f} MiB (medians of {len(got)})"
+        )
     print(
         f"memory of the servers: {n} idle {idle_rss / MiB:.0f} MiB, {n} running {running_rss / MiB:.0f} MiB; "
         f"the supervisor {idle_sup / MiB:.0f} / {running_sup / MiB:.0f} MiB"

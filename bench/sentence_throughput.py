@@ -1,25 +1,32 @@
 """Throughput and latency of the bundled sentence server against in-process encode, as ratios.
 
     .venv/bin/python bench/sentence_throughput.py [--rounds 3] [--sentences 512]
-        [--backends torch,onnx,onnx-int8,openvino] [--server-args "--model-workers 1"]
+        [--backends torch,auto,onnx,onnx-int8,openvino] [--corpora template,mixed]
+        [--server-args "--model-workers 1"]
 
 Measures, in one run on the same machine and the same model (MiniLM, CPU), for each backend of
-the server (torch; the ONNX export on ONNX Runtime, also int8-quantized; on OpenVINO):
-  1. 32 concurrent clients, one short sentence per request  vs  encode(batch_size=32)
-  2. requests of 64 sentences (4 concurrent clients)         vs  encode(batch_size=32)
-  3. one client, one sentence per request (latency)         vs  encode of one sentence
+the server (auto, the default: the ONNX export on ONNX Runtime where it is installed; torch; onnx
+asked for by name, also int8-quantized; OpenVINO), on two corpora of --sentences sentences each:
+the template (6 to 14 words) and mixed lengths (3 to 60 words from a fixed vocabulary, seeded):
+  1. 32 concurrent clients, one sentence per request  vs  encode(batch_size=32) of the same corpus
+  2. requests of 64 sentences (4 concurrent clients)   vs  encode(batch_size=32)
+  3. one client, one sentence per request (latency)   vs  encode of one sentence
   4. a RAG system's mixed load: one-sentence queries beside two clients sending 1024 sentences
      per request, as ratios to each alone (query p90 latency; bulk sentences per second)
-and the server's resident memory. The baseline is in-process torch sentence-transformers; each
-figure is the median of --rounds rounds, baseline and server rounds alternating.
+and the server's resident memory. The baseline is in-process torch sentence-transformers. Every
+backend's server runs at once and they are measured in turn within each round, beside that
+round's baseline; each ratio is the median over --rounds rounds of a round's figure over its
+baseline, so that a shared machine's drifting load moves every row alike.
 
-    --against REF[,REF]   also measure the server of another commit (e.g. main) in the same run
+    --against REF[,REF]   also measure the server of another commit (e.g. main) in the same run,
+                          on that commit's default backend
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -39,10 +46,35 @@ WORDS = [*FIXTURE_WORDS, "music", "data"]
 
 
 def make_sentences(n: int) -> list[str]:
+    """The template: short sentences of 6 to 14 words."""
     import random
 
     rng = random.Random(7)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(n)]
+
+
+# a fixed vocabulary for text shaped like real text: sentences of 3 to 60 words, so that a batch of
+# them pads, where the template's barely does
+_MORE_WORDS = """time year people way day man thing woman life child world school state family student group
+    country problem hand part place case week company system program question work government number
+    night point home water room mother area money story fact month lot right study book eye job word
+    business issue side kind head house service friend father power hour game line end member law car
+    market price report result change reason research girl guy moment air teacher force education
+    because although however therefore which while during before after between against without
+    quickly slowly carefully recently often never always usually important different large small new
+    old good great high long little own public private early young major local national international"""
+MIXED_WORDS = [*WORDS, *_MORE_WORDS.split()]
+
+
+def make_mixed_sentences(n: int) -> list[str]:
+    """Mixed lengths: n sentences of 3 to 60 words from MIXED_WORDS, seeded."""
+    import random
+
+    rng = random.Random(30)
+    return [" ".join(rng.choice(MIXED_WORDS) for _ in range(rng.randint(3, 60))).capitalize() + "." for _ in range(n)]
+
+
+CORPORA = {"template": make_sentences, "mixed": make_mixed_sentences}
 
 
 async def http_throughput(url: str, sentences: list[str], per_request: int, clients: int) -> float:
@@ -97,9 +129,12 @@ async def cosine_to(url: str, sentences: list[str], reference: object) -> tuple[
 
 
 BACKEND_ARGS = {
-    "torch": [],
+    "auto": [],
+    "torch": ["--backend", "torch"],
     "onnx": ["--backend", "onnx"],
     "onnx-int8": ["--backend", "onnx", "--quantize", "int8"],
+    "onnx-1x2": ["--backend", "onnx", "--model-workers", "1"],  # one worker on every core (the default)
+    "onnx-2x1": ["--backend", "onnx", "--model-workers", "2"],  # one single-threaded worker per core
     "openvino": ["--backend", "openvino"],
 }
 
@@ -131,16 +166,17 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sentences", type=int, default=512)
-    p.add_argument("--backends", default=None, help="default: torch and every fast-path backend that is installed")
+    p.add_argument("--backends", default=None, help="default: torch, auto (the default: onnx on a CPU) and every other installed one")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--model-workers 1'")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sentence_throughput.json"))
     p.add_argument("--against", default="", help="git refs whose servers are measured too, torch backend (e.g. main)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed workload (query beside bulk)")
+    p.add_argument("--corpora", default="template,mixed", help="template (6-14 words), mixed (3-60 words), or both")
     args = p.parse_args()
     if args.backends is None:
         import importlib.util
 
-        needs = {"torch": "torch", "onnx": "onnxruntime", "onnx-int8": "onnxruntime", "openvino": "openvino"}
+        needs = {"torch": "torch", "auto": "onnxruntime", "onnx-int8": "onnx", "openvino": "openvino"}
         backends = [b for b, module in needs.items() if importlib.util.find_spec(module) is not None]
         if len(backends) < len(needs):
             print(f"measuring {', '.join(backends)}; ./install.sh --fast adds the others")
@@ -149,18 +185,19 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    sentences = make_sentences(args.sentences)
+    corpora = {name: CORPORA[name](args.sentences) for name in args.corpora.split(",")}
     model = SentenceTransformer(minilm_path(), device="cpu")
-    model.encode(sentences[:64], batch_size=32)  # warm up
+    for texts in corpora.values():
+        model.encode(texts[:64], batch_size=32)  # warm up
 
-    def encode_rate() -> float:
+    def encode_rate(texts: list[str]) -> float:
         t0 = time.perf_counter()
-        model.encode(sentences, batch_size=32, normalize_embeddings=True)
-        return len(sentences) / (time.perf_counter() - t0)
+        model.encode(texts, batch_size=32, normalize_embeddings=True)
+        return len(texts) / (time.perf_counter() - t0)
 
-    def encode_latency() -> float:
+    def encode_latency(texts: list[str]) -> float:
         times = []
-        for s in sentences[:100]:
+        for s in texts[:100]:
             t0 = time.perf_counter()
             model.encode(s, normalize_embeddings=True)
             times.append(time.perf_counter() - t0)
@@ -169,76 +206,90 @@ def main() -> None:
     log_dir = ROOT / "bench" / "results"
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MODELCTL_CACHE_DIR", str(log_dir / "cache"))  # exports are made once, then reused
-    baseline: dict[str, list[float]] = {"encode_rate": [], "encode_latency": []}
-    per_backend: dict[str, dict[str, list[float]]] = {}
+    # per corpus: in-process encode's rate and one-sentence latency, measured between the servers' rounds
+    baseline: dict[str, dict[str, list[float]]] = {c: {"encode_rate": [], "encode_latency": []} for c in corpora}
+    per_backend: dict[str, dict[str, dict[str, list[float]]]] = {}
     rss: dict[str, int] = {}
     accuracy_set = accuracy_sentences()  # the short inputs too
     reference = model.encode(accuracy_set, batch_size=32, normalize_embeddings=True)
     accuracy: dict[str, tuple[float, float]] = {}
     runs = [(b, b, ROOT) for b in backends] + [(f"torch@{ref}", "torch", tree_of(ref)) for ref in args.against.split(",") if ref]
     mixed: dict[str, list[float]] = {}
-    for name, backend, root in runs:
-        if backend != "torch":  # export first: the servers then start as they do on every restart
-            from servers.sentence.exported import ensure_export
+    # every server runs at once and they are measured in turn, round by round, each beside the same
+    # in-process baseline: a machine whose load drifts (a shared CI runner) moves them all alike
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+        for name, backend, root in runs:
+            if backend not in ("torch", "auto"):  # export first: the servers then start as they do on every restart
+                from servers.sentence.exported import ensure_export
 
-            ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), "int8" if backend.endswith("int8") else None)
-        results = per_backend[name] = {"http_1x32": [], "http_64x4": [], "http_latency": []}
-        server_args = ["--task-type", "embedding", *BACKEND_ARGS[backend], *args.server_args.split()]
-        with sentence_server(log_dir, minilm_path(), *server_args, root=root) as url:
-            asyncio.run(http_throughput(url, sentences[:128], 1, 32))  # warm up the server
+                quantize = "int8" if backend.endswith("int8") else None
+                ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), quantize)
+            per_backend[name] = {c: {"http_1x32": [], "http_64x4": [], "http_latency": []} for c in corpora}
+            own = BACKEND_ARGS[backend] if root == ROOT else []  # another commit's server runs its own default
+            server_args = ["--task-type", "embedding", *own, *args.server_args.split()]
+            urls[name] = url = stack.enter_context(sentence_server(log_dir, minilm_path(), *server_args, root=root))
+            for texts in corpora.values():
+                asyncio.run(http_throughput(url, texts[:128], 1, 32))  # warm up the server
             accuracy[name] = asyncio.run(cosine_to(url, accuracy_set, reference))
-            for r in range(args.rounds):
-                baseline["encode_rate"].append(encode_rate())
-                results["http_1x32"].append(asyncio.run(http_throughput(url, sentences, 1, 32)))
-                results["http_64x4"].append(asyncio.run(http_throughput(url, sentences, 64, 4)))
-                baseline["encode_latency"].append(encode_latency())
-                results["http_latency"].append(asyncio.run(http_latency(url, sentences[:100])))
-                print(f"{name} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
+        for r in range(args.rounds):
+            for corpus, texts in corpora.items():
+                baseline[corpus]["encode_rate"].append(encode_rate(texts))
+                for name, url in urls.items():
+                    results = per_backend[name][corpus]
+                    results["http_1x32"].append(asyncio.run(http_throughput(url, texts, 1, 32)))
+                    results["http_64x4"].append(asyncio.run(http_throughput(url, texts, 64, 4)))
+                baseline[corpus]["encode_latency"].append(encode_latency(texts))
+                for name, url in urls.items():
+                    results = per_backend[name][corpus]
+                    results["http_latency"].append(asyncio.run(http_latency(url, texts[:100])))
+                    print(f"{name} {corpus} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
+        for name, url in urls.items():
             if not args.no_mixed:
                 got = mixed_workload(url)
-                print(f"{name} mixed: {got.line()}", flush=True)
+                print(f"{name} mixed workload: {got.line()}", flush=True)
                 mixed[name] = [got.p90_ratio, got.bulk_ratio, got.query_alone_p90, got.query_mixed_p90]
             rss[name] = server_rss(url)
 
-    rate = statistics.median(baseline["encode_rate"])
-    latency = statistics.median(baseline["encode_latency"])
+    rate = {c: statistics.median(b["encode_rate"]) for c, b in baseline.items()}
+    latency = {c: statistics.median(b["encode_latency"]) for c, b in baseline.items()}
     summary: dict[str, object] = {
         "machine": f"{os.cpu_count()} cores",
         "sentences": args.sentences,
         "rounds": args.rounds,
-        "baseline_in_process_torch_encode_batch32_sentences_per_s": round(rate, 1),
-        "baseline_in_process_torch_encode_one_sentence_ms": round(latency * 1000, 2),
+        **{f"baseline_{c}_in_process_torch_encode_batch32_sentences_per_s": round(rate[c], 1) for c in corpora},
+        **{f"baseline_{c}_in_process_torch_encode_one_sentence_ms": round(latency[c] * 1000, 2) for c in corpora},
     }
     table = []
-    for backend, results in per_backend.items():
-        med = {k: statistics.median(v) for k, v in results.items()}
-        row = {
-            "backend": backend,
-            "ratio_32_clients_1_sentence": round(med["http_1x32"] / rate, 3),
-            "ratio_4_clients_64_sentences": round(med["http_64x4"] / rate, 3),
-            "one_sentence_ms": round(med["http_latency"] * 1000, 2),
-            "latency_ratio_over_encode": round(med["http_latency"] / latency, 2),
-            "server_rss_mib": round(rss[backend] / 2**20),
-            **(
-                {
-                    "query_beside_bulk_p90_ratio": round(mixed[backend][0], 2),
-                    "bulk_beside_queries_ratio": round(mixed[backend][1], 2),
-                    "query_p90_alone_ms": round(mixed[backend][2] * 1000, 1),
-                    "query_p90_beside_bulk_ms": round(mixed[backend][3] * 1000, 1),
-                }
-                if backend in mixed
-                else {}
-            ),
-            "cosine_to_torch_min": round(accuracy[backend][0], 5),
-            "cosine_to_torch_mean": round(accuracy[backend][1], 6),
-        }
+    for backend, by_corpus in per_backend.items():
+        row: dict[str, object] = {"backend": backend}
+        for c, results in by_corpus.items():
+            # each round's figure over the baseline of the same round, then the median of those ratios
+            base = baseline[c]
+            ratio = {
+                k: statistics.median(
+                    x / b for x, b in zip(v, base["encode_latency" if k == "http_latency" else "encode_rate"], strict=True)
+                )
+                for k, v in results.items()
+            }
+            row[f"{c}_32x1"] = round(ratio["http_1x32"], 3)
+            row[f"{c}_64x4"] = round(ratio["http_64x4"], 3)
+            row[f"{c}_1_ms"] = round(statistics.median(results["http_latency"]) * 1000, 2)
+            row[f"{c}_1_vs_encode"] = round(ratio["http_latency"], 2)
+            if "torch" in per_backend:  # the torch server of the same round
+                torch_1x32 = per_backend["torch"][c]["http_1x32"]
+                row[f"{c}_32x1_vs_torch"] = round(
+                    statistics.median(x / t for x, t in zip(results["http_1x32"], torch_1x32, strict=True)), 2
+                )
+        row["server_rss_mib"] = round(rss[backend] / 2**20)
+        if backend in mixed:
+            row["query_beside_bulk_p90_ratio"] = round(mixed[backend][0], 2)
+            row["bulk_beside_queries_ratio"] = round(mixed[backend][1], 2)
+            row["query_p90_alone_ms"] = round(mixed[backend][2] * 1000, 1)
+            row["query_p90_beside_bulk_ms"] = round(mixed[backend][3] * 1000, 1)
+        row["cosine_to_torch_min"] = round(accuracy[backend][0], 5)
+        row["cosine_to_torch_mean"] = round(accuracy[backend][1], 6)
         table.append(row)
-    if "torch" in per_backend:
-        torch_1x32 = statistics.median(per_backend["torch"]["http_1x32"])
-        for row in table:
-            row["vs_torch_server_32_clients_1_sentence"] = round(
-                statistics.median(per_backend[str(row["backend"])]["http_1x32"]) / torch_1x32, 2
-            )
     Path(args.out).write_text(json.dumps({"summary": summary, "backends": table, "baseline": baseline, "rounds": per_backend}, indent=1))
     for k, v in summary.items():
         print(f"{k}: {v}")

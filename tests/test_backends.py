@@ -66,6 +66,15 @@ def encoders(path: str, task: str, cache: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def own_minilm(tmp_path_factory) -> str:
+    """MiniLM copied where install.sh did not export it (it exports the bundled one into the
+    environment, which every server reads first): its export is made at its first start."""
+    import shutil
+
+    return str(shutil.copytree(minilm_path(), tmp_path_factory.mktemp("own-model") / "minilm"))
+
+
+@pytest.fixture(scope="module")
 def embedders(cache):
     return encoders(minilm_path(), "embedding", cache)
 
@@ -124,23 +133,23 @@ def test_the_rerank_order_is_the_same_on_every_backend(cache, tmp_path_factory):
             assert list(np.argsort(-scores["onnx-int8"])) == want, (path, scores["onnx-int8"])
 
 
-def test_a_server_on_onnx_answers_the_torch_vectors_and_reuses_its_export(tmp_path):
+def test_a_server_on_onnx_answers_the_torch_vectors_and_reuses_its_export(tmp_path, own_minilm):
     from sentence_transformers import SentenceTransformer
 
     cache_dir = tmp_path / "cache"
     args = ["--backend", "onnx", "--cache-dir", str(cache_dir)]
     want = SentenceTransformer(minilm_path(), device="cpu").encode(SENTENCES, normalize_embeddings=True)
-    with sentence_server(tmp_path, minilm_path(), *args) as url:
+    with sentence_server(tmp_path, own_minilm, *args) as url:
         status, body, _ = http_post(url + "/v1/embeddings", {"input": SENTENCES, "truncate": True})
         assert status == 200
         np.testing.assert_allclose([d["embedding"] for d in body["data"]], want, atol=1e-5)
     (graph,) = cache_dir.glob("onnx/*/model.onnx")
     made = graph.stat().st_mtime_ns
     first_log = next(tmp_path.glob("sentence-*.log")).read_text()
-    assert f"exported {minilm_path()} to" in first_log
+    assert f"exported {own_minilm} to" in first_log
     for log in tmp_path.glob("sentence-*.log"):
         log.unlink()
-    with sentence_server(tmp_path, minilm_path(), *args) as url:
+    with sentence_server(tmp_path, own_minilm, *args) as url:
         assert http_post(url + "/v1/embeddings", {"input": "x"})[0] == 200
         pid = _pid_of(url)
         maps = Path(f"/proc/{pid}/maps").read_text()
@@ -165,16 +174,16 @@ def test_a_server_on_int8_answers_close_vectors_and_keeps_logging(tmp_path):
     assert "quantized" in log and log.index("quantized") < log.index("loaded on cpu")
 
 
-def test_modelctl_runs_a_sentence_server_on_onnx_and_keeps_its_export_in_the_state_dir(mc):
-    path = mc.profile({"emb": {"kind": "sentence", "backend": "onnx", "startup_timeout": 300}})
+def test_modelctl_runs_a_sentence_server_on_onnx_and_keeps_its_export_in_the_state_dir(mc, own_minilm):
+    path = mc.profile({"emb": {"kind": "sentence", "backend": "onnx", "model": own_minilm, "startup_timeout": 300}})
     assert mc.cli("up", "-p", str(path), timeout=400).returncode == 0
     row = status_json(mc)["emb"]
-    assert row["model"] == "all-MiniLM-L6-v2 (bundled) [onnx]"
+    assert row["model"] == f"{own_minilm} [onnx]"
     (graph,) = (mc.state_dir / "cache").glob("onnx/*/model.onnx")
     made = graph.stat().st_mtime_ns
     assert mc.cli("restart", "emb", timeout=400).returncode == 0
     log = mc.store.log_path(mc.ref("emb")).read_text()
-    assert log.count("using the cached export") == 1 and log.count("exported package:") == 1
+    assert log.count("using the cached export") == 1 and log.count(f"exported {own_minilm}") == 1
     assert graph.stat().st_mtime_ns == made
     status, body, _ = http_post(status_json(mc)["emb"]["url"] + "/v1/embeddings", {"input": "hello"})
     assert status == 200 and len(body["data"][0]["embedding"]) == 384
@@ -190,7 +199,7 @@ def _pid_of(url: str) -> int:
     raise AssertionError("nobody listens")
 
 
-def test_a_concurrent_start_exports_once(tmp_path):
+def test_a_concurrent_start_exports_once(tmp_path, own_minilm):
     """Two servers of the same model starting at once: one exports, the other waits and reuses it."""
     import subprocess
     import sys
@@ -198,7 +207,7 @@ def test_a_concurrent_start_exports_once(tmp_path):
     cache_dir = tmp_path / "cache"
     code = (
         "import sys, logging; logging.basicConfig(level=logging.INFO); from servers.sentence.exported import ensure_export; "
-        f"ensure_export({minilm_path()!r}, 'embedding', __import__('pathlib').Path({str(cache_dir)!r}), None)"
+        f"ensure_export({own_minilm!r}, 'embedding', __import__('pathlib').Path({str(cache_dir)!r}), None)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]

@@ -96,6 +96,17 @@ def test_openai_sdk(embed_url, encoded):
     assert client.models.retrieve("minilm").id == "minilm"
 
 
+def test_openai_sdk_raises_bad_request_for_an_over_long_input(embed_url):
+    """A context-length error is openai.BadRequestError, as OpenAI and vLLM answer it (the SDK
+    raises APIStatusError for a 413, which no client's truncation logic reads)."""
+    import openai
+
+    client = openai.OpenAI(base_url=embed_url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="minilm", input="word " * 400)
+    assert e.value.code == "context_length_exceeded" and "maximum context length is 256 tokens" in e.value.message
+
+
 def test_langchain_openai_by_default_gets_a_clear_error_not_wrong_vectors(embed_url):
     import openai
     from langchain_openai import OpenAIEmbeddings

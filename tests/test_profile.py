@@ -51,7 +51,7 @@ def test_profile_env_var_is_used_without_path(tmp_path, monkeypatch):
         ("  a:\n    kind: command\n    command: [x, '{port}']\n    env: {1BAD: x}\n", "a", "env", "not a valid environment variable name"),
         ("  a:\n    kind: sentence\n    device: cuda\n", "a", "device", "needs GPUs"),
         ("  a:\n    kind: vllm\n    model: m\n    args: ['--port', '9']\n", "a", "args", "set by modelctl"),
-        ("  a:\n    kind: sentence\n    backend: tensorrt\n", "a", "backend", "one of torch, onnx, openvino"),
+        ("  a:\n    kind: sentence\n    backend: tensorrt\n", "a", "backend", "one of auto, torch, onnx, openvino"),
         ("  a:\n    kind: sentence\n    backend: openvino\n    quantize: int8\n", "a", "quantize", "for backend: onnx"),
         ("  a:\n    kind: sentence\n    quantize: int8\n", "a", "quantize", "for backend: onnx"),
         ("  a:\n    kind: sentence\n    backend: onnx\n    gpus: 1\n", "a", "backend", "runs on the CPU"),

@@ -136,14 +136,29 @@ def test_unframed_token_ids_are_accepted_when_the_server_allows_them(logs):
         assert status == 200 and len(body["data"][0]["embedding"]) == 8
 
 
-def test_over_long_input_is_413_with_the_limit_unless_truncation_is_asked(embed_url):
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/embeddings"])
+@pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token ids"])
+def test_over_long_input_on_the_openai_routes_is_a_400_context_length_error(embed_url, path, as_ids):
+    """As OpenAI and vLLM answer it: openai.BadRequestError, which LangChain's and LlamaIndex's
+    truncation and retry logic read; with the limit, unless truncation is asked."""
     long = " ".join(["word"] * 40)
-    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
-    assert status == 413
-    assert_openai_error(body, "input_too_long")
-    assert "limit of 32" in body["error"]["message"]
-    status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
+    given = long if not as_ids else [101, *([7] * 40), 102]
+    status, body, _ = post(embed_url, path, {"input": given})
+    assert status == 400
+    assert_openai_error(body, "context_length_exceeded")
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "input"
+    assert "maximum context length is 32 tokens" in body["error"]["message"], body
+    status, body, _ = post(embed_url, path, {"input": given, "truncate": True})
     assert status == 200 and body["usage"]["prompt_tokens"] == 32
+
+
+def test_over_long_input_on_the_tei_routes_stays_413_as_tei_answers(embed_url):
+    long = " ".join(["word"] * 40)
+    for path in ("/embed", "/", "/invocations"):
+        status, body, _ = post(embed_url, path, {"inputs": long})
+        assert status == 413, (path, body)
+        assert_openai_error(body, "input_too_long")
+        assert "limit of 32" in body["error"]["message"]
 
 
 def test_tei_truncate_false_is_honoured_on_a_server_that_truncates_by_default(logs):
@@ -301,6 +316,21 @@ def test_empty_documents_are_scored_and_objects_without_text_ranked_by_their_fie
         assert (text if isinstance(text, str) else text["text"]) == "title: france\nbody: paris is its capital"
     status, body, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": ["", DOCS[0]]})
     assert status == 200 and [r["index"] for r in body] == [1, 0]
+
+
+def test_document_objects_without_text_or_with_null_text_are_scored_as_the_schema_allows(rerank_url):
+    """The OpenAPI document lets a document object lack `text`, or carry `text: null`, with no
+    rank_fields (schemathesis generates them): each is scored (ranked as its other fields, or as
+    an empty document), never refused."""
+    spec = http_get(rerank_url + "/openapi.json")[1]
+    doc_schema = spec["components"]["schemas"]["RerankDocument"]
+    assert "text" not in doc_schema.get("required", []) and {"type": "null"} in doc_schema["properties"]["text"]["anyOf"]
+    docs = [{}, {"text": None}, {"text": None, "title": "france"}, "Paris is the capital of France."]
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
+        status, body, _ = http_post(rerank_url + path, {"query": QUERY, "documents": docs, "return_documents": True})
+        assert status == 200 and sorted(r["index"] for r in body["results"]) == [0, 1, 2, 3], (path, body)
+        text = {r["index"]: r["document"] for r in body["results"]}
+        assert [t if isinstance(t, str) else t["text"] for t in (text[0], text[1], text[2])] == ["", "", "title: france"], (path, text)
 
 
 def test_rank_fields_select_what_is_ranked(rerank_url):
@@ -481,7 +511,7 @@ def _model_rows(log: Path) -> list[list[int]]:
         {"input": "one text"},
         {"input": ["two", "texts"], "encoding_format": "base64", "model": "x", "user": "u"},
         {"input": ["a b c"], "dimensions": 4, "truncate": True},
-        {"input": " ".join(["word"] * 40)},  # over the limit: 413
+        {"input": " ".join(["word"] * 40)},  # over the limit: 400 context_length_exceeded
         {"input": "x", "dimensions": 999},  # 400
     ],
 )
@@ -656,9 +686,9 @@ def test_a_huge_input_is_refused_or_cut_before_it_is_tokenized(logs):
     with sentence_server(logs, f"fake:dims=8,max_length=32,tlog={tlog}", "--max-body-bytes", str(8 << 20), fake=True) as url:
         huge = "word " * (1 << 20)  # 5 MB
         status, body, _ = http_post(url + "/v1/embeddings", {"input": huge})
-        assert status == 413 and body["error"]["code"] == "input_too_long" and "characters" in body["error"]["message"]
-        status, body, _ = http_post(url + "/v1/embeddings", {"input": ["short", huge]})
-        assert status == 413 and body["error"]["message"].startswith("input[1]")
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "characters" in body["error"]["message"]
+        status, body, _ = http_post(url + "/embed", {"inputs": ["short", huge]})
+        assert status == 413 and body["error"]["code"] == "input_too_long" and body["error"]["message"].startswith("inputs[1]")
         status, body, _ = http_post(url + "/embed", {"inputs": huge, "truncate": True})
         assert status == 200 and len(body) == 1
         status, body, _ = http_post(url + "/v1/embeddings", {"input": "hello"})  # and it serves on

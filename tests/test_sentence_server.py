@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,12 +182,15 @@ def test_tei_embed_returns_bare_vectors(embed_url, st_model):
     np.testing.assert_allclose(raw[0], st_model.encode("hello", normalize_embeddings=False), atol=1e-5)
 
 
-def test_too_long_input_is_413_unless_truncation_is_asked(embed_url, st_model):
+def test_too_long_input_is_a_context_length_error_unless_truncation_is_asked(embed_url, st_model):
     long = "word " * 400
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long})
-    assert status == 413
+    assert status == 400
+    assert_openai_error(body, "context_length_exceeded")
+    assert "maximum context length is 256 tokens" in body["error"]["message"]
+    status, body, _ = post(embed_url, "/embed", {"inputs": long})
+    assert status == 413  # as TEI answers it
     assert_openai_error(body, "input_too_long")
-    assert "256" in body["error"]["message"]
     status, body, _ = post(embed_url, "/v1/embeddings", {"input": long, "truncate": True})
     assert status == 200 and body["usage"]["prompt_tokens"] == 256
     np.testing.assert_allclose(body["data"][0]["embedding"], st_model.encode(long, normalize_embeddings=True), atol=1e-5)
@@ -237,7 +241,8 @@ def test_tei_rerank_shape_gets_a_bare_list(rerank_url, ce_model):
 
     raw = ce_model.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity())
     _, logits, _ = http_post(rerank_url + "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True})
-    assert {i["index"]: i["score"] for i in logits} == pytest.approx({i: float(s) for i, s in enumerate(raw)}, abs=1e-5)
+    # the default backend runs the ONNX export: fp32 sums in another order, within 1e-4 of torch's
+    assert {i["index"]: i["score"] for i in logits} == pytest.approx({i: float(s) for i, s in enumerate(raw)}, abs=1e-4)
 
 
 def test_embeddings_on_a_rerank_server_is_404(rerank_url):
@@ -267,3 +272,74 @@ def test_a_query_after_eight_abandoned_bulk_requests_is_answered_at_once(logs):
         assert took < 1.0, f"the query took {took:.2f}s"
         _, health = http_get(url + "/health")
     print(f"\nquery 0.5 s after 8 abandoned 2048-input requests: {took * 1000:.0f} ms; queue then {health.get('queue_depth')}")
+
+
+# ------------------------------------------------------------------ backend auto, the default
+def _listening_pid(url: str) -> int:
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return conn.pid
+    raise AssertionError(f"nobody listens on {url}")
+
+
+def test_a_server_from_a_cached_export_imports_neither_torch_nor_sentence_transformers(tmp_path):
+    """The default backend on a CPU runs the model's ONNX export; started from a cached export (the
+    one install.sh makes, else made here first), the server process maps no file of torch's or of
+    sentence-transformers' (sentence-transformers imports torch: its C++ libraries would be there)."""
+    cache = tmp_path / "cache"
+    export = subprocess.run(
+        [sys.executable, "-m", "servers.sentence.export", "--cache-dir", str(cache)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-2000:]
+    with sentence_server(tmp_path, minilm_path(), "--cache-dir", str(cache)) as url:
+        assert post(url, "/v1/embeddings", {"input": "hello"})[0] == 200
+        maps = Path(f"/proc/{_listening_pid(url)}/maps").read_text()
+        _, health = http_get(url + "/health")
+    torch_files = sorted({line.split()[-1] for line in maps.splitlines() if "torch" in line or "sentence_transformers" in line})
+    assert torch_files == [], torch_files
+    assert health["backend"] == "onnx" and health["backend_reason"].startswith("auto: a CPU with ONNX Runtime"), health
+    log = next(tmp_path.glob("sentence-*.log")).read_text()
+    assert "backend onnx (auto: a CPU with ONNX Runtime" in log and "exported " not in log
+
+
+def test_a_model_that_does_not_export_runs_on_torch_and_says_why(monkeypatch):
+    """backend auto: an export that fails (here: the exporter raises) falls back to torch, with the
+    reason in what /health and the log show; an explicit backend onnx fails instead."""
+    from servers.sentence import exported
+    from servers.sentence.app import encoder_factory
+    from servers.sentence.encoder import ConfigurationError
+    from servers.sentence.settings import ServerSettings
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::unsupported' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(exported, "ensure_export", refuse)
+    model = encoder_factory(ServerSettings(model_path=minilm_path()))(minilm_path(), "embedding", "cpu", 16384, 64)
+    described = model.describe()
+    assert described["backend"] == "torch"
+    assert described["backend_reason"].startswith("auto: the model did not export to ONNX (RuntimeError: Exporting the operator")
+    rows = model.tokenize(["hello world"], truncate=True)
+    assert model.run(rows).shape == (1, 384)
+    with pytest.raises(RuntimeError):
+        encoder_factory(ServerSettings(model_path=minilm_path(), backend="onnx"))(minilm_path(), "embedding", "cpu", 16384, 64)
+    with pytest.raises(ConfigurationError):  # int8 is never chosen by auto, and never asked of it
+        encoder_factory(ServerSettings(model_path=minilm_path(), quantize="int8"))(minilm_path(), "embedding", "cpu", 16384, 64)
+
+
+def test_a_default_sentence_server_under_modelctl_runs_the_export_and_says_so(mc):
+    """The default profile's kind of server, under modelctl: backend auto, on the CPU the export
+    made at install time; its /health and its log say what runs and why, and status says auto."""
+    from .test_cli import status_json
+
+    path = mc.profile({"emb": {"kind": "sentence", "startup_timeout": 300}})
+    assert mc.cli("up", "-p", str(path), timeout=400).returncode == 0
+    row = status_json(mc)["emb"]
+    assert row["model"] == "all-MiniLM-L6-v2 (bundled) [auto]", row
+    _, health = http_get(row["url"] + "/health")
+    assert health["backend"] == "onnx" and health["backend_reason"].startswith("auto: a CPU with ONNX Runtime"), health
+    log = mc.store.log_path(mc.ref("emb")).read_text()
+    assert "backend onnx (auto: a CPU with ONNX Runtime, the model's fp32 ONNX export)" in log

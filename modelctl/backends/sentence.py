@@ -53,9 +53,10 @@ class SentenceBackend(Backend):
         "max_body_bytes": Key(check_size, None, "largest request body (bytes, or like 8MB)"),
         "truncate": Key(check_bool, None, "truncate over-long inputs instead of answering 400"),
         "backend": Key(
-            check_choice("torch", "onnx", "openvino"),
-            "torch",
-            "what runs the network: torch, or an ONNX export on ONNX Runtime or OpenVINO",
+            check_choice("auto", "torch", "onnx", "openvino"),
+            "auto",
+            "what runs the network: auto (the ONNX export on ONNX Runtime on a CPU where it exports, else torch; fp16 on CUDA), "
+            "torch, or an ONNX export on ONNX Runtime or OpenVINO",
         ),
         "quantize": Key(check_choice("int8"), None, "dynamic int8 weights (backend onnx)"),
         "args": Key(check_str_list, None, "extra arguments passed through to the server"),
@@ -69,7 +70,7 @@ class SentenceBackend(Backend):
             options["device"] = "cuda" if has_gpus else "cpu"
         elif device.startswith("cuda") and not has_gpus:
             raise KeyProblem("device", "'cuda' needs GPUs: add gpus: 1 (modelctl hides unallocated GPUs)")
-        if options["backend"] != "torch" and options["device"] != "cpu":
+        if options["backend"] not in ("auto", "torch") and options["device"] != "cpu":
             raise KeyProblem("backend", f"{options['backend']} runs on the CPU; use backend: torch with device {options['device']}")
         if options.get("quantize") and options["backend"] != "onnx":
             raise KeyProblem("quantize", f"int8 quantization is for backend: onnx, not {options['backend']}")
@@ -94,7 +95,7 @@ class SentenceBackend(Backend):
                 args += [flag, str(o[key])]
         if o.get("truncate"):
             args.append("--truncate")
-        if o["backend"] != "torch":
+        if o["backend"] != "auto":  # the server's default
             args += ["--backend", o["backend"]]
         if o.get("quantize"):
             args += ["--quantize", o["quantize"]]
@@ -111,7 +112,7 @@ class SentenceBackend(Backend):
             secret_env=secret,
             cache_path="/cache",
             # a volume where the model is fetched (the bundled one is in the image) or exported
-            downloads=spec.options["model"] != BUNDLED_MODEL or spec.options["backend"] != "torch",
+            downloads=spec.options["model"] != BUNDLED_MODEL or spec.options["backend"] not in ("auto", "torch"),
         )
 
     def socket_support(self, options: Mapping[str, Any]) -> str | None:

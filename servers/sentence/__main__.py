@@ -39,9 +39,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
     p.add_argument("--api-key", default=None, help="require Bearer KEY (or set MODELCTL_API_KEY)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument(
-        "--chunk-tokens", type=int, default=d.chunk_tokens, help="padded tokens in one fair batch (default: 512 on CPU, 8192 on GPU)"
-    )
+    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="tokens in one fair batch (default: 512 on CPU, 8192 on GPU)")
     p.add_argument("--max-inputs", type=int, default=d.max_inputs)
     p.add_argument("--max-queue", type=int, default=d.max_queue)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -58,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, argparse.
         "--backend",
         choices=get_args(Backend),
         default=d.backend,
-        help="what runs the network (onnx, openvino: an export, cached)",
+        help="what runs the network (onnx, openvino: an export, cached); auto (default): onnx on a CPU where ONNX Runtime is installed and the model exports, else torch (fp16 on CUDA)",
     )
     p.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 weights (backend onnx)")
     p.add_argument("--cache-dir", default=None, help="where exports are kept (default: $MODELCTL_CACHE_DIR, else ~/.cache/modelctl)")

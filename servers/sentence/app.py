@@ -9,7 +9,6 @@ errors it can answer.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,8 +25,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servers.sentence import __version__
+from servers.sentence.choice import choose
 from servers.sentence.contract import openapi_with_model
-from servers.sentence.encoder import ConfigurationError
+from servers.sentence.encoder import ConfigurationError, Encoder
 from servers.sentence.errors import ApiError
 from servers.sentence.guard import GuardMiddleware
 from servers.sentence.metrics import Metrics, MetricsMiddleware
@@ -36,6 +36,10 @@ from servers.sentence.routes import cohere, openai, tei
 from servers.sentence.routes.common import Context, JSONResponse, common_router
 from servers.sentence.service import Engine, ModelFactory
 from servers.sentence.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from servers.sentence.exported import ExportedEncoder
+    from servers.sentence.model import SentenceTransformerEncoder
 
 log = logging.getLogger("servers.sentence")
 
@@ -51,17 +55,47 @@ EMPTY_CODES = ("string_too_short", "too_short")  # pydantic's "min_length" error
 
 
 def encoder_factory(settings: ServerSettings) -> ModelFactory:
-    """The encoder the settings ask for: sentence-transformers on torch, or the exported graph."""
-    if settings.backend == "torch":
-        if settings.quantize is not None:
-            return _refuse(f"--quantize {settings.quantize} needs --backend onnx")
+    """The encoder the settings ask for: the exported graph (ONNX Runtime, OpenVINO) or
+    sentence-transformers on torch; with backend auto, the one `choice.choose` names, and torch
+    where the model does not export."""
+    if settings.quantize is not None and settings.backend != "onnx":
+        return _refuse(f"--quantize {settings.quantize} needs --backend onnx")
+    chosen = choose(settings.backend, settings.device)
+    cache = Path(settings.cache_dir) if settings.cache_dir else None
+
+    def build(model_path: str, task: str, device: str, max_batch_tokens: int, max_batch_size: int) -> Encoder:
+        model: SentenceTransformerEncoder | ExportedEncoder
+        reason = chosen.reason
+        if chosen.backend != "torch":
+            from servers.sentence.exported import ExportedEncoder
+
+            try:
+                model = ExportedEncoder(
+                    model_path,
+                    task,
+                    device,
+                    max_batch_tokens,
+                    max_batch_size,
+                    backend=chosen.backend,
+                    quantize=settings.quantize,
+                    cache_dir=cache,
+                )
+                model.backend_reason = reason
+                return model
+            except Exception as e:
+                if settings.backend != "auto":
+                    raise
+                reason = f"auto: the model did not export to ONNX ({type(e).__name__}: {str(e)[:200]}), torch"
+                log.warning("backend %s", reason)
         from servers.sentence.model import SentenceTransformerEncoder
 
-        return SentenceTransformerEncoder
-    from servers.sentence.exported import ExportedEncoder
+        model = SentenceTransformerEncoder(model_path, task, device, max_batch_tokens, max_batch_size, half=chosen.half)
+        model.backend_reason = (
+            reason if model.half or not chosen.half else f"{reason.removesuffix(' in fp16')}, fp32: the model is not finite in fp16"
+        )
+        return model
 
-    cache = Path(settings.cache_dir) if settings.cache_dir else None
-    return functools.partial(ExportedEncoder, backend=settings.backend, quantize=settings.quantize, cache_dir=cache)
+    return build
 
 
 def _refuse(message: str) -> ModelFactory:

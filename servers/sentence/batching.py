@@ -4,7 +4,7 @@ A request hands over a `prepare` step (tokenizing its inputs) and the number of 
 prepared on the tokenizer thread, then its rows wait to be run. Whenever a model worker is free,
 one batch is gathered **round-robin across the requests that wait**: each contributes a share of
 its rows in turn (a one-sentence query all of it), until the batch holds `max_rows` rows or
-`max_tokens` padded tokens. So a large request is split into model-sized chunks and interleaved
+`max_tokens` tokens. So a large request is split into model-sized chunks and interleaved
 with the others: a query never waits behind more than about one chunk per worker, whatever bulk
 work is queued, while a lone bulk request still runs in full batches. Under load the batches grow
 by themselves; no request waits on a timer.
@@ -142,8 +142,7 @@ class Batcher:
                 else:
                     req.order = deque(sorted(range(len(req.rows)), key=req.size))
                     req.out = [None] * len(req.rows)
-                    longest = req.size(req.order[-1])
-                    req.small = len(req.rows) <= self.max_rows and longest * len(req.rows) <= self.max_tokens
+                    req.small = len(req.rows) <= self.max_rows and sum(map(req.size, req.order)) <= self.max_tokens
                     self._ready.append(req)
                     self._dispatch()
             return await req.future
@@ -202,7 +201,7 @@ class Batcher:
         if not live:
             return []
         batch: list[tuple[_Request, int]] = []
-        longest, share = 0, max(1, self.max_rows // (2 * len(live)))
+        tokens, share = 0, max(1, self.max_rows // (2 * len(live)))
         while len(batch) < self.max_rows:
             took = False
             for req in live:
@@ -210,11 +209,13 @@ class Batcher:
                     if not req.order or len(batch) >= self.max_rows:
                         break
                     i = req.order[0]
-                    width = max(longest, req.size(i))
-                    if batch and width * (len(batch) + 1) > self.max_tokens:
+                    # the rows' own tokens: the model pads each group of like lengths only to its
+                    # own longest (tokenization.run_sorted), so one long row among short ones
+                    # costs its own length, not the batch's width
+                    if batch and tokens + req.size(i) > self.max_tokens:
                         break
                     req.order.popleft()
-                    longest = width
+                    tokens += req.size(i)
                     batch.append((req, i))
                     took = True
             if not took:

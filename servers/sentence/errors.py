@@ -48,12 +48,33 @@ class ApiError(Exception):
         return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json", headers=self.headers)
 
 
+class TooLong(ApiError):
+    """An input longer than the model reads: 413 with code input_too_long, as TEI answers it.
+    The OpenAI routes answer it as OpenAI and vLLM do (`as_context_length_error`)."""
+
+    def __init__(self, message: str, param: str | None, limit: int):
+        super().__init__(413, message, param=param, code="input_too_long")
+        self.limit = limit
+
+    def as_context_length_error(self) -> ApiError:
+        """400 invalid_request_error, code context_length_exceeded: what openai.BadRequestError and
+        the truncation and retry logic of LangChain and LlamaIndex expect."""
+        return ApiError(
+            400,
+            f"This model's maximum context length is {self.limit} tokens; {self.message}",
+            param=self.param,
+            code="context_length_exceeded",
+        )
+
+
 _DESCRIPTIONS = {
-    400: "Bad request: invalid JSON, an empty string, token ids of another tokenizer, invalid text.",
+    400: "Bad request: invalid JSON, an empty string, token ids of another tokenizer, invalid text; on the OpenAI routes also an "
+    "input longer than the model reads (code context_length_exceeded; send truncate: true).",
     401: "Missing or wrong API key (Authorization: Bearer KEY), when the server has one.",
     404: "No such model.",
     405: "Method not allowed; the Allow header lists the allowed ones.",
-    413: "The request body is larger than the server accepts, or an input is longer than the model reads (send truncate: true).",
+    413: "The request body is larger than the server accepts, or (TEI, Cohere and Jina routes) an input is longer than the model "
+    "reads (code input_too_long; send truncate: true).",
     422: "A field has the wrong type or an out-of-range value.",
     429: "Too many inputs are queued; retry after Retry-After seconds.",
     503: "The model is still loading; retry after Retry-After seconds.",

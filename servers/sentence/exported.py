@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from servers.sentence.encoder import LANE, ConfigurationError, Row
-from servers.sentence.models import cross_encoder_max_length, is_cross_encoder, resolve_model_path
+from servers.sentence.models import cached_model_dir, cross_encoder_max_length, is_cross_encoder, resolve_model_path
 from servers.sentence.tokenization import HFTokenizing, load_tokenizer, pad, run_sorted, special_ids
 
 log = logging.getLogger("servers.sentence")
@@ -44,6 +46,12 @@ OPSET = 17
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MODELCTL_CACHE_DIR") or Path.home() / ".cache" / "modelctl")
+
+
+def install_cache_dir() -> Path:
+    """Exports made at install time (install.sh exports the bundled MiniLM), inside the Python
+    environment that runs the server: read by every server, whatever its cache directory."""
+    return Path(sys.prefix) / "share" / "modelctl" / "cache"
 
 
 def cache_key(path: str, cross_encoder: bool) -> str:
@@ -71,9 +79,17 @@ def ensure_export(model_path: str, task: str, cache_dir: Path, quantize: str | N
     """The ONNX file to run (exported now, or from the cache) and the facts the export recorded."""
     path = resolve_model_path(model_path)
     if not Path(path).is_dir():
+        path = cached_model_dir(path) or path  # a hub model in the local Hugging Face cache
+    if not Path(path).is_dir():
         raise ConfigurationError(f"backend onnx/openvino exports from a local model directory; {model_path!r} is not one")
     cross = task == "rerank" and is_cross_encoder(path)
-    directory = cache_dir / "onnx" / cache_key(path, cross)
+    key = cache_key(path, cross)
+    wanted = "model.int8.onnx" if quantize == "int8" else "model.onnx"
+    installed = install_cache_dir() / "onnx" / key
+    if installed != cache_dir / "onnx" / key and (installed / wanted).exists() and (installed / "meta.json").exists():
+        log.info("using the export made at install time %s", installed / wanted)
+        return installed / wanted, json.loads((installed / "meta.json").read_text())
+    directory = cache_dir / "onnx" / key
     onnx, meta_path = directory / "model.onnx", directory / "meta.json"
     with _locked(directory):
         if onnx.exists() and meta_path.exists():
@@ -247,6 +263,8 @@ def _smooth(model: Any, feeds: list[dict[str, np.ndarray]], alpha: float) -> lis
 class ExportedEncoder(HFTokenizing):
     """The Encoder interface over an exported graph, on ONNX Runtime or OpenVINO (CPU)."""
 
+    backend_reason = "asked for"
+
     def __init__(
         self,
         model_path: str,
@@ -266,7 +284,8 @@ class ExportedEncoder(HFTokenizing):
         self.backend, self.quantize, self.task, self.device = backend, quantize, task, device
         self.max_batch_tokens, self.max_batch_size = max_batch_tokens, max_batch_size
         self.graph, meta = ensure_export(model_path, task, cache_dir or default_cache_dir(), quantize)
-        self.tokenizer = load_tokenizer(resolve_model_path(model_path))
+        path = resolve_model_path(model_path)
+        self.tokenizer = load_tokenizer(path if Path(path).is_dir() else cached_model_dir(path) or path)
         self.cross_encoder = bool(meta["cross_encoder"])
         self.max_length = int(meta["max_length"])
         self.dimensions = meta["dimensions"]
@@ -289,11 +308,14 @@ class ExportedEncoder(HFTokenizing):
             "model_type": "reranker" if self.cross_encoder else "embedding",
             "dtype": "int8" if self.quantize == "int8" else "float32",
             "backend": self.backend + ("-int8" if self.quantize else ""),
+            "backend_reason": self.backend_reason,
             "path": str(self.graph),
         }
 
     def run(self, rows: list[Row]) -> np.ndarray:
-        return run_sorted(rows, self._forward, self.max_batch_size, self.max_batch_tokens, self.dimensions or 1)
+        # a call costs ONNX Runtime little beside its compute: rows of mixed lengths run in groups of
+        # like lengths from two rows on, rather than padded to the longest
+        return run_sorted(rows, self._forward, self.max_batch_size, self.max_batch_tokens, self.dimensions or 1, min_split_rows=2)
 
     def _forward(self, rows: list[Row]) -> np.ndarray:
         if self._infer is None:
@@ -309,13 +331,11 @@ class ExportedEncoder(HFTokenizing):
 
 
 def _require(backend: str) -> None:
-    module = {"onnx": "onnxruntime", "openvino": "openvino"}[backend]
-    try:
-        __import__(module)
-    except ImportError:
-        raise ConfigurationError(
-            f"backend {backend} needs the {module} package: pip install 'modelctl[fast]' (or ./install.sh --fast)"
-        ) from None
+    module, extra, script = {"onnx": ("onnxruntime", "server", "./install.sh"), "openvino": ("openvino", "fast", "./install.sh --fast")}[
+        backend
+    ]
+    if importlib.util.find_spec(module) is None:  # found, not imported: the session imports it when it is needed
+        raise ConfigurationError(f"backend {backend} needs the {module} package: pip install 'modelctl[{extra}]' (or {script})")
 
 
 def _onnxruntime(graph: Path, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -324,6 +344,10 @@ def _onnxruntime(graph: Path, threads: int) -> Callable[[dict[str, np.ndarray]],
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if threads > 1:
+        # threads that spin between ops take the cores from the event loop, the tokenizer and the
+        # other workers: on a shared CPU the split ops then wait for a descheduled thread
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     # a session's run is thread-safe: the workers share it

@@ -20,7 +20,9 @@ from servers.sentence.tokenization import FastTokenizer, HFTokenizing, pad, run_
 class SentenceTransformerEncoder(HFTokenizing):
     """A bi-encoder (SentenceTransformer) or a cross-encoder (CrossEncoder) behind the Encoder interface."""
 
-    def __init__(self, model_path: str, task: str, device: str, max_batch_tokens: int, max_batch_size: int):
+    backend_reason = "asked for (backend torch)"
+
+    def __init__(self, model_path: str, task: str, device: str, max_batch_tokens: int, max_batch_size: int, half: bool = False):
         path = resolve_model_path(model_path)
         if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
             raise ConfigurationError(f"model path {path} does not exist")
@@ -51,6 +53,10 @@ class SentenceTransformerEncoder(HFTokenizing):
             # a missing or unreadable model, or a hub name that is not cached with HF_HUB_OFFLINE=1
             raise ConfigurationError(f"cannot load model {model_path!r}: {e}") from e
         self.model.eval()
+        self.half = False
+        if half and hasattr(self.model, "half"):
+            self.model.half()
+            self.half = self._finite_in_half()
         hf = self.model.tokenizer
         self.uses_type_ids = "token_type_ids" in getattr(hf, "model_input_names", [])
         # the same tokenizer.json through `tokenizers` directly: transformers' wrapper costs a
@@ -61,6 +67,21 @@ class SentenceTransformerEncoder(HFTokenizing):
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.first_id, self.last_id = special_ids(self.tokenizer)
+
+    def _finite_in_half(self) -> bool:
+        """Whether the model's outputs stay finite in fp16 (where they do not, it goes back to fp32)."""
+        try:
+            with torch.inference_mode():
+                if self.cross_encoder:
+                    out = self.model.predict([("a query", "a document about it")], convert_to_numpy=True)
+                else:
+                    out = self.model.encode(["a sentence to check fp16 on"], convert_to_numpy=True)
+            if np.isfinite(np.asarray(out, dtype=np.float32)).all():
+                return True
+        except RuntimeError:  # an op without a half kernel on this device
+            pass
+        self.model.float()
+        return False
 
     def set_threads(self, workers: int, torch_threads: int | None) -> None:
         """Torch intra-op threads: cores / workers on a CPU (OMP_NUM_THREADS, when set, rules)."""
@@ -74,7 +95,7 @@ class SentenceTransformerEncoder(HFTokenizing):
     def describe(self) -> dict[str, Any]:
         dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
         kind = "reranker" if self.cross_encoder else "embedding"
-        return {"model_type": kind, "dtype": dtype, "backend": "torch", "path": self.model_path}
+        return {"model_type": kind, "dtype": dtype, "backend": "torch", "backend_reason": self.backend_reason, "path": self.model_path}
 
     # ---------------------------------------------------------------- running
     def run(self, rows: list[Row]) -> np.ndarray:

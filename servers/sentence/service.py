@@ -15,7 +15,7 @@ import numpy as np
 
 from servers.sentence.batching import Batcher, QueueFull
 from servers.sentence.encoder import Direction, Encoder, InputTooLong, Row, normalize
-from servers.sentence.errors import ApiError
+from servers.sentence.errors import ApiError, TooLong
 from servers.sentence.settings import ServerSettings
 
 log = logging.getLogger("servers.sentence")
@@ -45,19 +45,36 @@ class Engine:
         self.started = time.time()
 
     def load(self) -> None:
-        """Load (and warm up) the model; runs on a thread of its own."""
+        """Load (and warm up) the model; runs on a thread of its own. The log says where the time
+        went: the model (an export found, the tokenizer read), its threads (ONNX Runtime builds
+        its session there) and the one warm-up batch."""
         s = self.settings
         t0 = time.perf_counter()
-        self.workers = model_workers(s.device, s.model_workers, s.backend)
         model = self.model_factory(s.model_path, s.task, s.device, s.max_batch_tokens, s.max_batch_size)
+        described = model.describe()  # backend auto: what was chosen
+        self.workers = model_workers(s.device, s.model_workers, str(described.get("backend") or s.backend))
+        t1 = time.perf_counter()
         set_threads = getattr(model, "set_threads", None)
         if set_threads is not None:
             set_threads(self.workers, s.torch_threads)
+        t2 = time.perf_counter()
         if s.warmup:
             model.run(model.tokenize(["warm up the model"] * 2, truncate=True))
+        t3 = time.perf_counter()
         self.model = model
         kind = "cross-encoder" if model.cross_encoder else "bi-encoder"
-        log.info("model %s loaded on %s in %.1fs (%s)", s.model_path, s.device, time.perf_counter() - t0, kind)
+        log.info(
+            "model %s loaded on %s in %.2fs (model %.2fs, threads and session %.2fs, warm-up %.2fs; %s); backend %s (%s)",
+            s.model_path,
+            s.device,
+            t3 - t0,
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            kind,
+            described.get("backend"),
+            described.get("backend_reason") or "asked for",
+        )
 
     def start_batcher(self) -> None:
         assert self.model is not None
@@ -161,7 +178,7 @@ class Engine:
             message = (
                 f"{param}[{e.index}] has {e.length} tokens, more than this model's limit of {e.limit}; shorten it or send truncate: true"
             )
-            raise ApiError(413, message, param=param, code="input_too_long") from None
+            raise TooLong(message, param, e.limit) from None
         except ApiError:
             raise
         except ValueError as e:
@@ -256,11 +273,13 @@ def cores() -> int:
 def model_workers(device: str, workers: int | None, backend: str = "torch") -> int:
     """Batches run at once. torch on a CPU: one single-threaded worker per core (separate batches
     on separate cores beat one batch whose every op is split across them); ONNX Runtime and
-    OpenVINO: one worker using every core (their threads beat split workers by ~15%, measured in
-    bench/sentence_throughput.py); on a GPU one."""
+    OpenVINO: one worker using every core. Two single-threaded ONNX Runtime workers gave more
+    bulk throughput on a busy machine, but bulk work then lost a quarter of its pace to queries
+    beside it (tests/test_sentence_server.py, the mixed load), where one worker lost 10%
+    (README, "The CPU fast path"); on a GPU one."""
     if workers is not None:
         return max(1, workers)
-    return min(cores(), 8) if device == "cpu" and backend == "torch" else 1
+    return min(cores(), 8) if device == "cpu" and not backend.startswith(("onnx", "openvino")) else 1
 
 
 class Scores:
@@ -293,12 +312,11 @@ def bound_length(texts: list[str], limit: int, truncate: bool, param: str, direc
             out.append(text[-bound:] if direction == "left" else text[:bound])  # the tokenizer cuts the rest to `limit` tokens
         else:
             where = f"{param}[{i}]" if len(texts) > 1 else param
-            raise ApiError(
-                413,
+            raise TooLong(
                 f"{where} has {len(text)} characters, more than {limit} tokens can hold (at most {bound} characters are read); "
                 "shorten it or send truncate: true",
-                param=param,
-                code="input_too_long",
+                param,
+                limit,
             )
     return out
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Task = Literal["embedding", "rerank"]
-Backend = Literal["torch", "onnx", "openvino"]
+Backend = Literal["auto", "torch", "onnx", "openvino"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class ServerSettings:
     api_key: str | None = None
     max_batch_tokens: int = 16384  # padded tokens in one model call
     max_batch_size: int = 64  # rows in one model call
-    # padded tokens in one fair batch of the queue: a large request is run in chunks this size,
+    # tokens in one fair batch of the queue: a large request is run in chunks this size,
     # interleaved with the others (default: 512 on a CPU, where 16 rows of a sentence are the
     # fastest batch per row; 8192 on a GPU)
     chunk_tokens: int | None = None
@@ -40,7 +40,9 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds to send the request line and headers
     body_timeout: float = 30.0  # seconds to send the body once the headers are in
     max_connections: int | None = None  # default: the fd limit less a reserve
-    backend: Backend = "torch"  # what runs the network: torch, or the model exported to ONNX (onnx, openvino)
+    # what runs the network: torch, or the model exported to ONNX (onnx, openvino); auto: onnx on a
+    # CPU where ONNX Runtime is installed and the model exports, else torch (fp16 on CUDA)
+    backend: Backend = "auto"
     quantize: Literal["int8"] | None = None  # dynamic int8 weights (backend onnx)
     cache_dir: str | None = None  # where exports are kept (default: $MODELCTL_CACHE_DIR, else ~/.cache/modelctl)
     # serving from a socket a supervisor holds: accept nothing before the model is loaded (clients

@@ -112,9 +112,15 @@ def pad(rows: list[Row], pad_id: int, with_types: bool) -> dict[str, np.ndarray]
 
 
 def run_sorted(
-    rows: list[Row], forward: Callable[[list[Row]], np.ndarray], max_batch_size: int, max_batch_tokens: int, width: int
+    rows: list[Row],
+    forward: Callable[[list[Row]], np.ndarray],
+    max_batch_size: int,
+    max_batch_tokens: int,
+    width: int,
+    min_split_rows: int = MIN_SPLIT_ROWS,
 ) -> np.ndarray:
-    """Run rows through `forward` in length-sorted batches (little padding); results in row order."""
+    """Run rows through `forward` in length-sorted batches (little padding); results in row order.
+    A batch is cut where padding would grow past PAD_RATIO, once it holds min_split_rows rows."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
     out: list[np.ndarray | None] = [None] * len(rows)
     start = 0
@@ -126,7 +132,7 @@ def run_sorted(
             if length * (end - start + 1) > max_batch_tokens:
                 break
             # rows are sorted by length: cut where padding to this row would waste much
-            if end - start >= MIN_SPLIT_ROWS and length > shortest * PAD_RATIO:
+            if end - start >= min_split_rows and length > shortest * PAD_RATIO:
                 break
             end += 1
         chunk = order[start:end]

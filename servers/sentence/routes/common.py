@@ -47,7 +47,8 @@ class HealthResponse(BaseModel):
     task: Literal["embedding", "rerank"]
     device: str
     queue_depth: int = Field(..., description="Inputs waiting for or in the model.")
-    backend: str | None = None
+    backend: str | None = Field(None, description="What runs the network: torch, onnx, onnx-int8 or openvino.")
+    backend_reason: str | None = Field(None, description="Why that backend: asked for, or what backend auto found.")
     max_input_tokens: int | None = None
     dimensions: int | None = None
     cross_encoder: bool | None = None
@@ -81,7 +82,10 @@ def common_router(ctx: Context) -> APIRouter:
             body["dimensions"] = engine.model.dimensions
             body["cross_encoder"] = engine.model.cross_encoder
             body["model_workers"] = engine.workers
-            body["backend"] = engine.model.describe().get("backend")
+            described = engine.model.describe()
+            body["backend"] = described.get("backend")
+            if described.get("backend_reason"):
+                body["backend_reason"] = described["backend_reason"]
         if engine.error:
             body["error"] = engine.error
         return JSONResponse(body, 200 if engine.ready else 503)

@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from servers.sentence.encoder import normalize
-from servers.sentence.errors import GET_ERRORS, POST_ERRORS, ApiError, error_responses
+from servers.sentence.errors import GET_ERRORS, POST_ERRORS, ApiError, TooLong, error_responses
 from servers.sentence.fields import Dimensions, NonEmptyText, TokenIds
 from servers.sentence.routes.common import Context, JSONResponse
 
@@ -117,7 +117,10 @@ async def answer(ctx: Context, inputs: Any, encoding_format: str, dimensions: in
     engine = ctx.engine
     model = engine.model_for("embedding")
     engine.check_dimensions(model, dimensions)
-    vectors, tokens, n = await engine.embed_input(inputs, ctx.settings.truncate if truncate is None else truncate, "input")
+    try:
+        vectors, tokens, n = await engine.embed_input(inputs, ctx.settings.truncate if truncate is None else truncate, "input")
+    except TooLong as e:  # OpenAI's and vLLM's status for it; TEI's routes keep 413
+        raise e.as_context_length_error() from None
     vectors = normalize(vectors)
     if dimensions is not None:
         vectors = normalize(vectors[:, :dimensions])
