@@ -32,9 +32,24 @@ for arg in "$@"; do
     esac
 done
 
+# run a command that prints nothing for long (venv's ensurepip, apt-get) with a line every 5 s
+ticking() {
+    local label="$1" pid s=0 status=0
+    shift
+    "$@" &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        s=$((s + 1))
+        if [ $((s % 5)) = 0 ] && kill -0 "$pid" 2>/dev/null; then echo "    still $label (${s}s)" >&2; fi
+    done
+    wait "$pid" || status=$?
+    return "$status"
+}
+
 if [ ! -x "$venv/bin/python" ]; then
     echo "==> creating $venv"
-    "$python" -m venv "$venv"
+    ticking "creating the environment" "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
@@ -86,15 +101,15 @@ case ",$extras," in
         command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
         if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             echo "==> installing ${missing[*]} (Debian packages) for the tests"
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+            ticking "updating the package lists" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            ticking "installing ${missing[*]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
         elif [ "${#missing[@]}" -gt 0 ]; then
             echo "==> not installed (needs root and apt-get): ${missing[*]}; the tests that run them are skipped, and say why"
         fi
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
             echo "==> installing chromium (Debian package) for the dashboard's browser tests"
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+            ticking "updating the package lists" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            ticking "installing chromium" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
         fi
         ;;
 esac
@@ -105,6 +120,6 @@ pip_install -e "$here[$extras]"
 # into the environment's own cache (servers read it whatever their cache directory); an export
 # that is already there is kept. A failure is not fatal: the server then exports on first start.
 echo "==> exporting the bundled MiniLM to ONNX (once)"
-(cd "$here" && HF_HUB_OFFLINE=1 TQDM_DISABLE=1 "$venv/bin/python" -m servers.sentence.export) ||
+(cd "$here" && HF_HUB_OFFLINE=1 TQDM_DISABLE=1 ticking "exporting" "$venv/bin/python" -m servers.sentence.export) ||
     echo "install.sh: the ONNX export failed; the server exports on its first start instead" >&2
 echo "==> done: $venv/bin/modelctl"
