@@ -26,11 +26,6 @@ class HeldSockets:
     def __contains__(self, ref: ServerRef) -> bool:
         return ref in self.current
 
-    def matches(self, ref: ServerRef, host: str, port: int | None) -> bool:
-        """Is the server's socket held at this address?"""
-        cur = self.current.get(ref)
-        return cur is not None and (cur.host, cur.port) == (host, port)
-
     def hold(self, ref: ServerRef, host: str, port: int, backlog: int, keep_old: bool) -> Listener:
         """The server's socket at host:port, bound now if it is not held there yet. A socket held at
         another address is kept open for the instance that serves from it (`keep_old`), else closed
