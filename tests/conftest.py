@@ -52,6 +52,18 @@ ALONE = frozenset(
     {
         "tests/test_sockets.py::test_status_counts_the_connections_waiting_in_the_backlog",
         "tests/test_sentence_server.py::test_a_query_after_eight_abandoned_bulk_requests_is_answered_at_once",
+        # checks that the port refuses after down: another worker's server may take a freed auto port
+        "tests/test_trust.py::test_a_daemon_that_escapes_the_group_reparents_to_the_supervisor_and_is_stopped_with_it",
+    }
+)
+# tests that bind, or check free, the embedded default profile's fixed ports (8700, 8701): one at a
+# time across xdist workers (the `default_ports` marker)
+DEFAULT_PORTS = frozenset(
+    {
+        "tests/test_packaging.py::test_a_wheel_in_a_fresh_venv_runs_up_and_down_on_the_default_profile_from_outside_the_checkout",
+        "tests/test_default_profile.py::test_default_profile_serves_embeddings_and_rerank_then_goes_away",
+        "tests/test_readme.py::test_the_readme_first_example_runs_on_a_cpu_machine_and_prints_what_it_shows",
+        "tests/test_systemd.py::test_units_for_every_example_profile_pass_systemd_analyze_verify[default]",
     }
 )
 
@@ -60,6 +72,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.nodeid in ALONE:
             item.add_marker(pytest.mark.alone)
+        if item.nodeid in DEFAULT_PORTS:
+            item.add_marker(pytest.mark.default_ports)
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow integration test: run with --slow")
@@ -98,6 +112,20 @@ def _alone_or_beside_others(request: pytest.FixtureRequest, tmp_path_factory: py
             fcntl.flock(running, fcntl.LOCK_UN)
             if alone:
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _default_ports_one_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests marked `default_ports` take the default profile's fixed ports in turn, across workers."""
+    if request.node.get_closest_marker("default_ports") is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    with open(_session_root(tmp_path_factory) / "tests.default-ports", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
