@@ -144,6 +144,9 @@ def _write_spec(
     """What the profile now says, into a record; the supervisor takes it from there."""
     if rec.fingerprint != spec.fingerprint and isinstance(rec.socket_mode, NotHeld):
         rec.set_socket(NO_SOCKET)  # a new spec (another vLLM, say): try the held socket again
+    if rec.fingerprint != spec.fingerprint:
+        # what the last instance said it ran (a backend auto chose, an Ollama model) was of the old spec
+        rec.info = {k: v for k, v in rec.info.items() if k == "systemd_unit"}
     rec.kind, rec.source, rec.spec, rec.fingerprint = spec.kind, spec.source, dict(spec.raw), spec.fingerprint
     rec.host, rec.port, rec.gpus, rec.url = spec.host, port, gpus, get_backend(spec.kind).base_url(spec, port)
     rec.budget = budget_json(budget)

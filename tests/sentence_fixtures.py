@@ -200,3 +200,13 @@ def accuracy_sentences(n: int = 512) -> list[str]:
     rng = random.Random(7)
     words = [*WORDS, "music", "data"]
     return [*SHORT_INPUTS, *(" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(n))]
+
+
+def said_backend(mc, name: str, within: float = 10.0) -> dict:
+    """The server's status row once it names what the running instance said it runs."""
+    deadline = time.monotonic() + within
+    while True:
+        row = mc.row(name)
+        if row["backend"] or time.monotonic() > deadline:
+            return row
+        time.sleep(0.05)

@@ -12,7 +12,7 @@ import pytest
 from modelctl.host.gpus import _nvidia_smi_ids, _nvml_ids
 
 from .conftest import http_get, http_post
-from .sentence_fixtures import build_tiny_sentence_model
+from .sentence_fixtures import build_tiny_cross_encoder, build_tiny_sentence_model, minilm_path, said_backend
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu, pytest.mark.skipif(not _nvidia_smi_ids(), reason="no NVIDIA GPU on this machine")]
 
@@ -56,6 +56,61 @@ def test_a_sentence_server_runs_on_its_gpu_and_down_frees_it(mc, monkeypatch):
 
     assert subprocess.run(["python3", "-m", "modelctl", "down"], env=env, cwd=mc.tmp, timeout=120).returncode == 0
     assert row["pid"] not in gpu_pids()
+
+
+MIXED = [
+    "hi",
+    "the cat sat on the mat",
+    "a supervisor keeps every model server of the machine on its own port and restarts the ones that crash",
+    " ".join(["long inputs are padded to the longest row of their batch"] * 12),
+]
+
+
+def test_backend_auto_on_a_gpu_runs_torch_in_fp16_says_so_and_keeps_the_vectors(mc, monkeypatch):
+    """Backend auto (the default) on a CUDA device: torch in fp16. /health, `status` and the log
+    say what runs and why; the bundled MiniLM's vectors stay those of fp32 on the CPU (cosine
+    > 0.999 on inputs of mixed lengths); a cross-encoder's scores keep their order."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    monkeypatch.delenv("MODELCTL_GPUS", raising=False)
+    env = {k: v for k, v in mc.env.items() if k not in ("MODELCTL_GPUS", "CUDA_VISIBLE_DEVICES")}
+
+    def up(servers: dict) -> None:
+        path = mc.profile(servers)
+        res = subprocess.run(
+            ["python3", "-m", "modelctl", "up", "-p", str(path)], capture_output=True, text=True, env=env, cwd=mc.tmp, timeout=600
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    up({"emb": {"kind": "sentence", "gpus": 1, "startup_timeout": 300, "env": {"HF_HUB_OFFLINE": "1"}}})
+    row = said_backend(mc, "emb")
+    health = http_get(row["url"] + "/health")[1]
+    assert health["device"] == "cuda" and health["backend"] == "torch" and health["dtype"] == "float16", health
+    assert health["backend_reason"] == "auto: a CUDA device, torch in fp16", health
+    assert row["backend"] == "torch fp16" and row["model"] == "all-MiniLM-L6-v2 (bundled) [torch fp16]", row
+    shown = subprocess.run(["python3", "-m", "modelctl", "status", "emb"], capture_output=True, text=True, env=env, cwd=mc.tmp).stdout
+    assert "backend torch fp16 (auto: a CUDA device, torch in fp16)" in " ".join(shown.split()), shown
+    assert "backend torch (auto: a CUDA device, torch in fp16)" in mc.store.log_path(mc.ref("emb")).read_text()
+    print("emb startup", row["startup"])
+    _status, body, _ = http_post(row["url"] + "/v1/embeddings", {"input": MIXED})
+    got = np.array([d["embedding"] for d in body["data"]])
+    want = SentenceTransformer(minilm_path(), device="cpu").encode(MIXED, normalize_embeddings=True)
+    cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    print("fp16 on CUDA against fp32 on the CPU, cosines", cosines.round(6).tolist())
+    assert cosines.min() > 0.999, cosines
+    assert subprocess.run(["python3", "-m", "modelctl", "down"], env=env, cwd=mc.tmp, timeout=120).returncode == 0
+
+    cross = build_tiny_cross_encoder(mc.tmp / "tiny-ce")
+    up({"rr": {"kind": "sentence", "task": "rerank", "model": cross, "gpus": 1, "startup_timeout": 300}})
+    row = said_backend(mc, "rr")
+    assert row["backend"] in ("torch fp16", "torch"), row  # fp32 where the model is not finite in fp16, and said
+    docs = MIXED[1:]
+    _status, body, _ = http_post(row["url"] + "/v1/rerank", {"query": "a cat", "documents": docs, "return_documents": False})
+    order = [r["index"] for r in body["results"]]
+    want_scores = CrossEncoder(cross, device="cpu").predict([("a cat", d) for d in docs])
+    print("rerank on CUDA", body["results"], "on the CPU", want_scores.tolist())
+    assert order == sorted(range(len(docs)), key=lambda i: -want_scores[i]), (body, want_scores)
+    assert subprocess.run(["python3", "-m", "modelctl", "down"], env=env, cwd=mc.tmp, timeout=120).returncode == 0
 
 
 def test_more_gpus_than_the_machine_has_is_refused_before_starting(mc, monkeypatch):

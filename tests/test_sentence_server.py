@@ -20,7 +20,16 @@ import pytest
 from .conftest import ROOT, TAG_VAR, http_get, http_post
 from .mixed_load import send_and_leave
 from .mixed_load import sentences as mixed_sentences
-from .sentence_fixtures import KEY, assert_openai_error, build_tiny_cross_encoder, free_port, minilm_path, post, sentence_server
+from .sentence_fixtures import (
+    KEY,
+    assert_openai_error,
+    build_tiny_cross_encoder,
+    free_port,
+    minilm_path,
+    post,
+    said_backend,
+    sentence_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -332,14 +341,24 @@ def test_a_model_that_does_not_export_runs_on_torch_and_says_why(monkeypatch):
 
 def test_a_default_sentence_server_under_modelctl_runs_the_export_and_says_so(mc):
     """The default profile's kind of server, under modelctl: backend auto, on the CPU the export
-    made at install time; its /health and its log say what runs and why, and status says auto."""
-    from .test_cli import status_json
+    made at install time; its /health, its log and `status` say what runs and why. A new spec
+    (backend: torch) drops what the old instance said: status names what the new one runs."""
 
     path = mc.profile({"emb": {"kind": "sentence", "startup_timeout": 300}})
     assert mc.cli("up", "-p", str(path), timeout=400).returncode == 0
-    row = status_json(mc)["emb"]
-    assert row["model"] == "all-MiniLM-L6-v2 (bundled) [auto]", row
+    row = said_backend(mc, "emb")  # read from /health off the supervisor's loop, once the server is ready
+    assert row["model"] == "all-MiniLM-L6-v2 (bundled) [onnx]", row
+    assert row["backend"] == "onnx" and row["backend_reason"] == "auto: a CPU with ONNX Runtime, the model's fp32 ONNX export", row
     _, health = http_get(row["url"] + "/health")
     assert health["backend"] == "onnx" and health["backend_reason"].startswith("auto: a CPU with ONNX Runtime"), health
+    assert health["dtype"] == "float32", health
     log = mc.store.log_path(mc.ref("emb")).read_text()
     assert "backend onnx (auto: a CPU with ONNX Runtime, the model's fp32 ONNX export)" in log
+    shown = mc.cli("status", "emb").stdout
+    assert "backend onnx (auto: a CPU with ONNX Runtime, the model's fp32 ONNX export)" in " ".join(shown.split()), shown
+
+    path = mc.profile({"emb": {"kind": "sentence", "startup_timeout": 300, "backend": "torch"}})
+    assert mc.cli("up", "-p", str(path), timeout=400).returncode == 0
+    row = said_backend(mc, "emb")
+    assert row["model"] == "all-MiniLM-L6-v2 (bundled)" and row["backend"] == "torch", row
+    assert row["backend_reason"] == "asked for (backend torch)", row

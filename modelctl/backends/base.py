@@ -98,6 +98,11 @@ class Backend:
         """Work to do once the process answers its probe (load or pull a model). Returns facts for status."""
         return {}
 
+    def describe(self, spec: ServerSpec, said: Mapping[str, str]) -> dict[str, Any]:
+        """Facts for status from what a ready instance said beside READY=1 (its X_MODELCTL_ fields,
+        lower-cased without the prefix): the backend it runs and why."""
+        return {key: said[key] for key in ("backend", "backend_reason") if said.get(key)}
+
     def is_ready(self, spec: ServerSpec, base_url: str) -> tuple[bool, str]:
         """A check beyond the probe that must hold while ready (the model is still present)."""
         return True, ""

@@ -134,7 +134,18 @@ class SentenceBackend(Backend):
         return Launch(argv=argv, env=env)
 
     def model_label(self, spec: ServerSpec) -> str:
+        backend = spec.options["backend"] + (f" {spec.options['quantize']}" if spec.options.get("quantize") else "")
+        return self._labelled(spec, backend)
+
+    def _labelled(self, spec: ServerSpec, backend: str) -> str:
         model = spec.options["model"]
         label = "all-MiniLM-L6-v2 (bundled)" if model == BUNDLED_MODEL else str(model)
-        backend = spec.options["backend"] + (f" {spec.options['quantize']}" if spec.options.get("quantize") else "")
         return label if backend == "torch" else f"{label} [{backend}]"
+
+    def describe(self, spec: ServerSpec, said: Mapping[str, str]) -> dict[str, Any]:
+        """What the server said it runs (backend auto chose it there): the model column names it,
+        and `status NAME` says why."""
+        facts = super().describe(spec, said)
+        if "backend" in facts:
+            facts["model"] = self._labelled(spec, facts["backend"])
+        return facts

@@ -195,6 +195,8 @@ def print_detail(out: Console, ctl: Controller, r: StatusRow) -> None:
         value = getattr(r, key)
         if value not in (None, ""):
             lines.append((key.replace("_", " "), str(value)))
+    if r.backend:
+        lines.append(("backend", f"{r.backend} ({r.backend_reason})" if r.backend_reason else r.backend))
     if r.gpus:
         lines.append(("gpus", ",".join(map(str, r.gpus))))
     if r.uptime is not None:

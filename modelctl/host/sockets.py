@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("modelctl.host.sockets")
 
@@ -231,6 +231,11 @@ class Notification:
     ready: bool = False
     stopping: bool = False
     status: str | None = None
+    facts: dict[str, str] = field(default_factory=dict)  # X_MODELCTL_NAME=value: what the instance runs, for status
+
+
+FACT_PREFIX = "X_MODELCTL_"  # sd_notify's custom fields start with X_; systemd ignores them
+MAX_FACTS = 8
 
 
 class NotifySocket:
@@ -296,6 +301,8 @@ class NotifySocket:
                     out.stopping = True
                 elif key == "STATUS":
                     out.status = value[:200]
+                elif key.startswith(FACT_PREFIX) and len(out.facts) < MAX_FACTS:
+                    out.facts[key.removeprefix(FACT_PREFIX).lower()] = value[:300]
         return out
 
     def close(self) -> None:

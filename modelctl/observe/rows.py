@@ -72,6 +72,8 @@ class StatusRow:
     last_wake_seconds: float | None = None  # its first client's wait at the last wake
     last_eviction: str | None = None
     budget: dict[str, Any] | None = None  # the profile's budget (bytes)
+    backend: str | None = None  # what the server said it runs (the bundled server: onnx, torch fp16, ...)
+    backend_reason: str | None = None  # and why (backend auto's choice, or asked for)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +154,13 @@ def record_row(
         last_wake_seconds=rec.usage.last_wake_seconds,
         last_eviction=rec.usage.last_eviction,
         budget=rec.budget,
+        backend=_text(rec.info.get("backend")),
+        backend_reason=_text(rec.info.get("backend_reason")),
     )
+
+
+def _text(value: Any) -> str | None:
+    return one_line(value) if isinstance(value, str) and value else None
 
 
 def declared_size(value: Any) -> int | None:

@@ -41,6 +41,10 @@ class HealthWatch:
         self.sup = sup  # the supervisor: its procs, log, submit() and crash()
 
     def check(self, srv: Server, now: float) -> None:
+        self.watch(srv, now)
+        self.describe(srv)
+
+    def watch(self, srv: Server, now: float) -> None:
         if self.collect_preparation(srv, now):
             return
         current = srv.slot.current
@@ -53,6 +57,18 @@ class HealthWatch:
         if self.enforce_timeouts(srv, now):
             return
         self.schedule_probe(srv, now)
+
+    # ------------------------------------------------------------------ what it runs
+    def describe(self, srv: Server) -> None:
+        """Once per ready instance (a start or a takeover): what it said beside READY=1 on its own
+        notify socket (a backend it chose) goes into the record's facts for status."""
+        rec, health, current = srv.rec, srv.slot.health, srv.slot.current
+        if health.described or rec.state != lc.READY or current is None or not current.facts:
+            return
+        health.described = True
+        said = get_backend(srv.spec.kind).describe(srv.spec, current.facts)
+        if said:
+            rec.info = {**rec.info, **said}
 
     # ------------------------------------------------------------------ preparation
     def collect_preparation(self, srv: Server, now: float) -> bool:

@@ -33,6 +33,7 @@ class InstanceRuntime:
         self.notify = notify  # where it says READY=1 (None: it does not, or no held socket)
         self.listener = listener  # the held socket it was started on (its address)
         self.ready_said = False
+        self.facts: dict[str, str] = {}  # what it said it runs (X_MODELCTL_ fields beside READY=1)
 
     @classmethod
     def adopt(cls, token: str, ident: ProcessIdentity, listener: Listener | None, ready: bool) -> InstanceRuntime:
@@ -76,7 +77,9 @@ class InstanceRuntime:
         """Read what it said on its notify socket if `fds` says something waits; True on READY=1."""
         if self.notify is None or self.notify.fileno() not in fds:
             return False
-        if self.notify.read().ready and not self.ready_said:
+        said = self.notify.read()
+        self.facts.update(said.facts)
+        if said.ready and not self.ready_said:
             self.ready_said = True
             return True
         return False

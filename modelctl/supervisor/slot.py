@@ -55,6 +55,7 @@ class HealthState:
     prepare_started: float | None = None
     progress: dict[str, Any] | None = None
     prepared: bool = False
+    described: bool = False  # what the ready instance said it runs is in the record (Backend.describe)
     next_probe_at: float = 0.0
     unhealthy_since: float | None = None
     starved: float = 0.0  # seconds the startup probes waited for a worker: not held against startup_timeout

@@ -13,7 +13,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import NoReturn, get_args
+from typing import Any, NoReturn, get_args
 
 from servers.activation import inherited_socket, notify
 from servers.sentence.app import EXIT_CONFIG
@@ -115,8 +115,9 @@ def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = 
     if sock is not None:
         settings = dataclasses.replace(settings, load_before_serving=True)
     cap = connection_cap(settings, raise_fd_limit())
+    app = create_app(settings, model_factory)
     config = uvicorn.Config(
-        served(create_app(settings, model_factory)),
+        served(app),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
@@ -130,9 +131,26 @@ def serve(settings: ServerSettings, log_level: str = "info", access_log: bool = 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
-                notify("READY=1")
+                notify(ready_message(app.state.context.engine))
 
     NotifyingServer(config).run(sockets=[sock] if sock is not None else None)
+
+
+def ready_message(engine: Any) -> str:
+    """READY=1, with what runs the model: STATUS= for people (systemctl status shows it) and the
+    X_MODELCTL_ fields for modelctl's status, read from this instance's own notify socket (never
+    from the shared port, where another instance may answer during a replacement)."""
+    model = engine.model
+    if model is None:
+        return "READY=1"
+    described = model.describe()
+    backend, dtype = described.get("backend"), described.get("dtype")
+    reason = " ".join(str(described.get("backend_reason") or "").split())
+    ran = backend if dtype in (None, "float32", "int8") else f"{backend} {str(dtype).replace('float', 'fp')}"
+    lines = ["READY=1", f"STATUS=serving on {ran}" + (f" ({reason})" if reason else ""), f"X_MODELCTL_BACKEND={ran}"]
+    if reason:
+        lines.append(f"X_MODELCTL_BACKEND_REASON={reason}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, model_factory: ModelFactory | None = None) -> None:

@@ -49,6 +49,7 @@ class HealthResponse(BaseModel):
     queue_depth: int = Field(..., description="Inputs waiting for or in the model.")
     backend: str | None = Field(None, description="What runs the network: torch, onnx, onnx-int8 or openvino.")
     backend_reason: str | None = Field(None, description="Why that backend: asked for, or what backend auto found.")
+    dtype: str | None = Field(None, description="The weights' type as run: float32, float16 (torch on CUDA) or int8.")
     max_input_tokens: int | None = None
     dimensions: int | None = None
     cross_encoder: bool | None = None
@@ -84,6 +85,7 @@ def common_router(ctx: Context) -> APIRouter:
             body["model_workers"] = engine.workers
             described = engine.model.describe()
             body["backend"] = described.get("backend")
+            body["dtype"] = described.get("dtype")
             if described.get("backend_reason"):
                 body["backend_reason"] = described["backend_reason"]
         if engine.error:
