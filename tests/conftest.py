@@ -56,7 +56,7 @@ ALONE = frozenset(
         "tests/test_trust.py::test_a_daemon_that_escapes_the_group_reparents_to_the_supervisor_and_is_stopped_with_it",
     }
 )
-# tests that bind, or check free, the embedded default profile's fixed ports (8700, 8701): one at a
+# tests that bind, or check free, the embedded default profile's fixed ports (8700-8702): one at a
 # time across xdist workers (the `default_ports` marker)
 DEFAULT_PORTS = frozenset(
     {

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from .conftest import http_post
+from .conftest import http_get, http_post
 from .test_cli import status_json, tagged_processes
 
 pytestmark = pytest.mark.slow
@@ -17,8 +17,8 @@ def test_default_profile_serves_embeddings_and_rerank_then_goes_away(mc):
     env = {k: v for k, v in mc.env.items() if k != "MODELCTL_PROFILE"}
     res = mc.cli("up", env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    urls = dict(re.findall(r"^default/(embed|rerank)\s+(http://\S+)", res.stdout, re.M))
-    assert set(urls) == {"embed", "rerank"}, res.stdout
+    urls = dict(re.findall(r"^default/(embed|rerank|gateway)\s+(http://\S+)", res.stdout, re.M))
+    assert set(urls) == {"embed", "rerank", "gateway"}, res.stdout
 
     status, body, _ = http_post(urls["embed"] + "/v1/embeddings", {"input": ["a real embedding", "another one"]})
     assert status == 200
@@ -30,9 +30,26 @@ def test_default_profile_serves_embeddings_and_rerank_then_goes_away(mc):
     status, body, _ = http_post(urls["rerank"] + "/v1/rerank", {"query": "Why do cats purr?", "documents": docs})
     assert status == 200 and body["results"][0]["index"] == 1  # cosine similarity on MiniLM
 
+    # one URL for both: the gateway routes by endpoint and `model` to each server's own port
+    status, body = http_get(urls["gateway"] + "/v1/models")
+    assert status == 200 and {(m["id"], m["task"], m["state"]) for m in body["data"]} == {
+        ("all-MiniLM-L6-v2", "embedding", "ready"),
+        ("all-MiniLM-L6-v2", "rerank", "ready"),
+    }, body
+    status, through, _ = http_post(
+        urls["gateway"] + "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": ["a real embedding", "another one"]}
+    )
+    assert status == 200 and [d["embedding"] for d in through["data"]] == vectors.tolist()
+    status, through, _ = http_post(
+        urls["gateway"] + "/v1/rerank", {"model": "all-MiniLM-L6-v2", "query": "Why do cats purr?", "documents": docs}
+    )
+    assert status == 200 and through["results"][0]["index"] == 1
+
     rows = status_json(mc)
     assert {r["state"] for r in rows.values()} == {"ready"}
-    assert all(r["rss"] and r["rss"] > 50 * 2**20 for r in rows.values())  # a loaded model, measured per group
+    models = [r for r in rows.values() if r["kind"] == "sentence"]
+    assert len(models) == 2 and all(r["rss"] and r["rss"] > 50 * 2**20 for r in models)  # a loaded model, measured per group
+    assert rows["gateway"]["rss"] and rows["gateway"]["rss"] < rows["embed"]["rss"]  # aiohttp and the records, no model
 
     assert mc.cli("down").returncode == 0
     assert tagged_processes(mc.tag) == []

@@ -72,7 +72,9 @@ def test_a_wheel_in_a_fresh_venv_runs_up_and_down_on_the_default_profile_from_ou
         assert up.returncode == 0, up.stdout + up.stderr
         status = subprocess.run([*modelctl, "status", "--json"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
         rows = json.loads(status.stdout)
-        assert sorted(r["id"] for r in rows) == ["default/embed", "default/rerank"] and {r["state"] for r in rows} == {"ready"}
+        assert sorted(r["id"] for r in rows) == ["default/embed", "default/gateway", "default/rerank"] and {r["state"] for r in rows} == {
+            "ready"
+        }
     finally:
         down = subprocess.run([*modelctl, "down"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

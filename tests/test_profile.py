@@ -27,6 +27,7 @@ def test_bundled_default_profile_has_embedding_and_rerank_servers():
     prof = load_profile(default_profile_path())
     tasks = {s.options["task"] for s in prof.servers.values() if s.kind == "sentence"}
     assert tasks == {"embedding", "rerank"}
+    assert prof.servers["gateway"].kind == "gateway" and prof.servers["gateway"].port == 8702  # one URL for both
 
 
 def test_profile_env_var_is_used_without_path(tmp_path, monkeypatch):

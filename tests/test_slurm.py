@@ -210,6 +210,22 @@ def test_an_on_demand_server_is_refused_for_slurm_with_file_server_and_key(mc):
         assert len(res.stderr.strip().splitlines()) == 1 and "start: always" in res.stderr, res.stderr
 
 
+def test_a_gateway_is_no_slurm_job_left_out_with_why_and_refused_by_name(mc, tmp_path):
+    """Each job keeps modelctl's state on its node, where a gateway would find no server: the
+    default profile (which has one) gives jobs for its two servers and says why the gateway is not
+    one; naming the gateway is refused with the file and the key."""
+    path = ROOT / "profiles" / "default.yaml"
+    prof = load_profile(path)
+    assert prof.servers["gateway"].kind == "gateway"
+    assert [s.server for s in scripts.generate(prof, mc.state_dir)] == ["embed", "rerank"]
+    res = mc.cli("slurm", "generate", "-p", str(path), "--out", str(tmp_path / "jobs"))
+    assert res.returncode == 0 and sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["embed.sbatch", "rerank.sbatch"]
+    assert "left out: gateway: the gateway reads modelctl's records on its own machine" in res.stderr, res.stderr
+    res = mc.cli("slurm", "generate", "-p", str(path), "gateway")
+    assert res.returncode == 2 and res.stdout == "", res.stdout + res.stderr
+    assert str(path) in res.stderr and "key 'gateway'" in res.stderr and "cannot run as a Slurm job" in res.stderr, res.stderr
+
+
 def test_inherited_gpus_are_the_jobs_as_they_are():
     spec = parse_server("llm", {"kind": "vllm", "model": "/m", "gpus": 2, "env": {"CUDA_VISIBLE_DEVICES": "7"}}, "p.yaml", "p")
     inherited = inherit_gpus(spec, "2,3")

@@ -219,6 +219,9 @@ def slurm_generate(
 
     prof = load(profile)
     generated = scripts.generate(prof, ctx_state.store.root, _servers_of(prof, servers))
+    if not servers:
+        for why in scripts.left_out(prof):
+            err_console.print(f"left out: {why}", style="dim", highlight=False)
     if out is None:
         for s in generated:
             print(f"# ---- {s.name}\n{s.text}", end="")

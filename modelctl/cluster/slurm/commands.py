@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from modelctl.cluster.slurm.scripts import ACTIVE_STATES, Script, generate, job_name, jobs_dir, report_path, write
+from modelctl.cluster.slurm.scripts import ACTIVE_STATES, Script, generate, job_name, job_servers, jobs_dir, report_path, write
 from modelctl.errors import ModelctlError
 from modelctl.host.files import acquire_flock
 from modelctl.profile import Profile
@@ -241,7 +241,7 @@ def _combined(job: Job | None, report: dict[str, Any] | None, health: str) -> tu
 
 
 def status(profile: Profile, state_dir: Path, use_json: bool | None = None) -> list[JobStatus]:
-    names = {job_name(profile.name, s): s for s in profile.servers}
+    names = {job_name(profile.name, s): s for s in job_servers(profile)}
     jobs = squeue(list(names), use_json=use_json)
     rows = []
     for name, server in names.items():
@@ -274,7 +274,7 @@ def status(profile: Profile, state_dir: Path, use_json: bool | None = None) -> l
 
 def cancel(profile: Profile, servers: list[str] | None = None, timeout: float | None = None) -> list[Job]:
     """scancel the servers' jobs and wait until squeue shows none of them active."""
-    names = [job_name(profile.name, s) for s in (servers or list(profile.servers))]
+    names = [job_name(profile.name, s) for s in (servers or job_servers(profile))]
     jobs = [j for j in squeue(names) if j.active]
     if not jobs:
         return []

@@ -14,6 +14,7 @@ The mapping (README, "Slurm"):
 - every word of the job's command line that comes from the profile is quoted; the command is
   this modelctl by its absolute path (slurm.modelctl overrides it), as the systemd units do;
 - an on-demand server is refused: its job would end when it is idle, and nothing restarts it;
+- a gateway is no job: it reads the records of its own machine, and each job keeps its own on its node;
 - inside the job, the supervisor's restart policy brings a crashed server back on the same node
   and port without a new job (`--restart-in-place`), and `--report` writes where it landed
   (node, port, URL, state) to STATE/slurm/PROFILE/SERVER.json on the shared filesystem.
@@ -184,13 +185,31 @@ def refuse_on_demand(profile: Profile, spec: ServerSpec) -> None:
         )
 
 
+NOT_A_JOB = {
+    "gateway": "the gateway reads modelctl's records on its own machine, and each Slurm job keeps its state on its node, "
+    "so a gateway job would find no server; clients call each job's reported URL (modelctl slurm status)",
+}
+
+
+def job_servers(profile: Profile) -> list[str]:
+    """The servers that become jobs, in the profile's order: all but a gateway (NOT_A_JOB)."""
+    return [name for name, spec in profile.servers.items() if spec.kind not in NOT_A_JOB]
+
+
+def left_out(profile: Profile) -> list[str]:
+    """`SERVER: why` for each server of the profile that is no job."""
+    return [f"{name}: {NOT_A_JOB[spec.kind]}" for name, spec in profile.servers.items() if spec.kind in NOT_A_JOB]
+
+
 def generate(profile: Profile, state_dir: Path, servers: list[str] | None = None, modelctl: str | None = None) -> list[Script]:
-    """The scripts for the profile's servers (all, or those named), in the profile's order.
-    `modelctl`: the command the jobs run (default: this one, by its absolute path)."""
+    """The scripts for the profile's servers (all that can be jobs, or those named), in the
+    profile's order. `modelctl`: the command the jobs run (default: this one, by its absolute path)."""
     text = Path(profile.path).read_text()
     specs: Mapping[str, ServerSpec] = profile.servers
-    names = servers or list(specs)
+    names = servers or job_servers(profile)
     for name in names:
+        if specs[name].kind in NOT_A_JOB:
+            raise ProfileError(profile.path, f"cannot run as a Slurm job: {NOT_A_JOB[specs[name].kind]}", key="gateway")
         refuse_on_demand(profile, specs[name])
     return [script(profile, specs[name], state_dir, text, modelctl) for name in names]
 
