@@ -487,6 +487,19 @@ def test_the_gateway_key_makes_a_gateway_server():
     assert e.value.server == "gateway"
 
 
+def test_a_profile_may_be_a_gateway_alone_for_every_profile_but_not_for_none():
+    """A front-door profile: `gateway: {scope: all}` and no servers of its own; without scope: all
+    it would route to nothing, which is said with the file and the key."""
+    profile = parse_profile({"name": "front", "gateway": {"port": 8000, "scope": "all"}}, "front.yaml")
+    assert list(profile.servers) == ["gateway"] and profile.servers["gateway"].options["scope"] == "all"
+    with pytest.raises(ProfileError) as e:
+        parse_profile({"name": "front", "gateway": {"port": 8000}}, "front.yaml")
+    assert e.value.key == "gateway.scope" and "scope: all" in str(e.value) and "front.yaml" in str(e.value)
+    with pytest.raises(ProfileError) as e:
+        parse_profile({"name": "front"}, "front.yaml")
+    assert e.value.key == "servers"
+
+
 # ---------------------------------------------------------------------- as modelctl runs it
 def test_a_profiles_gateway_is_supervised_wakes_idle_servers_and_stops_with_down(mc):
     chat = [sys.executable, str(Path(__file__).parent / "servers" / "chat_stream_server.py"), "--port", "{port}", "--model", "stand-in"]

@@ -258,7 +258,9 @@ def parse_profile(data: Any, source: str) -> Profile:
         if key not in TOP_LEVEL_KEYS:
             raise ProfileError(source, unknown_key(key, TOP_LEVEL_KEYS).replace("unknown key", "unknown top-level key"), key=str(key)[:60])
     servers_raw = data.get("servers")
-    if not isinstance(servers_raw, Mapping) or not servers_raw:
+    if servers_raw is None and data.get("gateway") is not None:
+        servers_raw = {}  # a gateway alone: the front of other profiles' servers (scope: all)
+    elif not isinstance(servers_raw, Mapping) or not servers_raw:
         raise ProfileError(source, "must be a non-empty mapping of server name → spec", key="servers")
 
     port_range = DEFAULT_PORT_RANGE
@@ -292,6 +294,10 @@ def parse_profile(data: Any, source: str) -> Profile:
             servers[gateway_keys.NAME] = parse_server(gateway_keys.NAME, gateway_keys.gateway_server(data["gateway"], source), source, name)
         except ProfileError as e:
             raise gateway_keys.as_gateway_error(e) from None
+        if len(servers) == 1 and servers[gateway_keys.NAME].options.get("scope") != "all":
+            raise ProfileError(
+                source, "a profile without servers has a gateway for other profiles' servers: add scope: all", key="gateway.scope"
+            )
     gateway_keys.check_names(servers, source, name)
     if budget is not None:
         for spec in servers.values():
