@@ -10,7 +10,9 @@ asked for by name, also int8-quantized; OpenVINO), on two corpora of --sentences
 the template (6 to 14 words) and mixed lengths (3 to 60 words from a fixed vocabulary, seeded):
   1. 32 concurrent clients, one sentence per request  vs  encode(batch_size=32) of the same corpus
   2. requests of 64 sentences (4 concurrent clients)   vs  encode(batch_size=32)
-  3. one client, one sentence per request (latency)   vs  encode of one sentence
+  3. one client, one sentence per request (latency)   vs  encode of one sentence; twice: with
+     aiohttp's client, and with the standard library's http.client on a kept-alive connection
+     (a lean client: on two cores the client's own CPU is a part of the latency)
   4. a RAG system's mixed load: one-sentence queries beside two clients sending 1024 sentences
      per request, as ratios to each alone (query p90 latency; bulk sentences per second)
 and the server's resident memory. The baseline is in-process torch sentence-transformers. Every
@@ -110,6 +112,29 @@ async def http_latency(url: str, sentences: list[str]) -> float:
             async with session.post(url + "/v1/embeddings", json={"input": s}) as resp:
                 await resp.read()
             times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def http_latency_lean(url: str, sentences: list[str]) -> float:
+    """As http_latency, with http.client on one kept-alive connection: what the server adds, less
+    of the client's own work."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    times = []
+    try:
+        for s in sentences:
+            body = json.dumps({"input": s})
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            times.append(time.perf_counter() - t0)
+            assert resp.status == 200
+    finally:
+        conn.close()
     return statistics.median(times)
 
 
@@ -225,7 +250,7 @@ def main() -> None:
 
                 quantize = "int8" if backend.endswith("int8") else None
                 ensure_export(minilm_path(), "embedding", Path(os.environ["MODELCTL_CACHE_DIR"]), quantize)
-            per_backend[name] = {c: {"http_1x32": [], "http_64x4": [], "http_latency": []} for c in corpora}
+            per_backend[name] = {c: {"http_1x32": [], "http_64x4": [], "http_latency": [], "http_latency_lean": []} for c in corpora}
             own = BACKEND_ARGS[backend] if root == ROOT else []  # another commit's server runs its own default
             server_args = ["--task-type", "embedding", *own, *args.server_args.split()]
             urls[name] = url = stack.enter_context(sentence_server(log_dir, minilm_path(), *server_args, root=root))
@@ -243,6 +268,7 @@ def main() -> None:
                 for name, url in urls.items():
                     results = per_backend[name][corpus]
                     results["http_latency"].append(asyncio.run(http_latency(url, texts[:100])))
+                    results["http_latency_lean"].append(http_latency_lean(url, texts[:100]))
                     print(f"{name} {corpus} round {r + 1}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in results.items()), flush=True)
         for name, url in urls.items():
             if not args.no_mixed:
@@ -268,7 +294,7 @@ def main() -> None:
             base = baseline[c]
             ratio = {
                 k: statistics.median(
-                    x / b for x, b in zip(v, base["encode_latency" if k == "http_latency" else "encode_rate"], strict=True)
+                    x / b for x, b in zip(v, base["encode_latency" if k.startswith("http_latency") else "encode_rate"], strict=True)
                 )
                 for k, v in results.items()
             }
@@ -276,6 +302,8 @@ def main() -> None:
             row[f"{c}_64x4"] = round(ratio["http_64x4"], 3)
             row[f"{c}_1_ms"] = round(statistics.median(results["http_latency"]) * 1000, 2)
             row[f"{c}_1_vs_encode"] = round(ratio["http_latency"], 2)
+            row[f"{c}_1_lean_ms"] = round(statistics.median(results["http_latency_lean"]) * 1000, 2)
+            row[f"{c}_1_lean_vs_encode"] = round(ratio["http_latency_lean"], 2)
             if "torch" in per_backend:  # the torch server of the same round
                 torch_1x32 = per_backend["torch"][c]["http_1x32"]
                 row[f"{c}_32x1_vs_torch"] = round(

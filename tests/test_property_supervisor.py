@@ -2,11 +2,13 @@
 processes, the real CLI and the real supervisor; after every step the Guarantees are checked.
 
 Operations: `up` with a changed spec (port, host, start, command, memory), `restart`, `down`, a
-client's call (a wake, and an eviction of another), waiting (idle stops), a SIGKILL of a server,
-a SIGKILL of the supervisor. Invariants after each step:
+client's call (a wake, and an eviction of another), the same call through a gateway (a profile of
+its own, `scope: all`, reading the records as they change), waiting (idle stops), a SIGKILL of a
+server, of the gateway, of the supervisor. Invariants after each step:
 - every process of every instance is recorded (a replaced one is gone within its stop_timeout);
-- no port that a ready or idle server shows refuses a connection;
-- the sampled resident memory of what modelctl started never exceeds the budget;
+- no port that a ready or idle server shows refuses a connection, nor the gateway's;
+- the sampled resident memory of what modelctl started never exceeds the budget (the gateway is
+  of another profile, outside it);
 - `down` leaves nothing (at the end).
 
 CI runs a fixed seed and 30 steps; `MODELCTL_PROPERTY_STEPS` and `MODELCTL_PROPERTY_EXAMPLES`
@@ -26,6 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -43,6 +46,7 @@ MiB = 2**20
 BUDGET = 150 * MiB  # two servers fit, three do not: wakes evict
 NAMES = ("a", "b", "c")
 STOP_TIMEOUT = 3
+GATEWAY = "front/gateway"  # the gateway's profile has no servers of its own: scope all
 
 
 def spec(name: str, value: int, port: int | None, host: str, on_demand: bool, memory: int) -> dict:
@@ -79,7 +83,7 @@ class Sampler:
             for p in tagged_processes(self.tag):
                 try:
                     server = p.environ().get("MODELCTL_SERVER")
-                    if server:
+                    if server and server != GATEWAY:
                         rss = p.memory_info().rss
                         total += rss
                         who.append(f"{server}:{p.pid}:{rss // MiB}MiB")
@@ -107,6 +111,10 @@ class Servers(RuleBasedStateMachine):
         }
         self.wanted = set(NAMES)
         self.up("--no-wait")
+        front = self.mc.tmp / "front.yaml"
+        front.write_text(yaml.safe_dump({"name": "front", "gateway": {"scope": "all", "stop_timeout": STOP_TIMEOUT}}))
+        res = self.mc.cli("up", "-p", str(front), timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
 
     def profile(self):
         servers = {n: spec(n, **self.specs[n]) for n in NAMES}
@@ -159,6 +167,27 @@ class Servers(RuleBasedStateMachine):
         status, body, _ = http_post(row["url"] + "/call", {}, timeout=60)
         assert status == 200, (name, status, body)
 
+    @rule(name=st.sampled_from(NAMES))
+    def call_through_the_gateway(self, name: str) -> None:
+        """The same call through the gateway, by PROFILE/SERVER: it finds the server's address in
+        the records as they are now (a new port, a wake), and the answer is the server's."""
+        row, gateway = self.row(name), self.row(GATEWAY)
+        if name not in self.wanted or row is None or row["state"] not in ("ready", "idle", "starting") or not row["url"]:
+            return
+        assert gateway is not None and gateway["url"], gateway
+        status, body, _ = http_post(f"{gateway['url']}/servers/test/{name}/call", {}, timeout=60)
+        assert status == 200, (name, status, body)
+
+    @rule()
+    def kill_gateway(self) -> None:
+        """Restarted on its held socket: the next call through it waits in the backlog, never refused."""
+        row = self.row(GATEWAY)
+        if row is not None and row["pid"]:
+            try:
+                os.kill(row["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     @rule()
     def two_calls_at_once(self) -> None:
         """Clients of both on-demand servers at once: under the budget they are served in turn."""
@@ -210,13 +239,14 @@ class Servers(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ invariants
     def row(self, name: str) -> dict | None:
+        """A server of the test profile by its name, or the gateway by GATEWAY."""
         rows = [r.to_json() for r in self.mc.ctl.status()]
-        return next((r for r in rows if r["name"] == name), None)
+        return next((r for r in rows if r["id"] in (f"test/{name}", name)), None)
 
     def recorded_tokens(self) -> set[str]:
         tokens = set()
-        for name in NAMES:
-            rec = self.mc.store.load(ServerRef("test", name))
+        for ref in [ServerRef("test", name) for name in NAMES] + [ServerRef(*GATEWAY.split("/"))]:
+            rec = self.mc.store.load(ref)
             if isinstance(rec, ServerRecord):
                 tokens |= {i.token for i in (rec.instance, rec.successor) if i is not None}
         return tokens
@@ -240,9 +270,10 @@ class Servers(RuleBasedStateMachine):
 
     def refused(self) -> list[str]:
         out = []
-        for name in NAMES:
+        for name in (*NAMES, GATEWAY):
             row = self.row(name)
-            if row is None or name not in self.wanted or row["state"] not in ("ready", "idle") or not row["port"]:
+            wanted = name in self.wanted or name == GATEWAY
+            if row is None or not wanted or row["state"] not in ("ready", "idle") or not row["port"]:
                 continue
             try:
                 with socket.create_connection((row["host"], row["port"]), timeout=2):
@@ -258,7 +289,8 @@ class Servers(RuleBasedStateMachine):
     @invariant()
     def no_wanted_server_fails(self) -> None:
         """Every spec here is good and fits the budget alone: `failed` is never right."""
-        failed = [(n, r["last_error"]) for n in NAMES if n in self.wanted and (r := self.row(n)) is not None and r["state"] == "failed"]
+        names = [n for n in NAMES if n in self.wanted] + [GATEWAY]
+        failed = [(n, r["last_error"]) for n in names if (r := self.row(n)) is not None and r["state"] == "failed"]
         assert not failed, failed
 
     @invariant()
