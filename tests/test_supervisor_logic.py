@@ -8,6 +8,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import select
+import socket
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -51,12 +55,16 @@ class FakeProcs:
         self.port_holders: dict[int, str] = {}
         self.tokens: dict[str, int] = {}  # the instance token each process carries
         self.die_after_spawn = False  # the supervisor is killed right after its next spawn
+        self.says_ready = True  # a process given NOTIFY_SOCKET says READY=1 on it at once
 
     def spawn(self, launch: Launch, env: dict[str, str], log_fd: int | None, pass_fds: tuple[int, ...] = ()) -> Handle:
         pid = next(self.pids)
         self.spawned.append((pid, list(launch.argv)))
         self.alive.add(pid)
         self.tokens[env[INSTANCE_VAR]] = pid
+        if self.says_ready and "NOTIFY_SOCKET" in env:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(b"READY=1", "\0" + env["NOTIFY_SOCKET"][1:])
         if self.die_after_spawn:
             self.die_after_spawn = False
             raise SupervisorKilled(pid)
@@ -137,6 +145,8 @@ def world(tmp_path):
 
 def run_until(world, sup, name, state, step=0.25, limit=200):
     for _ in range(limit):
+        sup.on_notify(set(sup.notify_fds()))  # what the runner's wait would hand it
+        sup.on_pending(set(select.select(sup.watch_fds(), [], [], 0)[0]))
         sup.tick(world.now)
         if world.rec(name).state == state:
             return world.rec(name)
@@ -417,3 +427,70 @@ def test_a_disk_that_refuses_the_intent_means_nothing_is_spawned(world, monkeypa
     assert world.procs.spawned == [] and world.rec("s").state == lc.STOPPED
     monkeypatch.undo()
     assert run_until(world, sup, "s", lc.READY).pid == world.procs.spawned[0][0]
+
+
+class StarvedLooks(InlineExecutor):
+    """Runs work at once, except the looks at traffic while `starved`: those wait (a thread that a
+    busy CPU does not run) until `catch_up`."""
+
+    def __init__(self, look) -> None:
+        self.look, self.starved = look, False
+        self.waiting: list[tuple[Future, Any, tuple]] = []
+
+    def submit(self, fn, *args):
+        if not (self.starved and fn is self.look):
+            return super().submit(fn, *args)
+        fut: Future = Future()
+        self.waiting.append((fut, fn, args))
+        return fut
+
+    def catch_up(self) -> None:
+        for fut, fn, args in self.waiting:
+            fut.set_result(fn(*args))
+        self.waiting.clear()
+
+
+def test_a_busy_on_demand_server_is_not_stopped_on_a_look_older_than_its_idle_timeout(world, monkeypatch):
+    """The server is busy all along (one look fell between two of its client's requests), but the
+    supervisor's looks at its traffic come late (a starved CPU): when idle_timeout has passed since
+    the last look that saw the client, the look under way has not answered yet. The server must not be stopped for idleness before a look taken after
+    the idle deadline says it is idle. Fails if an idle stop is decided on a look older than that."""
+    from modelctl.supervisor import on_demand
+
+    connected = [1]
+
+    def look(url, port):
+        return (None, connected[0])  # the client's connections open now
+
+    monkeypatch.setattr(on_demand, "activity_of", look)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    add_server(world.store, port=port, start="on-demand", socket="inherit", notify=True, idle_timeout=2)
+    executor = StarvedLooks(look)
+    sup = Supervisor(world.store, clock=lambda: world.now, procs=world.procs, executor=executor)
+    run_until(world, sup, "s", lc.IDLE)
+    with socket.create_connection(("127.0.0.1", port)):  # a client wakes it
+        run_until(world, sup, "s", lc.READY)
+        for _ in range(8):  # looks every 0.5 s see the client
+            world.now += 0.5
+            sup.tick(world.now)
+        connected[0] = 0  # one look falls between two of its requests
+        world.now += 0.5
+        sup.tick(world.now)
+        connected[0] = 1
+        executor.starved = True
+        for _ in range(8):  # 4 s, twice idle_timeout, in which no look answers
+            world.now += 0.5
+            sup.tick(world.now)
+        executor.starved = False
+        executor.catch_up()
+        for _ in range(4):
+            world.now += 0.5
+            sup.tick(world.now)
+        rec = world.rec("s")
+    assert (rec.state, rec.usage.idle_stops) == (lc.READY, 0), (rec.state, rec.detail)
+    assert world.procs.stopped == []
+    connected[0] = 0  # the client has gone: the server is stopped once idle_timeout has passed
+    rec = run_until(world, sup, "s", lc.IDLE, step=0.5, limit=12)
+    assert rec.usage.idle_stops == 1 and world.procs.stopped == [world.procs.spawned[0][0]]

@@ -139,25 +139,39 @@ class OnDemand:
     # ------------------------------------------------------------------ idleness
     def watch_idleness(self, srv: Server, now: float) -> None:
         """A ready on-demand server is stopped after idle_timeout without a request (never while a
-        replacement is under way, nor with requests in flight)."""
+        replacement is under way, nor with requests in flight). Only a look at its traffic begun
+        after the idle deadline decides: a look that a busy CPU delayed, or the last one before it,
+        says nothing of the time since."""
         rec, slot, spec = srv.rec, srv.slot, srv.spec
+        demand = slot.demand
         self.look_at_traffic(srv, now)
         if rec.successor is not None:
             return
         since = rec.usage.last_active or (rec.instance.ready_at if rec.instance else None) or now
-        if now - since >= spec.idle_timeout and not slot.demand.in_flight:
-            log.info("%s: idle for %.0fs; stopping it until the next client", rec.label, now - since)
-            self.rest(srv, now, f"idle for {now - since:.0f}s (idle_timeout)")
+        deadline = since + spec.idle_timeout
+        if now >= deadline and not demand.in_flight:
+            if demand.looked_at is not None and demand.looked_at >= deadline:
+                log.info("%s: idle for %.0fs; stopping it until the next client", rec.label, now - since)
+                self.rest(srv, now, f"idle for {now - since:.0f}s (idle_timeout)")
+                return
+            if demand.activity is None:  # look now; its answer wakes the loop
+                demand.next_activity_at = now
+                self.look_at_traffic(srv, now, deciding=True)
+            else:  # the look under way wakes the loop when it answers (if it began too early, another is taken)
+                demand.answer_wanted = True
+                if demand.activity.done():
+                    slot.wake_at(now)
             return
-        slot.wake_at(min(slot.demand.next_activity_at, since + spec.idle_timeout))
+        slot.wake_at(min(demand.next_activity_at, deadline))
 
-    def look_at_traffic(self, srv: Server, now: float) -> None:
+    def look_at_traffic(self, srv: Server, now: float, deciding: bool = False) -> None:
         """Requests are seen in the server's own counters (the bundled server, vLLM), else in its
         established connections; more often while another server waits for the budget."""
         rec, slot, spec = srv.rec, srv.slot, srv.spec
         demand = slot.demand
         if demand.activity is not None and demand.activity.done():
             fut, demand.activity = demand.activity, None
+            demand.looked_at = demand.looking_since
             scraped, connections = fut.result() if fut.exception() is None else (None, None)
             if scraped is not None:
                 moved = demand.last_requests is not None and scraped.requests != demand.last_requests
@@ -175,5 +189,7 @@ class OnDemand:
         if demand.activity is None and now >= demand.next_activity_at:
             every = max(0.5, min(spec.idle_timeout / 4, 5.0))
             demand.next_activity_at = now + (min(every, BUSY_LOOK_SECONDS) if someone_waits else every)
-            demand.activity = self.sup.submit(slot, activity_of, self.sup.url_of(srv), rec.port, quiet=lambda _: not someone_waits)
+            demand.looking_since = now
+            demand.answer_wanted = deciding or someone_waits
+            demand.activity = self.sup.submit(slot, activity_of, self.sup.url_of(srv), rec.port, quiet=lambda _: not demand.answer_wanted)
         slot.wake_at(demand.next_activity_at)

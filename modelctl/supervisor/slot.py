@@ -71,6 +71,9 @@ class DemandState:
     waiting_for_budget: bool = False
     activity: Future[tuple[Scrape | None, int | None]] | None = None
     next_activity_at: float = 0.0
+    looking_since: float = 0.0  # when the look under way (`activity`) began
+    looked_at: float | None = None  # when the last answered look began: what it saw was true then
+    answer_wanted: bool = False  # the look under way wakes the loop when it answers (else collected later)
     last_requests: float | None = None
     in_flight: bool = False  # requests running, or connections open, at the last look
     served: bool = False  # the instance has answered a request (a woken server is not evicted before)
