@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import psutil
 import pytest
 
-from .conftest import http_get, http_post
+from .conftest import http_get, http_post, wait_for
 from .test_cli import status_json, tagged_processes
 
 pytestmark = pytest.mark.slow
@@ -52,4 +53,14 @@ def test_default_profile_serves_embeddings_and_rerank_then_goes_away(mc):
     assert rows["gateway"]["rss"] and rows["gateway"]["rss"] < rows["embed"]["rss"]  # aiohttp and the records, no model
 
     assert mc.cli("down").returncode == 0
-    assert tagged_processes(mc.tag) == []
+    # every server process is gone when down returns; the supervisor, with nothing left to
+    # supervise, exits on its own a moment later
+    assert not [p for p in tagged_processes(mc.tag) if "MODELCTL_SERVER" in _environ(p)]
+    wait_for(lambda: not tagged_processes(mc.tag), 15, what="the supervisor to exit once nothing is wanted")
+
+
+def _environ(proc) -> dict:
+    try:
+        return proc.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return {}
