@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from modelctl.errors import ProfileError
+from modelctl.host.sockets import SocketView, accept_queue, holds_listener
 from modelctl.profile import load_profile
 from modelctl.supervisor.client import supervisor_info
 
@@ -89,6 +91,32 @@ def test_which_kinds_hold_their_socket_and_how_they_are_replaced(tmp_path):
 
 
 # ---------------------------------------------------------------------- the socket outlives instances
+def test_one_read_of_the_listeners_answers_as_each_question_read_alone():
+    """status reads /proc/net/tcp and each process's fds once for every row (SocketView): it must
+    say what the one-question functions say, of a socket this process holds with two connections
+    waiting, of a child that holds none, and of a port nobody listens on."""
+    with socket.socket() as listener, socket.socket() as nobody:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        nobody.bind(("127.0.0.1", 0))  # bound, not listening: its port has no listener
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            view = SocketView()
+            assert view.accept_queue(port) == accept_queue(port) == 2
+            assert view.holds_listener(os.getpid(), port) and holds_listener(os.getpid(), port)
+            assert not view.holds_listener(child.pid, port) and not holds_listener(child.pid, port)
+            other = nobody.getsockname()[1]
+            assert view.accept_queue(other) is None and accept_queue(other) is None
+            assert not view.holds_listener(os.getpid(), other)
+        finally:
+            child.kill()
+            child.wait()
+            for c in clients:
+                c.close()
+
+
 def test_a_connection_made_while_no_instance_runs_waits_in_the_backlog_and_is_served(mc):
     up(mc, {"web": listen_server(restart={"backoff": 2})})
     row = mc.row("web")

@@ -161,6 +161,55 @@ def holds_listener(pid: int, port: int) -> bool:
     return _fd_of(pid, listening_inode(port)) is not None
 
 
+class SocketView:
+    """Who listens where, read once: /proc/net/tcp and tcp6 in one pass, and each process's socket
+    fds the first time it is asked about. For a status of many servers, where each question read
+    the tables (and the supervisor's fds) again."""
+
+    def __init__(self) -> None:
+        self._listening: dict[int, tuple[set[int], int]] = {}  # port → (inodes, accept queue)
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    rows = [line.split() for line in f]
+            except (OSError, StopIteration):
+                continue
+            for parts in rows:
+                try:
+                    if len(parts) < 10 or parts[3] != "0A":  # TCP_LISTEN
+                        continue
+                    port = int(parts[1].rsplit(":", 1)[1], 16)
+                    inodes, queued = self._listening.get(port, (set(), 0))
+                    inodes.add(int(parts[9]))
+                    self._listening[port] = (inodes, queued + int(parts[4].split(":")[1], 16))
+                except (ValueError, IndexError):
+                    continue
+        self._sockets: dict[int, set[int]] = {}  # pid → the inodes of its socket fds
+
+    def accept_queue(self, port: int) -> int | None:
+        """As `accept_queue`: connections waiting for whatever listens on port; None if nothing does."""
+        found = self._listening.get(port)
+        return found[1] if found is not None else None
+
+    def holds_listener(self, pid: int, port: int) -> bool:
+        """As `holds_listener`: does process `pid` hold a socket listening on `port`?"""
+        inodes = self._listening.get(port, (set(), 0))[0]
+        return bool(inodes) and not inodes.isdisjoint(self._socket_inodes(pid))
+
+    def _socket_inodes(self, pid: int) -> set[int]:
+        if pid not in self._sockets:
+            found: set[int] = set()
+            with contextlib.suppress(OSError):
+                for name in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError, ValueError):
+                        link = os.readlink(f"/proc/{pid}/fd/{name}")
+                        if link.startswith("socket:["):
+                            found.add(int(link[8:-1]))
+            self._sockets[pid] = found
+        return self._sockets[pid]
+
+
 def _fd_of(pid: int, inodes: set[int]) -> int | None:
     """The number of one of `pid`'s fds that is a socket with one of these inodes."""
     if not inodes:

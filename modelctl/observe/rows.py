@@ -17,7 +17,7 @@ from modelctl.backends import get_backend
 from modelctl.host.gpus import gpu_memory_by_pid, group_gpu_memory
 from modelctl.host.ports import port_holder
 from modelctl.host.process import Usage, alive_in, process_table, usage_by_leader
-from modelctl.host.sockets import accept_queue, holds_listener
+from modelctl.host.sockets import SocketView
 from modelctl.profile import record_spec
 from modelctl.sanitize import one_line
 from modelctl.spec import check_size
@@ -90,12 +90,13 @@ def status_rows(
     table = process_table()
     usage = usage_by_leader(leaders, table)
     gpu_usage = gpu_memory_by_pid() if any(r.gpus for r in readable) else None
+    sockets = SocketView() if any(r.socket_mode in (HELD, HELD_BY_INSTANCE) for r in readable) else None
     rows = []
     for rec in records:
         if isinstance(rec, BrokenRecord):
             rows.append(broken_row(rec))
         else:
-            rows.append(record_row(store, rec, now, usage, gpu_usage, alive_in(table, rec.leader), supervisor_pid))
+            rows.append(record_row(store, rec, now, usage, gpu_usage, alive_in(table, rec.leader), supervisor_pid, sockets))
     return rows
 
 
@@ -107,6 +108,7 @@ def record_row(
     gpu_usage: dict[int, int] | None,
     alive: bool,
     supervisor_pid: int | None = None,
+    sockets: SocketView | None = None,
 ) -> StatusRow:
     ident = rec.leader
     state, detail = rec.state, rec.detail
@@ -141,8 +143,8 @@ def record_row(
         exits=[{**e.to_json(), "line": one_line(e.line)} for e in hist.exits],
         log=str(store.log_path(rec.ref)),
         record=str(store.record_path(rec.ref)),
-        socket=(socket := observed_socket(rec, supervisor_pid, alive)),
-        backlog=accept_queue(rec.port, rec.host) if socket_mode(socket) in (HELD, HELD_BY_INSTANCE) and rec.port else None,
+        socket=(socket := observed_socket(rec, supervisor_pid, alive, sockets)),
+        backlog=(sockets or SocketView()).accept_queue(rec.port) if socket_mode(socket) in (HELD, HELD_BY_INSTANCE) and rec.port else None,
         start=str(rec.spec.get("start") or "always"),
         memory_declared=declared_size(rec.spec.get("memory")),
         memory_learned=rec.usage.peak_rss,
@@ -170,15 +172,17 @@ def declared_size(value: Any) -> int | None:
         return None
 
 
-def observed_socket(rec: ServerRecord, supervisor_pid: int | None, alive: bool) -> str:
+def observed_socket(rec: ServerRecord, supervisor_pid: int | None, alive: bool, sockets: SocketView | None = None) -> str:
     """The record's socket mode, checked against who listens on the port now: a socket the record
-    says is held, but that neither the supervisor nor the instance holds, is not shown as held."""
+    says is held, but that neither the supervisor nor the instance holds, is not shown as held.
+    `sockets`: the listeners read once for every row (else read here)."""
     mode = rec.socket_mode
     if mode not in (HELD, HELD_BY_INSTANCE) or rec.port is None or rec.wish.managed_by != lc.SUPERVISOR:
         return rec.socket
-    if supervisor_pid is not None and holds_listener(supervisor_pid, rec.port):
+    sockets = sockets or SocketView()
+    if supervisor_pid is not None and sockets.holds_listener(supervisor_pid, rec.port):
         return HELD.text
-    if alive and rec.pid is not None and holds_listener(rec.pid, rec.port):
+    if alive and rec.pid is not None and sockets.holds_listener(rec.pid, rec.port):
         return HELD_BY_INSTANCE.text
     holder = port_holder(rec.port)
     return NotHeld(f"port {rec.port} is held by {holder}" if holder else "no supervisor holds it").text
