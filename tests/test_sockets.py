@@ -25,6 +25,9 @@ from .load import ClosedLoop
 
 LISTEN_SERVER = str(ROOT / "tests" / "servers" / "listen_server.py")
 STAND_IN = ROOT / "tests" / "vllm" / "stand_in"
+# a server that loads this long: a stop-first restart keeps its clients waiting at least that, an
+# overlapping one about nothing (a margin wide enough for a loaded CI machine)
+SLOW_LOAD = "3"
 
 
 def listen_server(*flags: str, **keys) -> dict:
@@ -157,7 +160,7 @@ def test_sigkill_restart_and_a_new_spec_refuse_and_fail_no_request_with_the_sock
         if socket_mode == "inherit"
         else {"socket": "none", "notify": False, "command": [sys.executable, LISTEN_SERVER, "--port", "{port}"]}
     )
-    server = {**listen_server("--load", "1"), **keys}
+    server = {**listen_server("--load", SLOW_LOAD), **keys}
     up(mc, {"web": server})
     row = mc.row("web")
     totals = {}
@@ -185,8 +188,9 @@ def test_sigkill_restart_and_a_new_spec_refuse_and_fail_no_request_with_the_sock
         # a killed instance takes the requests it was serving with it (each sent once more, as clients
         # do); a restart and a replacement drain theirs, so nothing needs a second send
         assert totals["restart"]["retried"] == 0 and totals["replace"]["retried"] == 0, totals
-        assert totals["restart"]["outage_s"] < 1.0 and totals["replace"]["outage_s"] < 1.0, totals  # the new one served first
-        assert totals["kill"]["outage_s"] < 1.0 + 3.0, totals  # its own start (1 s), the backoff (0.2 s), and a margin
+        # the new one served first: less than its own load
+        assert totals["restart"]["outage_s"] < float(SLOW_LOAD) and totals["replace"]["outage_s"] < float(SLOW_LOAD), totals
+        assert totals["kill"]["outage_s"] < float(SLOW_LOAD) + 3.0, totals  # its own start, the backoff (0.2 s), and a margin
         assert http_post(row["url"] + "/call", {})[1]["value"] == "new"
     else:
         assert sum(t["refused"] for t in totals.values()) > 0, totals
@@ -245,7 +249,7 @@ def vllm_stand_in(**keys) -> dict:
 
 
 def test_vllm_serves_on_the_held_socket_and_restarts_without_a_gap(mc):
-    up(mc, {"llm": vllm_stand_in(replace="overlap")})
+    up(mc, {"llm": vllm_stand_in(replace="overlap", env={"STAND_IN_LOAD_SECONDS": SLOW_LOAD})})
     row = mc.row("llm")
     assert row["socket"] == "held"
     with ClosedLoop(row["url"], "/v1/completions", {"model": "llm", "prompt": "hi"}, clients=4, timeout=60) as load:
@@ -255,7 +259,8 @@ def test_vllm_serves_on_the_held_socket_and_restarts_without_a_gap(mc):
         ready_again(mc, "llm", row["pid"])
         load.wait_answered(20)
         t = load.tally.summary(t0, time.monotonic())
-    assert t["refused"] == 0 and t["failed"] == 0 and t["retried"] == 0 and t["outage_s"] < 1.0, t
+    assert t["refused"] == 0 and t["failed"] == 0 and t["retried"] == 0, t
+    assert t["outage_s"] < float(SLOW_LOAD), t  # the new instance served before the old one stopped
 
 
 def test_a_vllm_stopped_first_finishes_its_requests_in_flight(mc):
