@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--backends", default=None, help="default: torch, auto (the default: onnx on a CPU) and every other installed one")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--model-workers 1'")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "sentence_throughput.json"))
-    p.add_argument("--against", default="", help="git refs whose servers are measured too, torch backend (e.g. main)")
+    p.add_argument("--against", default="", help="git refs whose servers are measured too, each on its own default backend (e.g. main)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed workload (query beside bulk)")
     p.add_argument("--corpora", default="template,mixed", help="template (6-14 words), mixed (3-60 words), or both")
     args = p.parse_args()
@@ -238,7 +238,7 @@ def main() -> None:
     accuracy_set = accuracy_sentences()  # the short inputs too
     reference = model.encode(accuracy_set, batch_size=32, normalize_embeddings=True)
     accuracy: dict[str, tuple[float, float]] = {}
-    runs = [(b, b, ROOT) for b in backends] + [(f"torch@{ref}", "torch", tree_of(ref)) for ref in args.against.split(",") if ref]
+    runs = [(b, b, ROOT) for b in backends] + [(f"default@{ref}", "torch", tree_of(ref)) for ref in args.against.split(",") if ref]
     mixed: dict[str, list[float]] = {}
     # every server runs at once and they are measured in turn, round by round, each beside the same
     # in-process baseline: a machine whose load drifts (a shared CI runner) moves them all alike
