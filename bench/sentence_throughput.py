@@ -18,7 +18,8 @@ the template (6 to 14 words) and mixed lengths (3 to 60 words from a fixed vocab
 and the server's resident memory. The baseline is in-process torch sentence-transformers. Every
 backend's server runs at once and they are measured in turn within each round, beside that
 round's baseline; each ratio is the median over --rounds rounds of a round's figure over its
-baseline, so that a shared machine's drifting load moves every row alike.
+baseline, so that a shared machine's drifting load moves every row alike; the servers take turns
+at going first in a round (use an even --rounds for two).
 
     --against REF[,REF]   also measure the server of another commit (e.g. main) in the same run,
                           on that commit's default backend
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SETTLE_SECONDS = 1.0  # after the in-process baseline, before a server is measured
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -258,14 +260,22 @@ def main() -> None:
                 asyncio.run(http_throughput(url, texts[:128], 1, 32))  # warm up the server
             accuracy[name] = asyncio.run(cosine_to(url, accuracy_set, reference))
         for r in range(args.rounds):
+            # the servers take turns at going first, and each is warmed again before it is measured:
+            # the one measured right after the in-process baseline ran up to 20% slower, so a fixed
+            # order favoured the later ones; an even --rounds gives each the first place alike
+            shift = r % len(urls)
+            order = list(urls.items())[shift:] + list(urls.items())[:shift]
             for corpus, texts in corpora.items():
                 baseline[corpus]["encode_rate"].append(encode_rate(texts))
-                for name, url in urls.items():
+                time.sleep(SETTLE_SECONDS)
+                for name, url in order:
                     results = per_backend[name][corpus]
+                    asyncio.run(http_throughput(url, texts[:128], 1, 32))  # warm again after the baseline's run
                     results["http_1x32"].append(asyncio.run(http_throughput(url, texts, 1, 32)))
                     results["http_64x4"].append(asyncio.run(http_throughput(url, texts, 64, 4)))
                 baseline[corpus]["encode_latency"].append(encode_latency(texts))
-                for name, url in urls.items():
+                time.sleep(SETTLE_SECONDS)
+                for name, url in order:
                     results = per_backend[name][corpus]
                     results["http_latency"].append(asyncio.run(http_latency(url, texts[:100])))
                     results["http_latency_lean"].append(http_latency_lean(url, texts[:100]))
