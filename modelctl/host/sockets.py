@@ -104,26 +104,11 @@ class Listener:
 def accept_queue(port: int, host: str = "127.0.0.1") -> int | None:
     """The accept queue of whatever listens on port: for a listening socket, /proc/net/tcp's
     rx_queue is the number of connections the kernel accepted and no process has taken yet."""
-    found = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) < 5 or parts[3] != "0A":  # TCP_LISTEN
-                        continue
-                    local_port = int(parts[1].rsplit(":", 1)[1], 16)
-                    if local_port == port:
-                        rx = int(parts[4].split(":")[1], 16)
-                        found = (found or 0) + rx
-        except (OSError, ValueError, StopIteration):
-            continue
-    return found
+    return SocketView().accept_queue(port)
 
 
-def _tcp_sockets(port: int, state: str) -> Iterator[list[str]]:
-    """The rows of /proc/net/tcp and tcp6 for local `port` in `state` (01 established, 0A listening)."""
+def _tcp_rows() -> Iterator[list[str]]:
+    """Every socket's row of /proc/net/tcp and tcp6, split into its fields."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -131,12 +116,17 @@ def _tcp_sockets(port: int, state: str) -> Iterator[list[str]]:
                 rows = [line.split() for line in f]
         except (OSError, StopIteration):
             continue
-        for parts in rows:
-            try:
-                if len(parts) >= 10 and parts[3] == state and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                    yield parts
-            except ValueError:
-                continue
+        yield from (parts for parts in rows if len(parts) >= 10)
+
+
+def _tcp_sockets(port: int, state: str) -> Iterator[list[str]]:
+    """The rows of /proc/net/tcp and tcp6 for local `port` in `state` (01 established, 0A listening)."""
+    for parts in _tcp_rows():
+        try:
+            if parts[3] == state and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                yield parts
+        except ValueError:
+            continue
 
 
 def established(port: int) -> int:
@@ -158,7 +148,7 @@ def take_from_process(pid: int, port: int, host: str) -> Listener | None:
 
 def holds_listener(pid: int, port: int) -> bool:
     """Does process `pid` hold a socket listening on `port`?"""
-    return _fd_of(pid, listening_inode(port)) is not None
+    return SocketView().holds_listener(pid, port)
 
 
 class SocketView:
@@ -168,59 +158,51 @@ class SocketView:
 
     def __init__(self) -> None:
         self._listening: dict[int, tuple[set[int], int]] = {}  # port → (inodes, accept queue)
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for parts in _tcp_rows():
             try:
-                with open(table) as f:
-                    next(f)
-                    rows = [line.split() for line in f]
-            except (OSError, StopIteration):
-                continue
-            for parts in rows:
-                try:
-                    if len(parts) < 10 or parts[3] != "0A":  # TCP_LISTEN
-                        continue
-                    port = int(parts[1].rsplit(":", 1)[1], 16)
-                    inodes, queued = self._listening.get(port, (set(), 0))
-                    inodes.add(int(parts[9]))
-                    self._listening[port] = (inodes, queued + int(parts[4].split(":")[1], 16))
-                except (ValueError, IndexError):
+                if parts[3] != "0A":  # TCP_LISTEN
                     continue
+                port = int(parts[1].rsplit(":", 1)[1], 16)
+                inodes, queued = self._listening.get(port, (set(), 0))
+                inodes.add(int(parts[9]))
+                self._listening[port] = (inodes, queued + int(parts[4].split(":")[1], 16))
+            except (ValueError, IndexError):
+                continue
         self._sockets: dict[int, set[int]] = {}  # pid → the inodes of its socket fds
 
     def accept_queue(self, port: int) -> int | None:
-        """As `accept_queue`: connections waiting for whatever listens on port; None if nothing does."""
+        """Connections waiting for whatever listens on port; None if nothing does."""
         found = self._listening.get(port)
         return found[1] if found is not None else None
 
     def holds_listener(self, pid: int, port: int) -> bool:
-        """As `holds_listener`: does process `pid` hold a socket listening on `port`?"""
+        """Does process `pid` hold a socket listening on `port`?"""
         inodes = self._listening.get(port, (set(), 0))[0]
         return bool(inodes) and not inodes.isdisjoint(self._socket_inodes(pid))
 
     def _socket_inodes(self, pid: int) -> set[int]:
         if pid not in self._sockets:
-            found: set[int] = set()
-            with contextlib.suppress(OSError):
-                for name in os.listdir(f"/proc/{pid}/fd"):
-                    with contextlib.suppress(OSError, ValueError):
-                        link = os.readlink(f"/proc/{pid}/fd/{name}")
-                        if link.startswith("socket:["):
-                            found.add(int(link[8:-1]))
-            self._sockets[pid] = found
+            self._sockets[pid] = set(_socket_fds(pid))
         return self._sockets[pid]
+
+
+def _socket_fds(pid: int) -> dict[int, int]:
+    """`pid`'s socket fds by their inodes."""
+    found: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError, ValueError):
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+                if link.startswith("socket:["):
+                    found.setdefault(int(link[8:-1]), int(name))
+    return found
 
 
 def _fd_of(pid: int, inodes: set[int]) -> int | None:
     """The number of one of `pid`'s fds that is a socket with one of these inodes."""
     if not inodes:
         return None
-    with contextlib.suppress(OSError):
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError, ValueError):
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-                if link.startswith("socket:[") and int(link[8:-1]) in inodes:
-                    return int(name)
-    return None
+    return next((fd for inode, fd in _socket_fds(pid).items() if inode in inodes), None)
 
 
 def _take_fd(pid: int, inodes: set[int]) -> int | None:
