@@ -389,7 +389,8 @@ def test_an_on_demand_minilm_server_idles_wakes_idles_and_wakes_again(mc):
     assert row["state"] == "idle" and no_process(mc, "emb") and accepts(row["url"])
     status, body, _ = http_post(row["url"] + "/v1/embeddings", {"input": "wake up"}, timeout=120)
     assert status == 200 and len(body["data"][0]["embedding"]) == 384
-    assert mc.row("emb")["state"] == "ready"
+    # the server answers from the held socket as it says READY=1; the supervisor records it a moment later
+    wait_for(lambda: mc.row("emb")["state"] == "ready", 10, what="the supervisor to record the woken server ready")
     wait_for(lambda: mc.row("emb")["state"] == "idle", 30, what="the idle stop")
     assert no_process(mc, "emb") and accepts(row["url"])
     status, _, _ = http_post(row["url"] + "/v1/embeddings", {"input": "again"}, timeout=120)
